@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Party Chat model persona: python client.py --help"""
+
+import sys
+
+from partychat.client_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

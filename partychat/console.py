@@ -1,0 +1,181 @@
+"""The moderator's console: what a person types becomes frames, what the hub sends becomes lines.
+
+On a terminal, prompt_toolkit keeps the line being typed intact while room text scrolls above it,
+and shows replies that are still being generated live in the bottom bar. With stdin from a pipe,
+lines are read plainly, so a session file can be replayed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aioconsole
+
+from .display import DIM, colour_wanted, neutralise, paint, speaker_colour
+from .protocol import Chat, Command, FloorState, Notice, Refusal, Roster, Say, ServerFrame, Stream
+
+HUB_COMMANDS = {
+    "who": "who is here, their roles, who holds the turn, mode and budget",
+    "pause": "stop the models at once (a reply being generated is dropped)",
+    "resume": "let the models speak again",
+    "mode": "/mode round-robin|mention|moderator|free: how turns are given",
+    "turns": "/turns N: model messages allowed after each moderator message",
+    "to": "/to NAME message: hand the turn to one persona with a message",
+    "mute": "/mute NAME: keep a participant's messages out of the room",
+    "unmute": "/unmute NAME",
+    "kick": "/kick NAME: remove a participant",
+}
+LOCAL_COMMANDS = {
+    "help": "this list",
+    "toggle": "show or hide incoming messages",
+    "save": "/save [PATH]: write what this console has seen as Markdown",
+    "quit": "leave (Ctrl+C and end of input do too)",
+}
+
+
+@dataclass(frozen=True)
+class Local:
+    """A command the console handles itself."""
+
+    name: str
+    args: tuple[str, ...] = ()
+
+
+class InputError(ValueError):
+    """A typed line that is neither a message nor a known command."""
+
+
+def parse_line(line: str) -> Say | Command | Local | None:
+    """What a typed line means; None for a blank line."""
+    text = line.strip()
+    if not text:
+        return None
+    if not text.startswith("/") or text.startswith("//"):
+        return Say(text[1:] if text.startswith("//") else text)
+    name, *args = text[1:].split()
+    name = name.lower()
+    if name in LOCAL_COMMANDS:
+        return Local(name, tuple(args))
+    if name in HUB_COMMANDS:
+        return Command(name, tuple(args))
+    raise InputError(f"Unknown command /{name}; type /help for the list (start a message with // to send a literal /).")
+
+
+def help_text() -> str:
+    rows = [f"  /{name:<7} {text}" for name, text in {**HUB_COMMANDS, **LOCAL_COMMANDS}.items()]
+    return "Commands:\n" + "\n".join(rows) + "\nAnything else is sent to the room as a message."
+
+
+class RoomView:
+    """Turns hub frames into display lines; keeps what it has seen for /save."""
+
+    def __init__(self, own_name: str, *, colour: bool, show_messages: bool = True) -> None:
+        self.own_name = own_name
+        self.colour = colour
+        self.show_messages = show_messages
+        self.seen: list[Chat] = []
+        self.drafts: dict[str, str] = {}
+
+    def stamp(self, ts: float | None = None) -> str:
+        return paint(time.strftime("[%H:%M:%S]", time.localtime(ts or time.time())), DIM, self.colour)
+
+    def status(self, text: str) -> str:
+        return f"{self.stamp()} {paint('* ' + neutralise(text), DIM, self.colour)}"
+
+    def render(self, frame: ServerFrame) -> str | None:
+        if isinstance(frame, Chat):
+            self.drafts.pop(frame.sender, None)
+            self.seen.append(frame)
+            if not self.show_messages and frame.sender != self.own_name:
+                return None
+            name = paint(neutralise(frame.sender, keep_newlines=False), speaker_colour(frame.sender), self.colour)
+            marker = paint(" (earlier)", DIM, self.colour) if frame.replay else ""
+            return f"{self.stamp(frame.ts or None)} {name}{marker}: {neutralise(frame.content)}"
+        if isinstance(frame, Stream):
+            self.drafts[frame.sender] = self.drafts.get(frame.sender, "") + frame.content
+            return None
+        if isinstance(frame, Notice):
+            return self.status(frame.content)
+        if isinstance(frame, Refusal):
+            return f"{self.stamp()} {paint('! ' + neutralise(frame.content), speaker_colour('!'), self.colour)}"
+        if isinstance(frame, FloorState):
+            if frame.paused:
+                return None
+            self.drafts = {k: v for k, v in self.drafts.items() if k in frame.speakers}
+            return None
+        if isinstance(frame, Roster):
+            return self.status(describe_roster(frame))
+        return None
+
+    def toolbar(self) -> str:
+        """One line per reply being generated, for the bottom bar."""
+        lines = []
+        for sender, text in self.drafts.items():
+            tail = neutralise(" ".join(text.split()), keep_newlines=False)[-100:]
+            lines.append(f"{neutralise(sender, keep_newlines=False)} is writing: {tail}")
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        lines = ["# Party Chat transcript", ""]
+        for chat in self.seen:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(chat.ts)) if chat.ts else ""
+            lines += [f"**{chat.sender}** ({chat.role}{', ' + when if when else ''}):", "", chat.content, ""]
+        return "\n".join(lines)
+
+
+def describe_roster(roster: Roster) -> str:
+    floor = roster.floor
+    people = ", ".join(
+        f"{p.get('name')} ({p.get('role')}{', moderator' if p.get('moderator') else ''}"
+        f"{', muted' if p.get('muted') else ''})"
+        for p in roster.participants
+    )
+    speakers = ", ".join(floor.get("speakers") or []) or "nobody"
+    return (
+        f"In the room: {people or 'nobody'}. Mode {floor.get('mode')}, "
+        f"{'paused, ' if floor.get('paused') else ''}turn: {speakers}, "
+        f"{floor.get('turns_left')} of {floor.get('max_turns')} model turns left."
+    )
+
+
+class Terminal:
+    """Line input and output that never tear each other apart."""
+
+    def __init__(self, prompt: str = "> ") -> None:
+        self.interactive = sys.stdin.isatty() and sys.stdout.isatty()
+        self.colour = colour_wanted(sys.stdout)
+        self._prompt = prompt
+        self._session = None
+        self._toolbar: Callable[[], str] | None = None
+
+    def attach_toolbar(self, toolbar: Callable[[], str]) -> None:
+        self._toolbar = toolbar
+
+    async def read_line(self) -> str | None:
+        """The next typed line, or None at end of input. Ctrl+C raises KeyboardInterrupt."""
+        if self.interactive:
+            from prompt_toolkit import PromptSession
+            from prompt_toolkit.patch_stdout import patch_stdout
+
+            if self._session is None:
+                self._session = PromptSession(
+                    erase_when_done=True,
+                    bottom_toolbar=lambda: (self._toolbar() if self._toolbar else "") or None,
+                    refresh_interval=0.3,
+                )
+            try:
+                with patch_stdout(raw=True):
+                    return await self._session.prompt_async(self._prompt)
+            except EOFError:
+                return None
+        try:
+            line = await aioconsole.ainput()
+        except EOFError:
+            return None
+        return line.rstrip("\r")
+
+    def show(self, line: str) -> None:
+        print(line, flush=True)

@@ -1,0 +1,165 @@
+"""The websocket side of the hub: one handler per connection, the server, and a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ErrorCode,
+    Notice,
+    ProtocolError,
+    encode,
+    parse_client_frame,
+    parse_hello,
+)
+from .room import Room, RoomSettings, close_peer
+from .transcript import Transcript, default_path
+
+log = logging.getLogger("partychat.hub")
+
+HELLO_TIMEOUT = 10.0
+_CLOSE_CODES = {
+    ErrorCode.BINARY_FRAME: CloseCode.UNSUPPORTED_DATA,
+    ErrorCode.TOO_LARGE: CloseCode.MESSAGE_TOO_BIG,
+    ErrorCode.ROOM_FULL: CloseCode.TRY_AGAIN_LATER,
+}
+
+
+@dataclass
+class HubConfig:
+    host: str = "localhost"
+    port: int = 8765
+    room: RoomSettings = field(default_factory=RoomSettings)
+    transcript: Path | None = None
+    resume: Path | None = None
+    logs_dir: Path = Path("logs")
+    fsync: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+
+
+class Hub:
+    """Owns the room and serves it; ``async with Hub(config) as hub`` runs it until exit."""
+
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        path = config.transcript or config.resume or default_path(config.logs_dir)
+        self.room = Room(config.room, Transcript(path, fsync=config.fsync))
+        if config.resume is not None:
+            self.room.resume_from(str(config.resume))
+        self.server: Server | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        scheme = "wss" if self.config.certfile else "ws"
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{host}:{port}"
+
+    async def __aenter__(self) -> Hub:
+        config = self.config
+        self.server = await serve(
+            self.handle,
+            config.host,
+            config.port,
+            ssl=self._ssl_context(),
+            # The transport limit sits above the room's own limit, so that a frame a bit too long
+            # gets a readable refusal and only a grossly oversized one closes the connection.
+            max_size=config.max_message_bytes * 4,
+            max_queue=16,
+            write_limit=64 * 1024,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            close_timeout=2,
+        )
+        log.info("Transcript: %s", self.room.transcript.path)
+        print(f"Party Chat hub listening on {self.url}", flush=True)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.room.shutdown()
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.certfile:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.config.certfile, self.config.keyfile)
+        return context
+
+    async def handle(self, ws: ServerConnection) -> None:
+        limit = self.config.max_message_bytes
+        try:
+            raw = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
+            hello = parse_hello(raw, limit)
+            peer = self.room.admit(ws, hello)
+        except asyncio.TimeoutError:
+            await self._reject(ws, ProtocolError(
+                ErrorCode.BAD_FRAME, f"No registration frame within {HELLO_TIMEOUT:.0f} seconds.", fatal=True
+            ))
+            return
+        except ProtocolError as error:
+            log.info("Refused a connection from %s: %s", _address(ws), error.message)
+            await self._reject(ws, error)
+            return
+        except ConnectionClosed:
+            return
+        try:
+            async for raw in ws:
+                try:
+                    self.room.receive(peer, parse_client_frame(raw, limit))
+                except ProtocolError as error:
+                    log.debug("%s sent a bad frame: %s", peer.name, error.message)
+                    self.room.refuse(peer, error.code, error.message)
+                    if error.fatal:
+                        await self.room.flush(peer)
+                        self.room.remove(peer, "was disconnected for abuse")
+                        await close_peer(ws, _CLOSE_CODES.get(error.code, CloseCode.POLICY_VIOLATION),
+                                         error.code.value)
+                        return
+        except ConnectionClosed:
+            pass
+        finally:
+            self.room.remove(peer)
+            if peer.writer is not None:
+                peer.writer.cancel()
+
+    async def _reject(self, ws: ServerConnection, error: ProtocolError) -> None:
+        """Say why in a ``system`` frame (every client reads those), then close."""
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(encode(Notice(error.message, event="error", code=error.code.value)))
+        await close_peer(ws, _CLOSE_CODES.get(error.code, CloseCode.POLICY_VIOLATION), error.code.value)
+
+
+def _address(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    return f"{address[0]}:{address[1]}" if address else "unknown"
+
+
+async def run_hub(config: HubConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then tell the room, flush the transcript and return."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    async with Hub(config):
+        await stop.wait()
+        log.info("Stopping the hub")

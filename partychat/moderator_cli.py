@@ -1,0 +1,211 @@
+"""Command line of moderator.py, and the loop that joins the console to the hub."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from websockets.exceptions import ConnectionClosed
+
+from .connection import HubRefused, Session, keep_trying
+from .console import InputError, Local, RoomView, Terminal, help_text, parse_line
+from .logs import LEVELS, setup_logging
+from .protocol import (
+    PROTOCOL_VERSION,
+    Chat,
+    Command,
+    FloorState,
+    Hello,
+    Role,
+    Say,
+    encode,
+    parse_server_frame,
+)
+
+log = logging.getLogger("partychat.moderator")
+
+QUIET_SECONDS_ON_BASELINE_HUB = 5.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moderator.py", description="Watch and steer a Party Chat room.")
+    parser.add_argument("--server", default="ws://localhost:8765", help="hub URL, ws:// or wss://")
+    parser.add_argument("--name", default="Moderator", help="your name in the room (default: Moderator)")
+    parser.add_argument("--hide-messages", action="store_true", help="start with incoming messages hidden (/toggle)")
+    parser.add_argument("--token", default=os.environ.get("PARTYCHAT_TOKEN"),
+                        help="the hub's access token (or set PARTYCHAT_TOKEN)")
+    parser.add_argument("--moderator-token", default=os.environ.get("PARTYCHAT_MODERATOR_TOKEN"),
+                        help="the hub's moderator token, if it has one (or set PARTYCHAT_MODERATOR_TOKEN)")
+    parser.add_argument("--ca-file", type=Path, help="CA certificate to trust for a wss:// hub")
+    parser.add_argument("--idle-timeout", type=float, default=300.0,
+                        help="with piped input: longest wait for the models to finish before the next line")
+    parser.add_argument("--log-level", default="WARNING", choices=LEVELS, type=str.upper)
+    return parser
+
+
+class Moderator:
+    """Typed lines queue up independently of the connection, so nothing typed is lost in a reconnect."""
+
+    def __init__(self, args: argparse.Namespace, terminal: Terminal) -> None:
+        self.args = args
+        self.terminal = terminal
+        self.view = RoomView(args.name, colour=terminal.colour, show_messages=not args.hide_messages)
+        terminal.attach_toolbar(self.view.toolbar)
+        self.outgoing: deque[Say | Command] = deque()
+        self.wake = asyncio.Event()
+        self.done = False
+        self.last_seq: int | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.last_frame_at = time.monotonic()
+        self._quiet_watcher: asyncio.Task[None] | None = None
+
+    def hello(self) -> Hello:
+        return Hello(
+            name=self.args.name,
+            role=Role.HUMAN,
+            protocol=PROTOCOL_VERSION,
+            token=self.args.token,
+            moderator_token=self.args.moderator_token,
+            last_seq=self.last_seq,
+            stream=True,
+        )
+
+    async def run(self) -> None:
+        reader = asyncio.create_task(self._read_input())
+        try:
+            await keep_trying(self.args.server, self.hello, self._converse, ca_file=self.args.ca_file,
+                              on_retry=self._on_retry)
+        finally:
+            reader.cancel()
+
+    def _on_retry(self, reason: str, delay: float) -> None:
+        self.terminal.show(self.view.status(f"Hub at {self.args.server} not reachable ({reason}); "
+                                            f"retrying in {delay:.0f} s. Ctrl+C to give up."))
+
+    async def _read_input(self) -> None:
+        if not self.terminal.interactive:
+            self.terminal.show(self.view.status("Reading the session from standard input."))
+        else:
+            self.terminal.show(self.view.status("Type a message, or /help for commands. Ctrl+C leaves."))
+        while True:
+            line = await self.terminal.read_line()
+            if line is None:
+                break
+            try:
+                item = parse_line(line)
+            except InputError as error:
+                self.terminal.show(self.view.status(str(error)))
+                continue
+            if isinstance(item, Local):
+                if self._run_local(item):
+                    break
+            elif item is not None:
+                if isinstance(item, Say) and not self.terminal.interactive:
+                    await self._wait_until_idle()
+                    self.idle.clear()
+                self.outgoing.append(item)
+                self.wake.set()
+        if not self.terminal.interactive:
+            while self.outgoing:
+                await asyncio.sleep(0.05)
+            await self._wait_until_idle()
+        self.done = True
+        self.wake.set()
+
+    async def _wait_until_idle(self) -> None:
+        """With piped input, let the models answer before the next scripted line."""
+        try:
+            await asyncio.wait_for(self.idle.wait(), self.args.idle_timeout)
+        except asyncio.TimeoutError:
+            self.terminal.show(self.view.status("Still busy after --idle-timeout; going on."))
+
+    def _run_local(self, command: Local) -> bool:
+        """Handle a console-only command; True means leave."""
+        if command.name == "quit":
+            return True
+        if command.name == "help":
+            self.terminal.show(help_text())
+        elif command.name == "toggle":
+            self.view.show_messages = not self.view.show_messages
+            state = "shown." if self.view.show_messages else "hidden."
+            self.terminal.show(self.view.status(f"Incoming messages {state}"))
+        elif command.name == "save":
+            path = Path(command.args[0] if command.args else time.strftime("logs/chat-%Y%m%d-%H%M%S.md"))
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(self.view.markdown(), encoding="utf-8")
+                self.terminal.show(self.view.status(f"Saved {len(self.view.seen)} messages to {path}."))
+            except OSError as error:
+                self.terminal.show(self.view.status(f"Could not save to {path}: {error.strerror or error}"))
+        return False
+
+    async def _converse(self, session: Session) -> None:
+        self.terminal.show(self.view.status(f"Connected to {self.args.server} as {self.args.name}."))
+        receiver = asyncio.create_task(self._receive(session))
+        try:
+            while not self.done:
+                if not self.outgoing:
+                    self.wake.clear()
+                    waiter = asyncio.create_task(self.wake.wait())
+                    finished, _ = await asyncio.wait({waiter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    if receiver in finished:
+                        receiver.result()
+                        raise ConnectionClosed(None, None)
+                    continue
+                item = self.outgoing[0]
+                await session.ws.send(encode(item))
+                self.outgoing.popleft()
+                if isinstance(item, Say) and not session.extended:
+                    self.last_frame_at = time.monotonic()
+                    self._quiet_watcher = asyncio.create_task(self._quiet_watch())
+        finally:
+            receiver.cancel()
+
+    async def _quiet_watch(self) -> None:
+        """On a hub without turn frames, call the room idle after a few quiet seconds."""
+        while time.monotonic() - self.last_frame_at < QUIET_SECONDS_ON_BASELINE_HUB:
+            await asyncio.sleep(0.5)
+        self.idle.set()
+
+    async def _receive(self, session: Session) -> None:
+        async for raw in session.ws:
+            frame = parse_server_frame(raw)
+            if frame is None:
+                continue
+            self.last_frame_at = time.monotonic()
+            if isinstance(frame, Chat) and frame.seq:
+                if self.last_seq is not None and frame.seq <= self.last_seq:
+                    continue
+                self.last_seq = frame.seq
+            if isinstance(frame, FloorState) and not frame.speakers:
+                self.idle.set()
+            line = self.view.render(frame)
+            if line is not None:
+                self.terminal.show(line)
+        self.terminal.show(self.view.status("The hub closed the connection."))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.server.startswith(("ws://", "wss://")):
+        print("moderator.py: --server must start with ws:// or wss://", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level)
+    terminal = Terminal()
+    try:
+        asyncio.run(Moderator(args, terminal).run())
+    except HubRefused as error:
+        print(f"moderator.py: the hub refused to let you in: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        pass
+    terminal.show("Goodbye.")
+    return 0

@@ -1,0 +1,395 @@
+"""The wire protocol: every frame that crosses a socket is parsed, validated and encoded here.
+
+The baseline (what the original project's clients speak) is kept field for field; everything
+else is an extension that only clients announcing ``protocol`` in their first frame receive.
+See docs/PROTOCOL.md for the prose version of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_NAME_LENGTH = 40
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024
+
+
+class Role(str, Enum):
+    MODEL = "model"
+    HUMAN = "human"
+
+
+class ErrorCode(str, Enum):
+    """Machine-readable reasons the hub gives when it refuses something."""
+
+    BAD_JSON = "bad_json"
+    BINARY_FRAME = "binary_frame"
+    BAD_FRAME = "bad_frame"
+    UNKNOWN_TYPE = "unknown_type"
+    TOO_LARGE = "too_large"
+    EMPTY = "empty"
+    RATE_LIMITED = "rate_limited"
+    BAD_NAME = "bad_name"
+    NAME_TAKEN = "name_taken"
+    ROOM_FULL = "room_full"
+    UNAUTHORIZED = "unauthorized"
+    NOT_MODERATOR = "not_moderator"
+    NOT_YOUR_TURN = "not_your_turn"
+    MUTED = "muted"
+    UNKNOWN_COMMAND = "unknown_command"
+    BAD_ARGUMENT = "bad_argument"
+    TOO_SLOW = "too_slow"
+    KICKED = "kicked"
+    SHUTTING_DOWN = "shutting_down"
+
+
+class ProtocolError(Exception):
+    """A frame the hub will not accept; ``fatal`` ones end the connection."""
+
+    def __init__(self, code: ErrorCode, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+# ---------------------------------------------------------------- client -> hub
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The registration frame. Only ``name`` and ``type`` are baseline."""
+
+    name: str
+    role: Role
+    protocol: int | None = None
+    token: str | None = None
+    moderator_token: str | None = None
+    last_seq: int | None = None
+    stream: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {"name": self.name, "type": self.role.value}
+        if self.protocol is not None:
+            frame["protocol"] = self.protocol
+        for key in ("token", "moderator_token", "last_seq"):
+            value = getattr(self, key)
+            if value is not None:
+                frame[key] = value
+        if self.stream:
+            frame["stream"] = True
+        return frame
+
+
+@dataclass(frozen=True)
+class Say:
+    """A chat message a participant wants the room to hear."""
+
+    content: str
+    opening: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "message", "content": self.content}
+        if self.opening:
+            frame["opening"] = True
+        return frame
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A piece of a reply still being generated (streaming extension)."""
+
+    content: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "partial", "content": self.content}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A moderator command such as ``pause`` or ``to Sage hello``."""
+
+    name: str
+    args: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "command", "name": self.name, "args": list(self.args)}
+
+
+ClientFrame = Say | Draft | Command
+
+
+# ---------------------------------------------------------------- hub -> client
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A chat message as the hub relays it; ``sender`` is always the registered name."""
+
+    sender: str
+    content: str
+    seq: int = 0
+    id: str = ""
+    ts: float = 0.0
+    role: str = Role.MODEL.value
+    replay: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {
+            "type": "message",
+            "from": self.sender,
+            "content": self.content,
+            "id": self.id,
+            "seq": self.seq,
+            "ts": self.ts,
+            "role": self.role,
+        }
+        if self.replay:
+            frame["replay"] = True
+        return frame
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A baseline ``system`` frame; ``event`` and ``code`` are extension fields."""
+
+    content: str
+    event: str | None = None
+    code: str | None = None
+    protocol: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "system", "content": self.content}
+        for key in ("event", "code", "protocol"):
+            value = getattr(self, key)
+            if value is not None:
+                frame[key] = value
+        return frame
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the hub refused a frame (extension; baseline clients get a Notice instead)."""
+
+    code: str
+    content: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "error", "code": self.code, "content": self.content}
+
+
+@dataclass(frozen=True)
+class FloorState:
+    """Who may speak now (extension): models generate only when they appear in ``speakers``."""
+
+    mode: str
+    speakers: tuple[str, ...] = ()
+    turns_left: int = 0
+    paused: bool = False
+    turn: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["speakers"] = list(self.speakers)
+        return {"type": "turn", **data}
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A relayed partial reply, sent only to participants that asked for streams."""
+
+    sender: str
+    content: str
+    turn: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "partial", "from": self.sender, "content": self.content, "turn": self.turn}
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Answer to ``/who``: the room as the hub sees it (extension)."""
+
+    participants: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    floor: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "roster", "participants": list(self.participants), "floor": self.floor}
+
+
+ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Roster
+
+
+def encode(frame: ClientFrame | ServerFrame | Hello) -> str:
+    """Serialise a frame to the JSON text sent on the socket."""
+    return json.dumps(frame.to_wire(), ensure_ascii=False, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- validation
+
+
+def clean_name(raw: Any) -> str:
+    """Return the display name a participant asked for, or raise why it is unusable."""
+    if not isinstance(raw, str):
+        raise ProtocolError(ErrorCode.BAD_NAME, "The name must be a string.", fatal=True)
+    name = " ".join(raw.split())
+    if not name:
+        raise ProtocolError(ErrorCode.BAD_NAME, "The name is empty.", fatal=True)
+    if len(name) > MAX_NAME_LENGTH:
+        raise ProtocolError(
+            ErrorCode.BAD_NAME, f"The name is longer than {MAX_NAME_LENGTH} characters.", fatal=True
+        )
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn") for ch in name):
+        raise ProtocolError(
+            ErrorCode.BAD_NAME, "The name contains control or invisible characters.", fatal=True
+        )
+    return name
+
+
+def _load_object(raw: str | bytes, max_bytes: int) -> dict[str, Any]:
+    if isinstance(raw, bytes):
+        raise ProtocolError(ErrorCode.BINARY_FRAME, "Frames must be JSON text, not binary.")
+    if len(raw.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"The frame is larger than {max_bytes} bytes.")
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ProtocolError(ErrorCode.BAD_JSON, "The frame is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "The frame must be a JSON object.")
+    return data
+
+
+def _optional(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = data.get(key)
+    if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and kind is int)):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"The field {key!r} has the wrong type.")
+    return value
+
+
+def parse_hello(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Hello:
+    """Validate a registration frame. Any problem here is fatal to the connection."""
+    try:
+        data = _load_object(raw, max_bytes)
+        if "name" not in data or "type" not in data:
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME, 'The first frame must carry "name" and "type".'
+            )
+        try:
+            role = Role(data["type"])
+        except (ValueError, TypeError):
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME, 'The "type" of the first frame must be "model" or "human".'
+            ) from None
+        last_seq = _optional(data, "last_seq", int)
+        if last_seq is not None and last_seq < 0:
+            raise ProtocolError(ErrorCode.BAD_FRAME, '"last_seq" cannot be negative.')
+        return Hello(
+            name=clean_name(data["name"]),
+            role=role,
+            protocol=_optional(data, "protocol", int),
+            token=_optional(data, "token", str),
+            moderator_token=_optional(data, "moderator_token", str),
+            last_seq=last_seq,
+            stream=bool(_optional(data, "stream", bool)),
+        )
+    except ProtocolError as error:
+        error.fatal = True
+        raise
+
+
+def _content(data: dict[str, Any], *, allow_empty: bool = False) -> str:
+    content = data.get("content")
+    if not isinstance(content, str):
+        raise ProtocolError(ErrorCode.BAD_FRAME, 'A message needs a text "content" field.')
+    if not allow_empty and not content.strip():
+        raise ProtocolError(ErrorCode.EMPTY, "The message is empty.")
+    return content
+
+
+def parse_client_frame(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> ClientFrame:
+    """Validate a frame sent after registration. Unknown fields are ignored, as the baseline says."""
+    data = _load_object(raw, max_bytes)
+    kind = data.get("type", "message")
+    if kind == "message":
+        return Say(content=_content(data), opening=data.get("opening") is True)
+    if kind == "partial":
+        return Draft(content=_content(data, allow_empty=True))
+    if kind == "command":
+        name = data.get("name")
+        args = data.get("args", [])
+        if not isinstance(name, str) or not name:
+            raise ProtocolError(ErrorCode.BAD_FRAME, 'A command needs a "name".')
+        if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+            raise ProtocolError(ErrorCode.BAD_FRAME, 'A command\'s "args" must be a list of strings.')
+        return Command(name=name.lower(), args=tuple(args))
+    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"Unknown frame type {kind!r}.")
+
+
+def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
+    """Read a frame from a hub; unknown or malformed frames give None and are ignored."""
+    if isinstance(raw, bytes):
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    kind = data.get("type")
+    text = data.get("content") if isinstance(data.get("content"), str) else ""
+    if kind == "message":
+        sender = data.get("from")
+        if not isinstance(sender, str):
+            return None
+        return Chat(
+            sender=sender,
+            content=text,
+            seq=_int_or(data.get("seq"), 0),
+            id=str(data.get("id") or ""),
+            ts=float(data["ts"]) if isinstance(data.get("ts"), (int, float)) else 0.0,
+            role=str(data.get("role") or Role.MODEL.value),
+            replay=data.get("replay") is True,
+        )
+    if kind == "system":
+        return Notice(
+            content=text,
+            event=_str_or_none(data.get("event")),
+            code=_str_or_none(data.get("code")),
+            protocol=_int_or(data.get("protocol"), None),
+        )
+    if kind == "error":
+        return Refusal(code=str(data.get("code") or ""), content=text)
+    if kind == "turn":
+        speakers = data.get("speakers") or []
+        return FloorState(
+            mode=str(data.get("mode") or ""),
+            speakers=tuple(str(s) for s in speakers if isinstance(s, str)),
+            turns_left=_int_or(data.get("turns_left"), 0),
+            paused=data.get("paused") is True,
+            turn=_int_or(data.get("turn"), 0),
+        )
+    if kind == "partial" and isinstance(data.get("from"), str):
+        return Stream(sender=data["from"], content=text, turn=_int_or(data.get("turn"), 0))
+    if kind == "roster":
+        participants = data.get("participants")
+        floor = data.get("floor")
+        return Roster(
+            participants=tuple(p for p in participants if isinstance(p, dict))
+            if isinstance(participants, list)
+            else (),
+            floor=floor if isinstance(floor, dict) else {},
+        )
+    return None
+
+
+def _int_or(value: Any, default: Any) -> Any:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,91 @@
+"""Command line of server.py."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from .floor import Mode
+from .hub import HubConfig, run_hub
+from .logs import LEVELS, setup_logging
+from .protocol import DEFAULT_MAX_MESSAGE_BYTES
+from .room import RoomSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="server.py", description="Run the Party Chat hub that models and moderators connect to."
+    )
+    parser.add_argument("--host", default="localhost",
+                        help="address to listen on; 0.0.0.0 lets other machines connect (default: localhost)")
+    parser.add_argument("--port", type=int, default=8765, help="port to listen on; 0 picks a free one (default: 8765)")
+    parser.add_argument("--log-level", default="INFO", choices=LEVELS, type=str.upper)
+    parser.add_argument("--log-file", type=Path, help="also write the log, without colours, to this file")
+    floor = parser.add_argument_group("turn-taking")
+    floor.add_argument("--mode", default=Mode.ROUND_ROBIN.value, choices=[m.value for m in Mode],
+                       help="who may speak after a moderator message (default: round-robin)")
+    floor.add_argument("--max-turns", type=int, default=None,
+                       help="model messages allowed after each moderator message (default: one per model)")
+    room = parser.add_argument_group("transcript and history")
+    room.add_argument("--transcript", type=Path,
+                      help="JSONL transcript to append to (default: logs/transcript-TIME.jsonl)")
+    room.add_argument("--resume", type=Path, help="reload this transcript and carry on its conversation")
+    room.add_argument("--replay", type=int, default=20, help="recent messages sent to a late joiner (default: 20)")
+    room.add_argument("--fsync", action="store_true", help="sync the transcript to disk after every message")
+    limits = parser.add_argument_group("limits and security")
+    limits.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help=f"largest frame accepted (default: {DEFAULT_MAX_MESSAGE_BYTES})")
+    limits.add_argument("--max-clients", type=int, default=64, help="participants allowed at once (default: 64)")
+    limits.add_argument("--token", default=os.environ.get("PARTYCHAT_TOKEN"),
+                        help="secret every participant must present (or set PARTYCHAT_TOKEN)")
+    limits.add_argument("--moderator-token", default=os.environ.get("PARTYCHAT_MODERATOR_TOKEN"),
+                        help="secret a human must present to be a moderator (or set PARTYCHAT_MODERATOR_TOKEN)")
+    limits.add_argument("--certfile", type=Path, help="TLS certificate: serve wss:// instead of ws://")
+    limits.add_argument("--keyfile", type=Path, help="TLS private key (if not inside --certfile)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> HubConfig:
+    for name in ("replay", "max_message_bytes", "max_clients"):
+        if getattr(args, name) < (0 if name == "replay" else 1):
+            raise SystemExit(f"server.py: --{name.replace('_', '-')} must be a positive number")
+    if args.max_turns is not None and args.max_turns < 0:
+        raise SystemExit("server.py: --max-turns cannot be negative")
+    for path in (args.resume, args.certfile, args.keyfile):
+        if path is not None and not path.is_file():
+            raise SystemExit(f"server.py: no such file: {path}")
+    return HubConfig(
+        host=args.host,
+        port=args.port,
+        room=RoomSettings(
+            mode=Mode(args.mode),
+            max_turns=args.max_turns,
+            replay=args.replay,
+            max_clients=args.max_clients,
+            token=args.token or None,
+            moderator_token=args.moderator_token or None,
+        ),
+        transcript=args.transcript,
+        resume=args.resume,
+        fsync=args.fsync,
+        max_message_bytes=args.max_message_bytes,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    setup_logging(args.log_level, args.log_file)
+    try:
+        asyncio.run(run_hub(config))
+    except OSError as error:
+        print(f"server.py: cannot listen on {args.host}:{args.port}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

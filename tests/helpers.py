@@ -1,0 +1,108 @@
+"""Test helpers: real hubs on free ports, real websocket clients, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from partychat.hub import Hub, HubConfig
+from partychat.room import RoomSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+def hub_config(tmp_path: Path, **room: Any) -> HubConfig:
+    """A hub on a free loopback port that writes its transcript under tmp_path."""
+    return HubConfig(host="127.0.0.1", port=0, room=RoomSettings(**room),
+                     transcript=tmp_path / "transcript.jsonl", logs_dir=tmp_path)
+
+
+def with_hub(config: HubConfig, body: Callable[[Hub], Awaitable[None]], timeout: float = 60) -> None:
+    """Run ``body`` against an in-process hub, then shut the hub down."""
+
+    async def main() -> None:
+        async with Hub(config) as hub:
+            await asyncio.wait_for(body(hub), timeout)
+
+    asyncio.run(main())
+
+
+async def join(url: str, name: str, role: str = "model", **extra: Any) -> tuple[ClientConnection, dict]:
+    """Connect and register; returns the connection and the hub's registration reply."""
+    ws = await connect(url)
+    await ws.send(json.dumps({"name": name, "type": role, **extra}))
+    return ws, json.loads(await ws.recv())
+
+
+async def next_frame(ws: ClientConnection, kind: str | None = None, timeout: float = 10, **match: Any) -> dict:
+    """The next frame of a type (and with matching fields), skipping others."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), max(deadline - time.monotonic(), 0.01)))
+        if (kind is None or frame.get("type") == kind) and all(frame.get(k) == v for k, v in match.items()):
+            return frame
+
+
+async def drain(ws: ClientConnection, quiet: float = 0.3) -> list[dict]:
+    """Every frame that arrives until the connection has been quiet for ``quiet`` seconds."""
+    frames = []
+    while True:
+        try:
+            frames.append(json.loads(await asyncio.wait_for(ws.recv(), quiet)))
+        except asyncio.TimeoutError:
+            return frames
+
+
+class Process:
+    """A script of ours run as a real process, with its output collected in a file."""
+
+    def __init__(self, args: list[str], log: Path, *, stdin: Any = subprocess.DEVNULL,
+                 env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._out = log.open("wb")
+        self.popen = subprocess.Popen([PYTHON, *args], cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT,
+                                      stdin=stdin, env={**os.environ, **(env or {})})
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_output(self, pattern: str, timeout: float = 120) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.output)
+            if found:
+                return found
+            if self.popen.poll() is not None:
+                found = re.search(pattern, self.output)
+                if found:
+                    return found
+                raise AssertionError(f"process exited ({self.popen.returncode}) before {pattern!r}:\n{self.output}")
+            time.sleep(0.1)
+        raise AssertionError(f"no {pattern!r} within {timeout} s:\n{self.output}")
+
+    def interrupt(self) -> int:
+        self.popen.send_signal(signal.SIGINT)
+        return self.popen.wait(timeout=20)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._out.close()

@@ -1,0 +1,149 @@
+"""Every bad input gets a clear sentence and a clean exit, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, join
+
+PYTHON = sys.executable
+
+
+def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+
+
+def test_missing_prompt_file_stops_before_any_model_is_loaded():
+    result = run_script("client.py", "--name", "X", "--prompt-file", "no-such-persona.txt",
+                        "--model", "/no/such/model.gguf")
+    assert_clean_failure(result, "Prompt file not found: no-such-persona.txt")
+
+
+def test_unreadable_prompt_file(tmp_path):
+    persona = tmp_path / "binary.txt"
+    persona.write_bytes(b"\xff\xfe\x00bad")
+    assert_clean_failure(run_script("client.py", "--name", "X", "--prompt-file", str(persona)),
+                         "Cannot read prompt file")
+
+
+def test_prompt_file_is_found_in_prompts_folder_by_bare_name():
+    from partychat.client_cli import find_prompt_file
+
+    assert find_prompt_file("sage.txt") == ROOT / "prompts" / "sage.txt"
+    assert find_prompt_file("inventor") == ROOT / "prompts" / "inventor.txt"
+
+
+def test_unknown_model_id_says_no_download_is_possible():
+    result = run_script("client.py", "--name", "X", "--model", "nobody/no-such-model-anywhere")
+    assert_clean_failure(result, "not in the local Hugging Face cache", "cannot download", "--model")
+
+
+def test_missing_model_path():
+    result = run_script("client.py", "--name", "X", "--model", "./models/missing-folder")
+    assert_clean_failure(result, "No such model file or folder: ./models/missing-folder")
+
+
+def test_gpu_without_cuda_is_a_clear_error():
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_script("client.py", "--name", "X", "--device", "gpu")
+    assert_clean_failure(result, "--device gpu", "no CUDA GPU")
+
+
+def test_bad_numbers_are_refused_up_front():
+    result = run_script("client.py", "--name", "X", "--max-context-tokens", "50", "--max-generation-tokens", "100")
+    assert_clean_failure(result, "--max-context-tokens must be larger")
+
+
+def test_client_retries_an_unreachable_hub_and_leaves_cleanly_on_ctrl_c(start_client):
+    client = start_client("--name", "Lonely", "--server", "ws://127.0.0.1:9")
+    client.wait_for_output(r"not reachable.*retrying in 1 s", timeout=120)
+    client.wait_for_output(r"retrying in 2 s", timeout=30)
+    assert client.interrupt() == 0
+    assert "Traceback" not in client.output
+
+
+def test_moderator_retries_an_unreachable_hub_and_leaves_cleanly_on_ctrl_c(tmp_path, processes):
+    from helpers import Process
+
+    moderator = Process(["moderator.py", "--server", "ws://127.0.0.1:9"], tmp_path / "m.out",
+                        stdin=subprocess.PIPE)
+    processes.append(moderator)
+    moderator.wait_for_output(r"not reachable.*retrying", timeout=30)
+    assert moderator.interrupt() == 0
+    assert "Traceback" not in moderator.output
+
+
+def test_a_taken_name_makes_the_client_exit_non_zero(start_hub, start_client):
+    _, url = start_hub()
+
+    async def scenario() -> None:
+        holder, reply = await join(url, "Zen Sage", "human")
+        assert reply["content"] == "Connected as Zen Sage"
+        client = start_client("--name", "zen sage", "--server", url)
+        code = await asyncio.to_thread(client.popen.wait, 120)
+        assert code != 0
+        assert "already taken" in client.output
+        assert "Traceback" not in client.output
+        await holder.close()
+
+    asyncio.run(scenario())
+
+
+def test_moderator_leaves_cleanly_at_end_of_input(start_hub, tmp_path):
+    _, url = start_hub()
+    result = subprocess.run([PYTHON, "moderator.py", "--server", url], cwd=ROOT, input="/help\n/toggle\n/nonsense\n",
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "/pause" in result.stdout and "Incoming messages hidden" in result.stdout
+    assert "Unknown command /nonsense" in result.stdout
+
+
+def test_moderator_rejects_a_bad_server_url():
+    result = run_script("moderator.py", "--server", "http://example")
+    assert_clean_failure(result, "ws:// or wss://")
+
+
+def test_server_reports_a_port_in_use(start_hub):
+    _, url = start_hub()
+    port = url.rsplit(":", 1)[1]
+    result = run_script("server.py", "--host", "127.0.0.1", "--port", port, timeout=30)
+    assert_clean_failure(result, "cannot listen")
+
+
+def test_hub_frame_errors_keep_the_connection(start_hub):
+    _, url = start_hub()
+
+    async def scenario() -> None:
+        ws, _ = await join(url, "Tester", "human", protocol=1)
+        await ws.send("{not json")
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["type"] == "error":
+                break
+        assert frame["code"] == "bad_json"
+        await ws.send(json.dumps({"type": "message", "content": "still connected"}))
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["type"] == "message":
+                break
+        assert frame["content"] == "still connected"
+        await ws.close()
+
+    asyncio.run(scenario())

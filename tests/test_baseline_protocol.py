@@ -1,0 +1,128 @@
+"""The baseline wire contract (shared/PROTOCOL.md), frame by frame, against a live hub."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import drain, hub_config, join, next_frame, with_hub
+from websockets.exceptions import ConnectionClosed
+
+
+def test_registration_reply_is_the_baseline_system_frame(tmp_path):
+    async def body(hub):
+        ws, reply = await join(hub.url, "Sage")
+        assert reply["type"] == "system"
+        assert reply["content"] == "Connected as Sage"
+        await ws.close()
+
+    with_hub(hub_config(tmp_path), body)
+
+
+@pytest.mark.parametrize(
+    ("first_frame", "reason"),
+    [
+        ("not json at all", "not valid JSON"),
+        (json.dumps({"type": "model"}), '"name"'),
+        (json.dumps({"name": "Sage"}), '"type"'),
+        (json.dumps({"name": "Sage", "type": "robot"}), '"model" or "human"'),
+        (json.dumps({"name": "   ", "type": "model"}), "empty"),
+        (json.dumps({"name": "x" * 200, "type": "model"}), "longer than"),
+        (json.dumps({"name": "Evil\x1b[2J", "type": "model"}), "control"),
+        (json.dumps(["Sage", "model"]), "JSON object"),
+    ],
+)
+def test_a_bad_registration_gets_a_system_frame_saying_why_then_is_closed(tmp_path, first_frame, reason):
+    async def body(hub):
+        from websockets.asyncio.client import connect
+
+        async with connect(hub.url) as ws:
+            await ws.send(first_frame)
+            reply = json.loads(await ws.recv())
+            assert reply["type"] == "system"
+            assert reason in reply["content"]
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008
+
+    with_hub(hub_config(tmp_path), body)
+
+
+def test_a_name_already_in_the_room_is_refused_whatever_its_case(tmp_path):
+    async def body(hub):
+        first, _ = await join(hub.url, "Zen Sage", "human")
+        second, reply = await join(hub.url, "  zen   SAGE ", "model")
+        assert reply["type"] == "system"
+        assert "already taken" in reply["content"]
+        with pytest.raises(ConnectionClosed):
+            await second.recv()
+        # the first holder of the name is unaffected
+        third, _ = await join(hub.url, "Observer", "human")
+        await first.send(json.dumps({"type": "message", "content": "still here"}))
+        frame = await next_frame(third, "message")
+        assert frame["from"] == "Zen Sage"
+        await first.close()
+        await third.close()
+
+    with_hub(hub_config(tmp_path), body)
+
+
+def test_the_hub_sets_from_and_ignores_a_forged_one(tmp_path):
+    async def body(hub):
+        speaker, _ = await join(hub.url, "Moderator", "human")
+        listener, _ = await join(hub.url, "Listener", "human")
+        await speaker.send(json.dumps({"type": "message", "content": "hello", "from": "Somebody Else"}))
+        frame = await next_frame(listener, "message")
+        assert frame["from"] == "Moderator"
+        assert frame["content"] == "hello"
+        assert isinstance(frame["seq"], int) and frame["id"] and frame["ts"] > 0
+        await speaker.close()
+        await listener.close()
+
+    with_hub(hub_config(tmp_path), body)
+
+
+def test_a_baseline_sender_does_not_get_its_own_message_back(tmp_path):
+    async def body(hub):
+        speaker, _ = await join(hub.url, "Moderator", "human")
+        listener, _ = await join(hub.url, "Listener", "human")
+        await speaker.send(json.dumps({"type": "message", "content": "one"}))
+        await next_frame(listener, "message")
+        assert [f for f in await drain(speaker) if f["type"] == "message"] == []
+        await speaker.close()
+        await listener.close()
+
+    with_hub(hub_config(tmp_path), body)
+
+
+def test_joins_and_leaves_are_announced_as_system_frames(tmp_path):
+    async def body(hub):
+        watcher, _ = await join(hub.url, "Watcher", "human")
+        sage, _ = await join(hub.url, "Sage")
+        joined = await next_frame(watcher, "system")
+        assert "Sage" in joined["content"] and "joined" in joined["content"]
+        await sage.close()
+        left = await next_frame(watcher, "system")
+        assert "Sage" in left["content"] and "left" in left["content"]
+        await watcher.close()
+
+    with_hub(hub_config(tmp_path), body)
+
+
+def test_baseline_clients_get_no_extension_frames(tmp_path):
+    """A client that did not announce a protocol version never sees turn, partial or error frames."""
+
+    async def body(hub):
+        baseline, _ = await join(hub.url, "Old Moderator", "human")
+        model, _ = await join(hub.url, "Sage", "model", protocol=1)
+        await baseline.send(json.dumps({"type": "message", "content": "go"}))
+        await model.send(json.dumps({"type": "partial", "content": "thinking"}))
+        await model.send(json.dumps({"type": "message", "content": "done"}))
+        await baseline.send(json.dumps({"type": "bogus"}))
+        frames = await drain(baseline, 0.5)
+        assert {f["type"] for f in frames} <= {"system", "message"}
+        assert all("from" in f for f in frames if f["type"] == "message")
+        await baseline.close()
+        await model.close()
+
+    with_hub(hub_config(tmp_path), body)
