@@ -68,6 +68,8 @@ class RateLimiter:
         self.refused_in_a_row = 0
 
     def allow(self) -> bool:
+        if self.per_second <= 0:
+            return True
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.per_second)
         self.stamp = now

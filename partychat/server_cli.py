@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help=f"largest frame accepted (default: {DEFAULT_MAX_MESSAGE_BYTES})")
     limits.add_argument("--max-clients", type=int, default=64, help="participants allowed at once (default: 64)")
+    limits.add_argument("--rate-limit", type=float, default=2.0,
+                        help="messages per second one participant may keep up; 0 turns the limit off (default: 2)")
+    limits.add_argument("--rate-burst", type=int, default=20,
+                        help="messages one participant may send in a quick burst (default: 20)")
     limits.add_argument("--token", default=os.environ.get("PARTYCHAT_TOKEN"),
                         help="secret every participant must present (or set PARTYCHAT_TOKEN)")
     limits.add_argument("--moderator-token", default=os.environ.get("PARTYCHAT_MODERATOR_TOKEN"),
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> HubConfig:
+    if args.rate_limit < 0 or args.rate_burst < 1:
+        raise SystemExit("server.py: --rate-limit cannot be negative and --rate-burst must be at least 1")
     for name in ("replay", "max_message_bytes", "max_clients"):
         if getattr(args, name) < (0 if name == "replay" else 1):
             raise SystemExit(f"server.py: --{name.replace('_', '-')} must be a positive number")
@@ -65,6 +71,8 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
             max_turns=args.max_turns,
             replay=args.replay,
             max_clients=args.max_clients,
+            rate_per_second=args.rate_limit,
+            rate_burst=args.rate_burst,
             token=args.token or None,
             moderator_token=args.moderator_token or None,
         ),
