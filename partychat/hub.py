@@ -82,6 +82,8 @@ class Hub:
             # gets a readable refusal and only a grossly oversized one closes the connection.
             max_size=config.max_message_bytes * 4,
             max_queue=16,
+            # Chat frames are small; per-connection deflate would cost CPU on every copy of a broadcast.
+            compression=None,
             write_limit=64 * 1024,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,

@@ -43,6 +43,9 @@ from .transcript import Transcript, read_records
 
 log = logging.getLogger("partychat.hub")
 
+HISTORY_KEPT = 1000
+"""Recent messages held in memory for replay and for clients that reconnect."""
+
 
 @dataclass
 class RoomSettings:
@@ -110,7 +113,7 @@ class Room:
         self.transcript = transcript
         self.floor = Floor(mode=settings.mode, max_turns=settings.max_turns)
         self.peers: dict[str, Peer] = {}
-        self.history: deque[Chat] = deque(maxlen=max(settings.replay, 1) * 4)
+        self.history: deque[Chat] = deque(maxlen=max(settings.replay, HISTORY_KEPT))
         self.seq = 0
         self._last_floor: FloorState | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -309,6 +312,8 @@ class Room:
     # ------------------------------------------------------------ delivery
 
     def _push(self, peer: Peer, text: str) -> None:
+        if self.peers.get(peer.key) is not peer:
+            return  # already removed, e.g. cut off earlier in this same broadcast
         try:
             peer.outbox.put_nowait(text)
         except asyncio.QueueFull:
@@ -350,6 +355,10 @@ class Room:
             return
         if last_seq is not None:
             missed: Iterable[Chat] = [chat for chat in self.history if chat.seq > last_seq]
+            if self.history and self.history[0].seq > last_seq + 1:
+                lost = self.history[0].seq - last_seq - 1
+                self.deliver(peer, Notice(f"{lost} older messages are no longer held in memory; "
+                                          f"they are in the transcript {self.transcript.path}.", event="gap"))
         else:
             missed = list(self.history)[-self.settings.replay:] if self.settings.replay else []
         for chat in missed:
