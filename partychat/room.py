@@ -374,6 +374,7 @@ class Room:
         self.announce("shutdown", "The hub is stopping.")
         peers = list(self.peers.values())
         await asyncio.gather(*(self.flush(peer, 1.0) for peer in peers))
+        self.peers.clear()  # the shutdown record speaks for everyone; no leave records after it
         await asyncio.gather(
             *(close_peer(peer.ws, CloseCode.GOING_AWAY, "hub stopping") for peer in peers)
         )
