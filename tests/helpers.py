@@ -39,10 +39,10 @@ def with_hub(config: HubConfig, body: Callable[[Hub], Awaitable[None]], timeout:
     asyncio.run(main())
 
 
-async def join(url: str, name: str, role: str = "model", **extra: Any) -> tuple[ClientConnection, dict]:
+async def join(url: str, name: str, kind: str = "model", **extra: Any) -> tuple[ClientConnection, dict]:
     """Connect and register; returns the connection and the hub's registration reply."""
     ws = await connect(url)
-    await ws.send(json.dumps({"name": name, "type": role, **extra}))
+    await ws.send(json.dumps({"name": name, "type": kind, **extra}))
     return ws, json.loads(await ws.recv())
 
 
