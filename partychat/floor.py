@@ -32,8 +32,8 @@ class Floor:
     turn: int = 0
     """Increases every time the floor changes hands, so stale replies can be recognised."""
 
-    _next_index: int = 0
-    _spoken: set[str] = field(default_factory=set)
+    _next_index: int = field(default=0, init=False, repr=False)
+    _spoken: set[str] = field(default_factory=set, init=False, repr=False)
 
     @property
     def budget(self) -> int:

@@ -29,11 +29,7 @@ class GenerationSettings:
     history_length: int = 5
 
 
-GROUP_CHAT_RULES = (
-    "You are {name}, one participant in a group chat with other AI personas and a human moderator. "
-    "Messages from others are shown as 'Speaker: text'. Answer with your own next message only: "
-    "a few sentences, in character, without writing other speakers' lines or prefixing your name."
-)
+GROUP_CHAT_RULES = "This is a group chat. You speak only as {name}. Reply in one to three sentences."
 
 
 def build_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dict[str, str]]:

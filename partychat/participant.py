@@ -12,7 +12,7 @@ import logging
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .connection import Session, keep_trying
@@ -25,6 +25,7 @@ from .protocol import (
     FloorState,
     Hello,
     Notice,
+    Pass,
     Refusal,
     Role,
     Say,
@@ -157,37 +158,23 @@ class ModelParticipant:
         session = self._session
         if session is None:
             return
-        loop = asyncio.get_running_loop()
-        drafts: asyncio.Queue[str] = asyncio.Queue()
-
-        def on_text(text: str) -> None:
-            loop.call_soon_threadsafe(drafts.put_nowait, text)
-
-        streaming = session.extended and self.config.stream
-        forward = asyncio.create_task(self._forward_drafts(session, drafts)) if streaming else None
-        try:
-            history = list(self.history)
-            prompt = await loop.run_in_executor(
-                self._executor,
-                build_prompt, self.loaded.tokenizer, self.config.persona, self.name, history, self.settings,
-            )
-            raw = await loop.run_in_executor(
-                self._executor,
-                lambda: generate_reply(self.loaded, prompt, self.settings, stop=stop,
-                                       on_text=on_text if streaming else None),
-            )
-        except PromptTooLong as error:
-            log.error("Skipping this turn: %s", error)
-            return
-        finally:
-            if forward is not None:
-                forward.cancel()
-        reply = clean_reply(raw, self.name, sorted(self._names))
+        reply = ""
+        # A greedy reply that cleans to nothing is retried once with sampling before giving up the turn.
+        for settings in (self.settings, replace(self.settings, temperature=max(self.settings.temperature, 0.8))):
+            raw = await self._generate(session, stop, settings)
+            if raw is None:
+                break
+            reply = clean_reply(raw, self.name, sorted(self._names))
+            if reply or not self._still_mine(turn, stop):
+                break
+            log.warning("The model produced an empty reply; trying once more")
         if not self._still_mine(turn, stop):
             log.info("Turn withdrawn; dropped a reply of %d characters", len(reply))
             return
         if not reply:
-            log.warning("The model produced an empty reply; nothing sent")
+            log.warning("No usable reply; passing the turn")
+            if session.extended:
+                await session.ws.send(encode(Pass("no usable reply")))
             return
         if self.config.delay > 0:
             await asyncio.sleep(self.config.delay)
@@ -199,7 +186,38 @@ class ModelParticipant:
             self.history.append(Chat(sender=self.name, content=reply))
         log.info("%s: %s", self.name, reply, extra={"speaker": self.name})
 
-    async def _forward_drafts(self, session: Session, drafts: asyncio.Queue[str]) -> None:
-        while True:
-            text = await drafts.get()
+    async def _generate(self, session: Session, stop: threading.Event, settings: GenerationSettings) -> str | None:
+        """Build the prompt and generate in the worker thread, streaming drafts; None if the prompt cannot fit."""
+        loop = asyncio.get_running_loop()
+        drafts: asyncio.Queue[str | None] = asyncio.Queue()
+        streaming = session.extended and self.config.stream
+
+        def on_text(text: str) -> None:
+            loop.call_soon_threadsafe(drafts.put_nowait, text)
+
+        forward = asyncio.create_task(self._forward_drafts(session, drafts)) if streaming else None
+        try:
+            prompt = await loop.run_in_executor(
+                self._executor,
+                build_prompt, self.loaded.tokenizer, self.config.persona, self.name, list(self.history), settings,
+            )
+            raw = await loop.run_in_executor(
+                self._executor,
+                lambda: generate_reply(self.loaded, prompt, settings, stop=stop,
+                                       on_text=on_text if streaming else None),
+            )
+        except PromptTooLong as error:
+            log.error("Skipping this turn: %s", error)
+            return None
+        except BaseException:
+            if forward is not None:
+                forward.cancel()
+            raise
+        if forward is not None:
+            drafts.put_nowait(None)  # every piece generated is sent before the final message
+            await forward
+        return raw
+
+    async def _forward_drafts(self, session: Session, drafts: asyncio.Queue[str | None]) -> None:
+        while (text := await drafts.get()) is not None:
             await session.ws.send(encode(Draft(text)))

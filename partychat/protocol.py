@@ -110,6 +110,16 @@ class Draft:
 
 
 @dataclass(frozen=True)
+class Pass:
+    """A model gives up its turn without speaking (extension), so the room does not wait on it."""
+
+    reason: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "pass", "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class Command:
     """A moderator command such as ``pause`` or ``to Sage hello``."""
 
@@ -120,7 +130,7 @@ class Command:
         return {"type": "command", "name": self.name, "args": list(self.args)}
 
 
-ClientFrame = Say | Draft | Command
+ClientFrame = Say | Draft | Pass | Command
 
 
 # ---------------------------------------------------------------- hub -> client
@@ -319,6 +329,9 @@ def parse_client_frame(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BY
         return Say(content=_content(data), opening=data.get("opening") is True)
     if kind == "partial":
         return Draft(content=_content(data, allow_empty=True))
+    if kind == "pass":
+        reason = data.get("reason", "")
+        return Pass(reason=reason if isinstance(reason, str) else "")
     if kind == "command":
         name = data.get("name")
         args = data.get("args", [])

@@ -31,6 +31,7 @@ from .protocol import (
     FloorState,
     Hello,
     Notice,
+    Pass,
     ProtocolError,
     Refusal,
     Role,
@@ -202,10 +203,13 @@ class Room:
 
     # ------------------------------------------------------------ routing
 
-    def receive(self, peer: Peer, frame: Say | Draft | Command) -> None:
+    def receive(self, peer: Peer, frame: Say | Draft | Pass | Command) -> None:
         """Route one validated frame from a peer."""
         if isinstance(frame, Draft):
             self._relay_draft(peer, frame)
+            return
+        if isinstance(frame, Pass):
+            self._pass_turn(peer, frame)
             return
         if not peer.limiter.allow():
             abusive = peer.limiter.refused_in_a_row > self.settings.rate_burst * 3
@@ -266,6 +270,14 @@ class Room:
                 return ErrorCode.NOT_YOUR_TURN, "The room is paused; your message was kept but not relayed."
             return ErrorCode.NOT_YOUR_TURN, "It is not your turn; your message was kept but not relayed."
         return None
+
+    def _pass_turn(self, peer: Peer, frame: Pass) -> None:
+        if peer.role is not Role.MODEL or peer.name not in self.floor.speakers():
+            return
+        reason = f" ({frame.reason[:200]})" if frame.reason else ""
+        self.announce("pass", f"{peer.name} passed its turn{reason}", name=peer.name)
+        self.floor.on_model_message(peer.name)
+        self.publish_floor()
 
     def _relay_draft(self, peer: Peer, draft: Draft) -> None:
         if peer.role is not Role.MODEL or peer.name not in self.floor.speakers() or peer.muted:

@@ -1,0 +1,197 @@
+"""Hub-enforced turn-taking with real model clients on the embedded model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import Process, hub_config, join, next_frame, with_hub
+from websockets.asyncio.client import ClientConnection
+
+from partychat.transcript import read_records
+
+PERSONAS = (("Zen Sage", "sage.txt"), ("TinkerBot", "inventor.txt"), ("Historian", "historian.txt"))
+MODELS = [name for name, _ in PERSONAS]
+QUIET_SECONDS = 6.0
+
+
+@dataclass
+class Party:
+    url: str
+    transcript: Path
+    clients: dict[str, Process]
+
+
+@pytest.fixture(scope="module")
+def party(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Party]:
+    """One hub and three personas, started in a fixed order, shared by this module's tests."""
+    folder = tmp_path_factory.mktemp("party")
+    transcript = folder / "transcript.jsonl"
+    started: list[Process] = []
+    try:
+        hub = Process(["server.py", "--host", "127.0.0.1", "--port", "0", "--transcript", str(transcript)],
+                      folder / "hub.out")
+        started.append(hub)
+        url = hub.wait_for_output(r"listening on (ws://\S+)", 30).group(1)
+        clients = {}
+        for name, prompt in PERSONAS:
+            client = Process(["client.py", "--name", name, "--prompt-file", prompt, "--server", url,
+                              "--max-generation-tokens", "24", "--temperature", "0"], folder / f"{prompt}.out")
+            started.append(client)
+            client.wait_for_output("joined ws://", 180)
+            clients[name] = client
+        yield Party(url, transcript, clients)
+    finally:
+        for process in reversed(started):
+            process.stop()
+
+
+async def moderator(url: str) -> ClientConnection:
+    ws, reply = await join(url, "Moderator", "human", protocol=1, stream=True)
+    assert reply["content"] == "Connected as Moderator"
+    return ws
+
+
+async def command(ws: ClientConnection, name: str, *args: str) -> None:
+    await ws.send(json.dumps({"type": "command", "name": name, "args": list(args)}))
+
+
+async def say(ws: ClientConnection, text: str) -> None:
+    await ws.send(json.dumps({"type": "message", "content": text}))
+
+
+async def model_messages(ws: ClientConnection, count: int, timeout: float = 90) -> list[dict]:
+    got = []
+    while len(got) < count:
+        frame = await next_frame(ws, "message", timeout=timeout)
+        if frame["role"] == "model" and not frame.get("replay"):
+            got.append(frame)
+    return got
+
+
+async def silence(ws: ClientConnection, seconds: float) -> list[dict]:
+    """Model messages that arrive within ``seconds`` (the test expects none)."""
+    deadline = time.monotonic() + seconds
+    heard = []
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), left))
+        except asyncio.TimeoutError:
+            break
+        if frame["type"] == "message" and frame["role"] == "model" and not frame.get("replay"):
+            heard.append(frame)
+    return heard
+
+
+async def idle(ws: ClientConnection) -> None:
+    """Wait until the floor has no speakers."""
+    while (await next_frame(ws, "turn", timeout=90))["speakers"]:
+        pass
+
+
+def test_round_robin_one_message_gets_one_reply_per_persona_in_order_then_silence(party):
+    async def scenario() -> None:
+        ws = await moderator(party.url)
+        await command(ws, "mode", "round-robin")
+        await say(ws, "Say hello to the others in one short sentence.")
+        replies = await model_messages(ws, 3)
+        assert [r["from"] for r in replies] == MODELS
+        assert all(r["content"].strip() for r in replies)
+        assert await silence(ws, QUIET_SECONDS) == [], "models kept talking after the budget was spent"
+        await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_pause_during_a_generation_lets_nothing_through_until_resume(party):
+    async def scenario() -> None:
+        ws = await moderator(party.url)
+        await command(ws, "mode", "round-robin")
+        await say(ws, "Tell a long story about a lighthouse keeper.")
+        await next_frame(ws, "partial", timeout=60)
+        await command(ws, "pause")
+        await next_frame(ws, "turn", paused=True)
+        assert await silence(ws, QUIET_SECONDS) == []
+        await command(ws, "resume")
+        resumed = await model_messages(ws, 1)
+        assert resumed[0]["from"] in MODELS
+        await idle(ws)
+        await ws.close()
+
+    asyncio.run(scenario())
+    withdrawn = " ".join(client.output for client in party.clients.values())
+    assert "Turn withdrawn" in withdrawn, "the generating client should have dropped its reply"
+
+
+def test_mention_mode_hands_the_turn_to_the_named_persona(party):
+    async def scenario() -> None:
+        ws = await moderator(party.url)
+        await command(ws, "mode", "mention")
+        await command(ws, "turns", "1")
+        await say(ws, "Historian, when did the first public railway open?")
+        replies = await model_messages(ws, 1)
+        assert replies[0]["from"] == "Historian"
+        assert await silence(ws, 3) == []
+        await command(ws, "turns", "3")
+        await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_moderator_mode_speaks_only_when_addressed(party):
+    async def scenario() -> None:
+        ws = await moderator(party.url)
+        await command(ws, "mode", "moderator")
+        await say(ws, "Hello everyone, just listen for now.")
+        assert await silence(ws, 4) == []
+        await command(ws, "to", "TinkerBot", "Describe", "one", "gadget.")
+        replies = await model_messages(ws, 1)
+        assert replies[0]["from"] == "TinkerBot"
+        assert await silence(ws, 4) == []
+        await command(ws, "mode", "round-robin")
+        await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_who_reports_the_room(party):
+    async def scenario() -> None:
+        ws = await moderator(party.url)
+        await command(ws, "who")
+        roster = await next_frame(ws, "roster")
+        names = [p["name"] for p in roster["participants"]]
+        assert set(MODELS) <= set(names) and "Moderator" in names
+        assert roster["floor"]["mode"] in {"round-robin", "mention", "moderator", "free"}
+        await command(ws, "mode", "chaos")
+        assert (await next_frame(ws, "error"))["code"] == "bad_argument"
+        await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_baseline_model_speaking_out_of_turn_is_withheld_not_relayed(tmp_path):
+    config = hub_config(tmp_path)
+
+    async def body(hub):
+        listener, _ = await join(hub.url, "Listener", "human")
+        rogue, _ = await join(hub.url, "Old Client", "model")
+        await rogue.send(json.dumps({"type": "message", "content": "I answer whenever I like"}))
+        refusal = await next_frame(rogue, "system", event="error")
+        assert refusal["code"] == "not_your_turn"
+        speaker, _ = await join(hub.url, "Moderator", "human")
+        await speaker.send(json.dumps({"type": "message", "content": "Now it is your turn"}))
+        await rogue.send(json.dumps({"type": "message", "content": "my turn now"}))
+        relayed = [await next_frame(listener, "message") for _ in range(2)]
+        assert [m["content"] for m in relayed] == ["Now it is your turn", "my turn now"]
+        for ws in (listener, rogue, speaker):
+            await ws.close()
+
+    with_hub(config, body)
+    withheld = [r for r in read_records(config.transcript) if r.kind == "withheld"]
+    assert [r.data["content"] for r in withheld] == ["I answer whenever I like"]
+    assert withheld[0].data["reason"] == "not_your_turn"
