@@ -29,6 +29,10 @@ class HubRefused(Exception):
         self.code = code
 
 
+class HubGone(Exception):
+    """The hub ended the connection (it stopped or restarted); try to reconnect."""
+
+
 @dataclass
 class Session:
     """A registered connection; ``extended`` is False on a hub that speaks only the baseline."""
@@ -82,7 +86,7 @@ async def keep_trying(
                 delay = 1.0
                 await run(session)  # type: ignore[misc]
                 return
-        except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionClosed) as error:
+        except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionClosed, HubGone) as error:
             reason = _describe(error)
         except InvalidURI as error:
             raise HubRefused("bad_url", f"{url!r} is not a websocket URL ({error}).") from None
@@ -95,8 +99,8 @@ async def keep_trying(
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, ConnectionClosed):
-        return "connection closed"
+    if isinstance(error, (ConnectionClosed, HubGone)):
+        return "the hub closed the connection"
     if isinstance(error, asyncio.TimeoutError):
         return "timed out"
     if isinstance(error, ssl.SSLError):

@@ -11,9 +11,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from websockets.exceptions import ConnectionClosed
-
-from .connection import HubRefused, Session, keep_trying
+from .connection import HubGone, HubRefused, Session, keep_trying
 from .console import InputError, Local, RoomView, Terminal, help_text, parse_line
 from .logs import LEVELS, setup_logging
 from .protocol import (
@@ -158,7 +156,7 @@ class Moderator:
                     waiter.cancel()
                     if receiver in finished:
                         receiver.result()
-                        raise ConnectionClosed(None, None)
+                        raise HubGone
                     continue
                 item = self.outgoing[0]
                 await session.ws.send(encode(item))

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .connection import Session, keep_trying
+from .connection import HubGone, Session, keep_trying
 from .generation import GenerationSettings, PromptTooLong, build_prompt, clean_reply, generate_reply
 from .models import LoadedModel
 from .protocol import (
@@ -95,7 +95,7 @@ class ModelParticipant:
                 await session.ws.send(encode(Say(self.config.initial_prompt, opening=True)))
             async for raw in session.ws:
                 self._on_frame(parse_server_frame(raw))
-            log.warning("The hub closed the connection")
+            raise HubGone
         finally:
             self._cancel_reply()
             self._session = None

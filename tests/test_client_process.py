@@ -1,0 +1,106 @@
+"""client.py as a real process: streaming to the moderator, Ctrl+C mid-generation, hub restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+from helpers import Process, drain, join, next_frame
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_replies_stream_only_to_those_who_asked_and_add_up_to_the_final_text(start_hub, start_client):
+    _, url = start_hub()
+    client = start_client("--name", "Zen Sage", "--prompt-file", "sage.txt", "--server", url,
+                          "--max-generation-tokens", "40")
+    client.wait_for_output("joined ws://", 180)
+
+    async def scenario() -> None:
+        watcher, _ = await join(url, "Watcher", "human", protocol=1, stream=True)
+        baseline, _ = await join(url, "Old Moderator", "human")
+        other_model, _ = await join(url, "Quiet Model", "model", protocol=1)
+        await other_model.send(json.dumps({"type": "pass"}))
+        await watcher.send(json.dumps({"type": "message", "content": "Describe a garden in two sentences."}))
+        pieces = []
+        while True:
+            frame = await next_frame(watcher, timeout=120)
+            if frame["type"] == "partial":
+                assert frame["from"] == "Zen Sage"
+                pieces.append(frame["content"])
+            elif frame["type"] == "message" and frame["from"] == "Zen Sage":
+                final = frame["content"]
+                break
+        assert pieces, "the moderator should have seen the reply grow"
+        assert final in "".join(pieces)
+        for ws in (baseline, other_model):
+            kinds = {f["type"] for f in await drain(ws, 1.0)}
+            assert "partial" not in kinds
+        for ws in (watcher, baseline, other_model):
+            await ws.close()
+
+    asyncio.run(scenario())
+
+
+def test_ctrl_c_stops_a_client_in_the_middle_of_a_long_generation(start_hub, start_client):
+    _, url = start_hub()
+    client = start_client("--name", "Rambler", "--server", url, "--max-generation-tokens", "2000",
+                          "--max-context-tokens", "4096", "--no-stream")
+    client.wait_for_output("joined ws://", 180)
+
+    async def scenario() -> float:
+        watcher, _ = await join(url, "Watcher", "human", protocol=1)
+        await watcher.send(json.dumps({"type": "message", "content": "Write a very long essay about the sea."}))
+        await next_frame(watcher, "turn", speakers=["Rambler"])
+        await asyncio.sleep(2)  # well into a generation that would run for minutes
+        started = time.monotonic()
+        code = await asyncio.to_thread(client.interrupt)
+        elapsed = time.monotonic() - started
+        assert code == 0
+        relayed = [f for f in await drain(watcher, 1.0) if f["type"] == "message" and f["from"] == "Rambler"]
+        assert relayed == [], "nothing may be sent after the stop"
+        await watcher.close()
+        return elapsed
+
+    elapsed = asyncio.run(scenario())
+    assert elapsed < 15, f"Ctrl+C took {elapsed:.1f} s"
+    assert "Traceback" not in client.output
+
+
+def test_a_client_reconnects_after_a_hub_restart_with_its_model_still_loaded(tmp_path, processes, start_client):
+    port = free_port()
+    transcript = tmp_path / "t.jsonl"
+
+    def hub(*extra: str) -> Process:
+        process = Process(["server.py", "--host", "127.0.0.1", "--port", str(port), "--transcript", str(transcript),
+                           *extra], tmp_path / f"hub-{len(processes)}.out")
+        processes.append(process)
+        process.wait_for_output("listening on", 30)
+        return process
+
+    first = hub()
+    url = f"ws://127.0.0.1:{port}"
+    client = start_client("--name", "Zen Sage", "--prompt-file", "sage.txt", "--server", url,
+                          "--max-generation-tokens", "24")
+    client.wait_for_output("joined ws://", 180)
+    first.popen.terminate()
+    first.popen.wait(timeout=10)
+    client.wait_for_output("not reachable", 30)
+    hub("--resume", str(transcript))
+    client.wait_for_output(r"joined ws://[\s\S]*joined ws://", 60)
+    assert client.output.count("Loading ") == 1, "the model must not be reloaded on reconnect"
+
+    async def scenario() -> None:
+        watcher, _ = await join(url, "Watcher", "human", protocol=1)
+        await watcher.send(json.dumps({"type": "message", "content": "Are you back?"}))
+        reply = await next_frame(watcher, "message", timeout=120, **{"from": "Zen Sage"})
+        assert reply["content"].strip()
+        await watcher.close()
+
+    asyncio.run(scenario())
