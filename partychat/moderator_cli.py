@@ -102,6 +102,8 @@ class Moderator:
                 self.terminal.show(self.view.status(str(error)))
                 continue
             if isinstance(item, Local):
+                if not self.terminal.interactive:
+                    await self._settle()  # a scripted /save sees what the lines before it caused
                 if self._run_local(item):
                     break
             elif item is not None:
@@ -111,11 +113,15 @@ class Moderator:
                 self.outgoing.append(item)
                 self.wake.set()
         if not self.terminal.interactive:
-            while self.outgoing:
-                await asyncio.sleep(0.05)
-            await self._wait_until_idle()
+            await self._settle()
         self.done = True
         self.wake.set()
+
+    async def _settle(self) -> None:
+        """Wait until everything queued is sent and the room has gone quiet."""
+        while self.outgoing:
+            await asyncio.sleep(0.05)
+        await self._wait_until_idle()
 
     async def _wait_until_idle(self) -> None:
         """With piped input, let the models answer before the next scripted line."""

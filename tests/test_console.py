@@ -1,0 +1,80 @@
+"""The moderator console: typed lines, rendered frames, and text that must stay inert."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, join, next_frame
+
+from partychat.console import InputError, Local, RoomView, parse_line
+from partychat.display import neutralise, speaker_colour
+from partychat.protocol import Chat, Command, Notice, Say, Stream
+
+
+def test_typed_lines_become_messages_commands_or_local_actions():
+    assert parse_line("hello") == Say("hello")
+    assert parse_line("   ") is None
+    assert parse_line("/pause") == Command("pause")
+    assert parse_line("/to Zen Sage hi there") == Command("to", ("Zen", "Sage", "hi", "there"))
+    assert parse_line("/TOGGLE") == Local("toggle")
+    assert parse_line("//not a command") == Say("/not a command")
+    with pytest.raises(InputError, match="/help"):
+        parse_line("/frobnicate now")
+
+
+def test_escape_sequences_from_the_room_are_shown_not_obeyed():
+    view = RoomView("Moderator", colour=False)
+    line = view.render(Chat(sender="Evil\x1b[31m", content="clear\x1b[2J\x07 screen\rspoof", seq=1, ts=1.0))
+    assert "\x1b" not in line and "\x07" not in line and "\r" not in line
+    assert "\\x1b[2J" in line
+    assert neutralise("bidi \u202e trick") == "bidi \\u202e trick"
+
+
+def test_each_speaker_keeps_one_colour_across_runs():
+    assert speaker_colour("Zen Sage") == speaker_colour("Zen Sage")
+    assert len({speaker_colour(n) for n in ("A", "B", "C", "D", "E", "F")}) > 1
+
+
+def test_hidden_messages_are_still_kept_for_save_and_drafts_grow_in_the_toolbar():
+    view = RoomView("Moderator", colour=False, show_messages=False)
+    assert view.render(Stream(sender="Sage", content="Once ")) is None
+    view.render(Stream(sender="Sage", content="upon a time"))
+    assert "Sage is writing: Once upon a time" in view.toolbar()
+    assert view.render(Chat(sender="Sage", content="Once upon a time.", seq=1)) is None
+    assert view.toolbar() == ""
+    assert "Once upon a time." in view.markdown()
+    assert "paused" in view.render(Notice("Moderator paused the room."))
+
+
+def test_a_piped_session_drives_the_hub_and_shows_the_room(start_hub):
+    _, url = start_hub()
+
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], dict, dict]:
+        watcher, _ = await join(url, "Watcher", "human", protocol=1)
+        session = "/pause\n/who\nHello room\n/mode free\n/resume\n/kick Nobody\n/save {path}\n"
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "moderator.py", "--server", url, "--name", "Host"],
+            input=session.format(path=ROOT / "logs" / "test-console-save.md"), capture_output=True,
+            text=True, timeout=60, cwd=ROOT,
+        )
+        paused = await next_frame(watcher, "system", event="pause")
+        message = await next_frame(watcher, "message")
+        await watcher.close()
+        return result, paused, message
+
+    result, paused, message = asyncio.run(scenario())
+    assert result.returncode == 0, result.stderr
+    assert paused["content"] == "Host paused the room."
+    assert (message["from"], message["content"]) == ("Host", "Hello room")
+    out = result.stdout
+    assert "In the room:" in out and "paused" in out
+    assert "Nobody called 'Nobody' is in the room." in out
+    assert "Host: Hello room" in out and out.count("Hello room") == 1
+    saved = ROOT / "logs" / "test-console-save.md"
+    assert "Hello room" in saved.read_text()
+    saved.unlink()
+    assert "Traceback" not in out + result.stderr
