@@ -171,6 +171,7 @@ def converted_folder(gguf: Path) -> Path:
 
 
 def pick_device(device: str, gpu_id: int) -> str:
+    """The device_map for transformers: "cpu", "cuda:N", or "auto" to spread a model over every GPU."""
     import torch
 
     if device == "cpu":
@@ -182,6 +183,8 @@ def pick_device(device: str, gpu_id: int) -> str:
             "--device gpu was asked for, but PyTorch sees no CUDA GPU on this machine "
             "(or this torch build has no CUDA). Use --device cpu, or install a CUDA build of torch."
         )
+    if device == "auto":
+        return "auto"  # accelerate places the layers over the visible GPUs, for models one GPU cannot hold
     if not 0 <= gpu_id < torch.cuda.device_count():
         raise ModelError(f"--gpu-id {gpu_id} does not exist; this machine has {torch.cuda.device_count()} GPU(s).")
     return f"cuda:{gpu_id}"
@@ -191,7 +194,7 @@ def pick_dtype(dtype: str, device: str) -> Any:
     import torch
 
     if dtype == "auto":
-        if device.startswith("cuda"):
+        if device != "cpu":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return getattr(torch, dtype)
