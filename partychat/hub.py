@@ -60,7 +60,7 @@ class Hub:
         path = config.transcript or config.resume or default_path(config.logs_dir)
         self.room = Room(config.room, Transcript(path, fsync=config.fsync))
         if config.resume is not None:
-            self.room.resume_from(str(config.resume))
+            self.room.resume_from(config.resume)
         self.server: Server | None = None
 
     @property

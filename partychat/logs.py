@@ -6,10 +6,12 @@ import logging
 import sys
 from pathlib import Path
 
+from colorama import Fore
+
 from .display import DIM, colour_wanted, neutralise, paint, speaker_colour
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_LEVEL_COLOURS = {logging.WARNING: "\x1b[33m", logging.ERROR: "\x1b[31m", logging.CRITICAL: "\x1b[31m"}
+_LEVEL_COLOURS = {logging.WARNING: Fore.YELLOW, logging.ERROR: Fore.RED, logging.CRITICAL: Fore.RED}
 
 
 class RoomFormatter(logging.Formatter):

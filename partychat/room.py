@@ -16,11 +16,13 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from .commands import run_command
 from .floor import Floor, Mode
 from .protocol import (
     PROTOCOL_VERSION,
@@ -121,11 +123,9 @@ class Room:
 
     # ------------------------------------------------------------ membership
 
-    def resume_from(self, records_path: str) -> None:
+    def resume_from(self, records_path: Path) -> None:
         """Carry on a conversation from an earlier transcript; sequence numbers continue."""
-        from pathlib import Path
-
-        for record in read_records(Path(records_path)):
+        for record in read_records(records_path):
             if record.kind == "message" and record.seq is not None:
                 data = record.data
                 self.seq = max(self.seq, record.seq)
@@ -219,8 +219,6 @@ class Room:
                 fatal=abusive,
             )
         if isinstance(frame, Command):
-            from .commands import run_command
-
             run_command(self, peer, frame)
             return
         self.post(peer, frame.content, opening=frame.opening)
