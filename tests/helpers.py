@@ -69,10 +69,10 @@ class Process:
     """A script of ours run as a real process, with its output collected in a file."""
 
     def __init__(self, args: list[str], log: Path, *, stdin: Any = subprocess.DEVNULL,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
         self.log = log
         self._out = log.open("wb")
-        self.popen = subprocess.Popen([PYTHON, *args], cwd=ROOT, stdout=self._out, stderr=subprocess.STDOUT,
+        self.popen = subprocess.Popen([PYTHON, *args], cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT,
                                       stdin=stdin, env={**os.environ, **(env or {})})
 
     @property

@@ -1,0 +1,81 @@
+"""The original project's own client and moderator against our hub.
+
+They come from the early PyPI release (llm-party-chat 0.0.1, same wire protocol), downloaded into
+a scratch folder for the test only. Without PyPI the tests are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from helpers import Process, join, next_frame
+
+from partychat.models import converted_folder, embedded_gguf
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("original")
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder),
+                             "llm-party-chat==0.0.1"], capture_output=True, text=True, timeout=120)
+    wheels = list(folder.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        pytest.skip(f"could not download llm-party-chat 0.0.1: {result.stderr.strip()[-200:]}")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        wheel.extractall(folder)
+    return folder
+
+
+def test_the_original_client_takes_its_turn_in_our_room(original, start_hub, processes, tmp_path):
+    _, url = start_hub()
+    model = converted_folder(embedded_gguf())
+    old = Process(["-m", "llm_party_chat.client", "--name", "Old Timer", "--model", str(model), "--server", url,
+                   "--max-tokens", "20"], tmp_path / "old-client.out", cwd=original)
+    processes.append(old)
+
+    async def scenario() -> dict:
+        watcher, _ = await join(url, "Moderator", "human", protocol=1)
+        while True:
+            notice = await next_frame(watcher, "system", timeout=180)
+            if "Old Timer joined" in notice["content"]:
+                break
+        await watcher.send(json.dumps({"type": "message", "content": "Hello, who are you?"}))
+        reply = await next_frame(watcher, "message", timeout=180, **{"from": "Old Timer"})
+        await watcher.close()
+        return reply
+
+    reply = asyncio.run(scenario())
+    assert reply["content"].strip()
+    assert reply["role"] == "model" and reply["seq"] == 2
+
+
+def test_the_original_moderator_reaches_our_hub_on_its_fixed_address(original, start_hub, processes, tmp_path):
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8765)) == 0:
+            pytest.skip("port 8765, which the original moderator is hard-wired to, is in use")
+    hub = Process(["server.py", "--port", "8765"], tmp_path / "hub.out")
+    processes.append(hub)
+    hub.wait_for_output("listening on", 30)
+
+    async def scenario() -> dict:
+        listener, _ = await join("ws://localhost:8765", "Listener", "human")
+        old = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llm_party_chat.moderator", cwd=original,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        old.stdin.write(b"Greetings from the old console\n")
+        await old.stdin.drain()
+        frame = await next_frame(listener, "message", timeout=30)
+        old.stdin.close()
+        await asyncio.wait_for(old.wait(), 30)
+        await listener.close()
+        return frame
+
+    frame = asyncio.run(scenario())
+    assert (frame["from"], frame["content"]) == ("Moderator", "Greetings from the old console")
