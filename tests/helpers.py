@@ -46,6 +46,22 @@ async def join(url: str, name: str, kind: str = "model", **extra: Any) -> tuple[
     return ws, json.loads(await ws.recv())
 
 
+async def speaker_and_listener(url: str) -> tuple[ClientConnection, ClientConnection]:
+    """A baseline moderator who talks and a baseline human who only listens."""
+    speaker, _ = await join(url, "Moderator", "human")
+    listener, _ = await join(url, "Listener", "human")
+    return speaker, listener
+
+
+async def say(ws: ClientConnection, text: str) -> None:
+    await ws.send(json.dumps({"type": "message", "content": text}))
+
+
+async def close_all(*connections: ClientConnection) -> None:
+    for ws in connections:
+        await ws.close()
+
+
 async def next_frame(ws: ClientConnection, kind: str | None = None, timeout: float = 10, **match: Any) -> dict:
     """The next frame of a type (and with matching fields), skipping others."""
     deadline = time.monotonic() + timeout

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, join
+from helpers import ROOT, join, say
 
 PYTHON = sys.executable
 
@@ -138,7 +138,7 @@ def test_hub_frame_errors_keep_the_connection(start_hub):
             if frame["type"] == "error":
                 break
         assert frame["code"] == "bad_json"
-        await ws.send(json.dumps({"type": "message", "content": "still connected"}))
+        await say(ws, "still connected")
         while True:
             frame = json.loads(await ws.recv())
             if frame["type"] == "message":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import drain, hub_config, join, next_frame, with_hub
+from helpers import drain, hub_config, join, next_frame, say, speaker_and_listener, with_hub
 from websockets.exceptions import ConnectionClosed
 
 
@@ -58,7 +58,7 @@ def test_a_name_already_in_the_room_is_refused_whatever_its_case(tmp_path):
             await second.recv()
         # the first holder of the name is unaffected
         third, _ = await join(hub.url, "Observer", "human")
-        await first.send(json.dumps({"type": "message", "content": "still here"}))
+        await say(first, "still here")
         frame = await next_frame(third, "message")
         assert frame["from"] == "Zen Sage"
         await first.close()
@@ -69,8 +69,7 @@ def test_a_name_already_in_the_room_is_refused_whatever_its_case(tmp_path):
 
 def test_the_hub_sets_from_and_ignores_a_forged_one(tmp_path):
     async def body(hub):
-        speaker, _ = await join(hub.url, "Moderator", "human")
-        listener, _ = await join(hub.url, "Listener", "human")
+        speaker, listener = await speaker_and_listener(hub.url)
         await speaker.send(json.dumps({"type": "message", "content": "hello", "from": "Somebody Else"}))
         frame = await next_frame(listener, "message")
         assert frame["from"] == "Moderator"
@@ -84,9 +83,8 @@ def test_the_hub_sets_from_and_ignores_a_forged_one(tmp_path):
 
 def test_a_baseline_sender_does_not_get_its_own_message_back(tmp_path):
     async def body(hub):
-        speaker, _ = await join(hub.url, "Moderator", "human")
-        listener, _ = await join(hub.url, "Listener", "human")
-        await speaker.send(json.dumps({"type": "message", "content": "one"}))
+        speaker, listener = await speaker_and_listener(hub.url)
+        await say(speaker, "one")
         await next_frame(listener, "message")
         assert [f for f in await drain(speaker) if f["type"] == "message"] == []
         await speaker.close()
@@ -115,9 +113,9 @@ def test_baseline_clients_get_no_extension_frames(tmp_path):
     async def body(hub):
         baseline, _ = await join(hub.url, "Old Moderator", "human")
         model, _ = await join(hub.url, "Sage", "model", protocol=1)
-        await baseline.send(json.dumps({"type": "message", "content": "go"}))
+        await say(baseline, "go")
         await model.send(json.dumps({"type": "partial", "content": "thinking"}))
-        await model.send(json.dumps({"type": "message", "content": "done"}))
+        await say(model, "done")
         await baseline.send(json.dumps({"type": "bogus"}))
         frames = await drain(baseline, 0.5)
         assert {f["type"] for f in frames} <= {"system", "message"}

@@ -7,7 +7,7 @@ import json
 import socket
 import time
 
-from helpers import Process, drain, join, next_frame
+from helpers import Process, drain, join, next_frame, say
 
 
 def free_port() -> int:
@@ -27,7 +27,7 @@ def test_replies_stream_only_to_those_who_asked_and_add_up_to_the_final_text(sta
         baseline, _ = await join(url, "Old Moderator", "human")
         other_model, _ = await join(url, "Quiet Model", "model", protocol=1)
         await other_model.send(json.dumps({"type": "pass"}))
-        await watcher.send(json.dumps({"type": "message", "content": "Describe a garden in two sentences."}))
+        await say(watcher, "Describe a garden in two sentences.")
         pieces = []
         while True:
             frame = await next_frame(watcher, timeout=120)
@@ -56,7 +56,7 @@ def test_ctrl_c_stops_a_client_in_the_middle_of_a_long_generation(start_hub, sta
 
     async def scenario() -> float:
         watcher, _ = await join(url, "Watcher", "human", protocol=1)
-        await watcher.send(json.dumps({"type": "message", "content": "Write a very long essay about the sea."}))
+        await say(watcher, "Write a very long essay about the sea.")
         await next_frame(watcher, "turn", speakers=["Rambler"])
         await asyncio.sleep(2)  # well into a generation that would run for minutes
         started = time.monotonic()
@@ -98,7 +98,7 @@ def test_a_client_reconnects_after_a_hub_restart_with_its_model_still_loaded(tmp
 
     async def scenario() -> None:
         watcher, _ = await join(url, "Watcher", "human", protocol=1)
-        await watcher.send(json.dumps({"type": "message", "content": "Are you back?"}))
+        await say(watcher, "Are you back?")
         reply = await next_frame(watcher, "message", timeout=120, **{"from": "Zen Sage"})
         assert reply["content"].strip()
         await watcher.close()

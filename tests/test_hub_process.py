@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, hub_config, join, next_frame, with_hub
+from helpers import ROOT, hub_config, join, next_frame, say, speaker_and_listener, with_hub
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
@@ -25,8 +25,7 @@ def test_a_killed_hub_loses_no_message_it_relayed(tmp_path, start_hub):
     hub, url = start_hub("--transcript", str(transcript), "--rate-limit", "0")
 
     async def talk() -> list[str]:
-        speaker, _ = await join(url, "Moderator", "human")
-        listener, _ = await join(url, "Listener", "human")
+        speaker, listener = await speaker_and_listener(url)
         relayed = []
         for n in range(50):
             await speaker.send(json.dumps({"type": "message", "content": f"line {n}"}))
@@ -114,7 +113,7 @@ def test_a_live_hub_survives_arbitrary_frames_and_healthy_peers_keep_receiving(t
                 await attacker.send(frame)
             except Exception:
                 break
-        await speaker.send(json.dumps({"type": "message", "content": "still alive?"}))
+        await say(speaker, "still alive?")
         frame = await next_frame(listener, "message", content="still alive?")
         assert frame["from"] == "Moderator"
         late, reply = await join(hub.url, "Late", "human")

@@ -9,7 +9,7 @@ import os
 import socket
 
 import pytest
-from helpers import drain, hub_config, join, next_frame, with_hub
+from helpers import drain, hub_config, join, next_frame, say, speaker_and_listener, with_hub
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -40,7 +40,7 @@ def test_each_bad_frame_gets_a_coded_error_and_keeps_the_connection(tmp_path, fr
         error = await next_frame(ws, "error")
         assert error["code"] == code
         assert error["content"].endswith(".") and len(error["content"]) > 10
-        await ws.send(json.dumps({"type": "message", "content": "after the bad frame"}))
+        await say(ws, "after the bad frame")
         relayed = await next_frame(listener, "message")
         assert relayed["content"] == "after the bad frame"
         await ws.close()
@@ -68,7 +68,7 @@ def test_a_grossly_oversized_frame_closes_with_1009(tmp_path):
 
     async def body(hub):
         ws, _ = await join(hub.url, "Tester", "human", protocol=1)
-        await ws.send(json.dumps({"type": "message", "content": "x" * 10_000}))
+        await say(ws, "x" * 10_000)
         with pytest.raises(ConnectionClosed):
             while True:
                 await ws.recv()
@@ -82,7 +82,7 @@ def test_bursts_beyond_the_rate_are_refused_and_floods_are_cut_off(tmp_path):
         ws, _ = await join(hub.url, "Chatty", "human", protocol=1)
         for n in range(5):
             await ws.send(json.dumps({"type": "message", "content": f"m{n}"}))
-        await ws.send(json.dumps({"type": "message", "content": "one too many"}))
+        await say(ws, "one too many")
         error = await next_frame(ws, "error")
         assert error["code"] == "rate_limited"
         with pytest.raises(ConnectionClosed):
@@ -183,7 +183,7 @@ def test_baseline_model_clients_get_no_replay(tmp_path):
 
     async def body(hub):
         speaker, _ = await join(hub.url, "Moderator", "human")
-        await speaker.send(json.dumps({"type": "message", "content": "before"}))
+        await say(speaker, "before")
         model, _ = await join(hub.url, "Old Model", "model")
         assert [f for f in await drain(model) if f["type"] == "message"] == []
         await model.close()
@@ -196,8 +196,7 @@ def test_a_restarted_hub_resumes_the_conversation_and_its_numbering(tmp_path):
     config = hub_config(tmp_path)
 
     async def first(hub):
-        speaker, _ = await join(hub.url, "Moderator", "human")
-        listener, _ = await join(hub.url, "Listener", "human")
+        speaker, listener = await speaker_and_listener(hub.url)
         for n in range(1, 4):
             await speaker.send(json.dumps({"type": "message", "content": f"before restart {n}"}))
             await next_frame(listener, "message")
@@ -213,7 +212,7 @@ def test_a_restarted_hub_resumes_the_conversation_and_its_numbering(tmp_path):
         replayed = [f for f in await drain(watcher) if f["type"] == "message"]
         assert [f["seq"] for f in replayed] == [2, 3]
         speaker, _ = await join(hub.url, "Moderator", "human")
-        await speaker.send(json.dumps({"type": "message", "content": "after restart"}))
+        await say(speaker, "after restart")
         frame = await next_frame(watcher, "message", content="after restart")
         assert frame["seq"] == 4
         await speaker.close()
@@ -232,9 +231,8 @@ def test_a_torn_last_line_in_a_transcript_is_skipped_on_resume(tmp_path):
     config.resume = path
 
     async def body(hub):
-        speaker, _ = await join(hub.url, "Moderator", "human")
-        listener, _ = await join(hub.url, "Listener", "human")
-        await speaker.send(json.dumps({"type": "message", "content": "next"}))
+        speaker, listener = await speaker_and_listener(hub.url)
+        await say(speaker, "next")
         assert (await next_frame(listener, "message", content="next"))["seq"] == 2
         await speaker.close()
         await listener.close()

@@ -7,7 +7,6 @@ a scratch folder for the test only. Without PyPI the tests are skipped.
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import Process, join, next_frame
+from helpers import Process, join, next_frame, say
 
 from partychat.models import converted_folder, embedded_gguf
 
@@ -46,7 +45,7 @@ def test_the_original_client_takes_its_turn_in_our_room(original, start_hub, pro
             notice = await next_frame(watcher, "system", timeout=180)
             if "Old Timer joined" in notice["content"]:
                 break
-        await watcher.send(json.dumps({"type": "message", "content": "Hello, who are you?"}))
+        await say(watcher, "Hello, who are you?")
         reply = await next_frame(watcher, "message", timeout=180, **{"from": "Old Timer"})
         await watcher.close()
         return reply

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Process, hub_config, join, next_frame, with_hub
+from helpers import Process, hub_config, join, next_frame, say, with_hub
 from websockets.asyncio.client import ClientConnection
 
 from partychat.transcript import read_records
@@ -59,10 +59,6 @@ async def moderator(url: str) -> ClientConnection:
 
 async def command(ws: ClientConnection, name: str, *args: str) -> None:
     await ws.send(json.dumps({"type": "command", "name": name, "args": list(args)}))
-
-
-async def say(ws: ClientConnection, text: str) -> None:
-    await ws.send(json.dumps({"type": "message", "content": text}))
 
 
 async def model_messages(ws: ClientConnection, count: int, timeout: float = 90) -> list[dict]:
@@ -180,12 +176,12 @@ def test_a_baseline_model_speaking_out_of_turn_is_withheld_not_relayed(tmp_path)
     async def body(hub):
         listener, _ = await join(hub.url, "Listener", "human")
         rogue, _ = await join(hub.url, "Old Client", "model")
-        await rogue.send(json.dumps({"type": "message", "content": "I answer whenever I like"}))
+        await say(rogue, "I answer whenever I like")
         refusal = await next_frame(rogue, "system", event="error")
         assert refusal["code"] == "not_your_turn"
         speaker, _ = await join(hub.url, "Moderator", "human")
-        await speaker.send(json.dumps({"type": "message", "content": "Now it is your turn"}))
-        await rogue.send(json.dumps({"type": "message", "content": "my turn now"}))
+        await say(speaker, "Now it is your turn")
+        await say(rogue, "my turn now")
         relayed = [await next_frame(listener, "message") for _ in range(2)]
         assert [m["content"] for m in relayed] == ["Now it is your turn", "my turn now"]
         for ws in (listener, rogue, speaker):
