@@ -25,6 +25,8 @@ RESET = Style.RESET_ALL
 
 def neutralise(text: str, *, keep_newlines: bool = True) -> str:
     """Make text from a participant inert: escape sequences and control characters are shown, not obeyed."""
+    if text.isprintable():
+        return text
     out = []
     for ch in text:
         if ch == "\n" and keep_newlines:

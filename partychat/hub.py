@@ -140,8 +140,6 @@ class Hub:
             pass
         finally:
             self.room.remove(peer)
-            if peer.writer is not None:
-                peer.writer.cancel()
 
     async def _reject(self, ws: ServerConnection, error: ProtocolError) -> None:
         """Say why in a ``system`` frame (every client reads those), then close."""

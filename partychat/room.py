@@ -1,14 +1,14 @@
 """The room: who is in it, what was said, and where each frame goes.
 
-Every chat message is stored (transcript first), numbered, and then queued to each recipient's own
-bounded outbox. A writer task per peer drains its outbox, so a peer that stops reading only fills its
-own queue; when that queue is full the peer is disconnected instead of slowing everyone else.
+Every chat message is stored (transcript first), numbered, and then written to every recipient at
+once with websockets' ``broadcast()``, which never waits on a peer. What a peer has not read yet
+stays in its own write buffer; a peer whose buffer passes ``max_buffered_bytes`` is disconnected,
+so one reader that stops cannot slow the room or grow the hub's memory without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
@@ -56,7 +56,7 @@ class RoomSettings:
     max_turns: int | None = None
     replay: int = 20
     max_clients: int = 64
-    outbox_size: int = 512
+    max_buffered_bytes: int = 1024 * 1024
     rate_per_second: float = 2.0
     rate_burst: int = 20
     token: str | None = None
@@ -96,9 +96,7 @@ class Peer:
     wants_stream: bool
     is_moderator: bool
     limiter: RateLimiter
-    outbox: asyncio.Queue[str]
     muted: bool = False
-    writer: asyncio.Task[None] | None = None
     joined_at: float = field(default_factory=time.time)
 
     @property
@@ -173,10 +171,8 @@ class Room:
             wants_stream=hello.stream,
             is_moderator=is_moderator,
             limiter=RateLimiter(settings.rate_per_second, settings.rate_burst),
-            outbox=asyncio.Queue(maxsize=settings.outbox_size),
         )
         self.peers[peer.key] = peer
-        peer.writer = asyncio.create_task(self._pump(peer), name=f"writer:{peer.name}")
         self.deliver(
             peer,
             Notice(f"Connected as {peer.name}", event="welcome", protocol=PROTOCOL_VERSION),
@@ -250,10 +246,8 @@ class Room:
         self.transcript.append("message", wire)
         self.history.append(chat)
         log.info("%s: %s", peer.name, content, extra={"speaker": peer.name})
-        text = encode(chat)
-        for other in list(self.peers.values()):
-            if other is not peer or peer.speaks_extensions:
-                self._push(other, text)
+        self._send([other for other in self.peers.values() if other is not peer or peer.speaks_extensions],
+                   encode(chat))
         if peer.role is Role.MODEL:
             self.floor.on_model_message(peer.name, content)
         elif peer.is_moderator:
@@ -280,10 +274,8 @@ class Room:
     def _relay_draft(self, peer: Peer, draft: Draft) -> None:
         if peer.role is not Role.MODEL or peer.name not in self.floor.speakers() or peer.muted:
             return
-        text = encode(Stream(sender=peer.name, content=draft.content, turn=self.floor.turn))
-        for other in self.peers.values():
-            if other.wants_stream and other is not peer:
-                self._push(other, text)
+        self._send([other for other in self.peers.values() if other.wants_stream and other is not peer],
+                   encode(Stream(sender=peer.name, content=draft.content, turn=self.floor.turn)))
 
     def publish_floor(self) -> None:
         """Tell extension-speaking peers who may speak, when that changed."""
@@ -302,13 +294,11 @@ class Room:
 
     def broadcast(self, frame: ServerFrame, *, only_extensions: bool = False,
                   exclude: Peer | None = None) -> None:
-        text = encode(frame)
-        for peer in list(self.peers.values()):
-            if peer is not exclude and (peer.speaks_extensions or not only_extensions):
-                self._push(peer, text)
+        self._send([peer for peer in self.peers.values()
+                    if peer is not exclude and (peer.speaks_extensions or not only_extensions)], encode(frame))
 
     def deliver(self, peer: Peer, frame: ServerFrame) -> None:
-        self._push(peer, encode(frame))
+        self._send([peer], encode(frame))
 
     def refuse(self, peer: Peer, code: ErrorCode, sentence: str) -> None:
         """Tell a peer why something was refused, in the form it understands."""
@@ -321,39 +311,40 @@ class Room:
 
     # ------------------------------------------------------------ delivery
 
-    def _push(self, peer: Peer, text: str) -> None:
-        if self.peers.get(peer.key) is not peer:
-            return  # already removed, e.g. cut off earlier in this same broadcast
-        try:
-            peer.outbox.put_nowait(text)
-        except asyncio.QueueFull:
-            log.warning("%s fell %d frames behind; disconnecting it", peer.name, peer.outbox.maxsize)
-            self.remove(peer, "was disconnected for reading too slowly")
-            self.close_later(peer, CloseCode.TRY_AGAIN_LATER, "too slow: fell too far behind the room",
-                             flush=False)
+    def _send(self, recipients: list[Peer], text: str) -> None:
+        """Write one frame to many peers without waiting; cut off the ones too far behind."""
+        limit = self.settings.max_buffered_bytes
+        ready = []
+        for peer in recipients:
+            if self.peers.get(peer.key) is not peer:
+                continue  # already removed, e.g. cut off earlier in this same broadcast
+            transport = peer.ws.transport
+            backlog = transport.get_write_buffer_size() if transport is not None else 0
+            if backlog > limit:
+                self._cut_off(peer, backlog)
+            else:
+                ready.append(peer.ws)
+        broadcast(ready, text)
 
-    async def _pump(self, peer: Peer) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                text = await peer.outbox.get()
-                await peer.ws.send(text)
+    def _cut_off(self, peer: Peer, backlog: int) -> None:
+        log.warning("%s has %d KiB unread; disconnecting it", peer.name, backlog // 1024)
+        self.remove(peer, "was disconnected for reading too slowly")
+        self.close_later(peer, CloseCode.TRY_AGAIN_LATER, "too slow: fell too far behind the room")
 
-    def close_later(self, peer: Peer, code: int, reason: str, *, flush: bool = True) -> None:
-        """Close a peer's connection from synchronous code, after sending what it is owed."""
-
-        async def close() -> None:
-            if flush:
-                await self.flush(peer)
-            await close_peer(peer.ws, code, reason)
-
-        task = asyncio.create_task(close())
+    def close_later(self, peer: Peer, code: int, reason: str) -> None:
+        """Close a peer's connection from synchronous code; what it is owed is sent first."""
+        task = asyncio.create_task(close_peer(peer.ws, code, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def flush(self, peer: Peer, timeout: float = 2.0) -> None:
-        """Wait (briefly) until a peer's outbox is sent, e.g. before closing it."""
+        """Wait (briefly) until a peer has been sent what is buffered for it, e.g. before closing it."""
         deadline = time.monotonic() + timeout
-        while not peer.outbox.empty() and time.monotonic() < deadline:
+        while (
+            peer.ws.transport is not None
+            and peer.ws.transport.get_write_buffer_size() > 0
+            and time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.01)
 
     def _replay_to(self, peer: Peer, last_seq: int | None) -> None:

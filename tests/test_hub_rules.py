@@ -252,7 +252,7 @@ def _stalled_socket(url: str) -> socket.socket:
 
 
 def test_a_reader_that_stalls_is_cut_off_and_the_others_get_everything(tmp_path):
-    config = hub_config(tmp_path, outbox_size=64, rate_per_second=0)
+    config = hub_config(tmp_path, max_buffered_bytes=256 * 1024, rate_per_second=0)
 
     async def body(hub):
         stalled = await connect(hub.url, sock=_stalled_socket(hub.url), max_queue=1)
