@@ -1,7 +1,7 @@
 """The room: who is in it, what was said, and where each frame goes.
 
 Every chat message is stored (transcript first), numbered, and then written to every recipient at
-once with websockets' ``broadcast()``, which never waits on a peer. What a peer has not read yet
+once, in the manner of websockets' ``broadcast()``, never waiting on a peer. What a peer has not read yet
 stays in its own write buffer; a peer whose buffer passes ``max_buffered_bytes`` is disconnected,
 so one reader that stops cannot slow the room or grow the hub's memory without bound.
 """
@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.protocol import State
 
 from .commands import run_command
 from .floor import Floor, Mode
@@ -312,19 +313,27 @@ class Room:
     # ------------------------------------------------------------ delivery
 
     def _send(self, recipients: list[Peer], text: str) -> None:
-        """Write one frame to many peers without waiting; cut off the ones too far behind."""
+        """Write one frame to many peers without waiting; cut off the ones too far behind.
+
+        This is websockets' ``broadcast()`` with one step hoisted out of the loop: the hub
+        negotiates no extensions and server frames are unmasked, so every recipient gets the same
+        bytes, and the frame is serialised once instead of once per peer. Every write happens on
+        the event loop between whole frames, so the connection's own frames (pings, close) never
+        interleave with these.
+        """
         limit = self.settings.max_buffered_bytes
-        ready = []
+        wire = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
         for peer in recipients:
             if self.peers.get(peer.key) is not peer:
                 continue  # already removed, e.g. cut off earlier in this same broadcast
             transport = peer.ws.transport
-            backlog = transport.get_write_buffer_size() if transport is not None else 0
+            if transport is None or peer.ws.protocol.state is not State.OPEN:
+                continue
+            backlog = transport.get_write_buffer_size()
             if backlog > limit:
                 self._cut_off(peer, backlog)
             else:
-                ready.append(peer.ws)
-        broadcast(ready, text)
+                transport.write(wire)
 
     def _cut_off(self, peer: Peer, backlog: int) -> None:
         log.warning("%s has %d KiB unread; disconnecting it", peer.name, backlog // 1024)
