@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from websockets.asyncio.server import ServerConnection
@@ -98,15 +98,14 @@ class Peer:
     is_moderator: bool
     limiter: RateLimiter
     muted: bool = False
-    joined_at: float = field(default_factory=time.time)
 
     @property
     def speaks_extensions(self) -> bool:
         return self.protocol is not None
 
-    @property
-    def key(self) -> str:
-        return self.name.casefold()
+    def __post_init__(self) -> None:
+        self.key = self.name.casefold()
+        """Names are unique regardless of case; the room is keyed by this."""
 
 
 class Room:
