@@ -9,6 +9,8 @@ import time
 
 from helpers import Process, drain, join, next_frame, say
 
+from partychat.transcript import read_records
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -74,6 +76,7 @@ def test_ctrl_c_stops_a_client_in_the_middle_of_a_long_generation(start_hub, sta
 
 
 def test_a_client_reconnects_after_a_hub_restart_with_its_model_still_loaded(tmp_path, processes, start_client):
+    """Its opening line (--initial-prompt) is said once, not again on reconnecting."""
     port = free_port()
     transcript = tmp_path / "t.jsonl"
 
@@ -87,8 +90,9 @@ def test_a_client_reconnects_after_a_hub_restart_with_its_model_still_loaded(tmp
     first = hub()
     url = f"ws://127.0.0.1:{port}"
     client = start_client("--name", "Zen Sage", "--prompt-file", "sage.txt", "--server", url,
-                          "--max-generation-tokens", "24")
+                          "--max-generation-tokens", "24", "--initial-prompt", "Greetings, friends.")
     client.wait_for_output("joined ws://", 180)
+    first.wait_for_output("Zen Sage: Greetings, friends.", 30)
     first.popen.terminate()
     first.popen.wait(timeout=10)
     client.wait_for_output("not reachable", 30)
@@ -99,8 +103,10 @@ def test_a_client_reconnects_after_a_hub_restart_with_its_model_still_loaded(tmp
     async def scenario() -> None:
         watcher, _ = await join(url, "Watcher", "human", protocol=1)
         await say(watcher, "Are you back?")
-        reply = await next_frame(watcher, "message", timeout=120, **{"from": "Zen Sage"})
+        reply = await next_frame(watcher, "message", timeout=120, **{"from": "Zen Sage", "replay": None})
         assert reply["content"].strip()
         await watcher.close()
 
     asyncio.run(scenario())
+    said = [r.data["content"] for r in read_records(transcript) if r.kind == "message" and r.data["from"] == "Zen Sage"]
+    assert said.count("Greetings, friends.") == 1

@@ -278,3 +278,23 @@ def test_a_reader_that_stalls_is_cut_off_and_the_others_get_everything(tmp_path)
         stalled.transport.abort()
 
     with_hub(config, body)
+
+
+def test_a_peer_that_stops_answering_pings_is_noticed_and_removed(tmp_path):
+    config = hub_config(tmp_path)
+    config.ping_interval = 0.3
+    config.ping_timeout = 0.3
+
+    async def body(hub):
+        watcher, _ = await join(hub.url, "Watcher", "human")
+        silent, _ = await join(hub.url, "Silent", "human")
+        silent.transport.pause_reading()  # it no longer reads, so it never answers a ping
+        left = await next_frame(watcher, "system", timeout=10, event="leave")
+        assert left["content"] == "Silent left the chat"
+        assert hub.room.find("Silent") is None
+        # a healthy peer kept answering pings all along
+        assert hub.room.find("Watcher") is not None
+        silent.transport.abort()
+        await watcher.close()
+
+    with_hub(config, body)
