@@ -78,6 +78,7 @@ class RoomView:
         self.show_messages = show_messages
         self.seen: list[Chat] = []
         self.drafts: dict[str, str] = {}
+        self._shown_speakers: tuple[str, ...] = ()
 
     def stamp(self, ts: float | None = None) -> str:
         return paint(time.strftime("[%H:%M:%S]", time.localtime(ts or time.time())), DIM, self.colour)
@@ -102,13 +103,22 @@ class RoomView:
         if isinstance(frame, Refusal):
             return f"{self.stamp()} {paint('! ' + neutralise(frame.content), speaker_colour('!'), self.colour)}"
         if isinstance(frame, FloorState):
-            if frame.paused:
-                return None
-            self.drafts = {k: v for k, v in self.drafts.items() if k in frame.speakers}
-            return None
+            self.drafts = {k: v for k, v in self.drafts.items() if k in frame.speakers and not frame.paused}
+            return self._turn_change(frame)
         if isinstance(frame, Roster):
             return self.status(describe_roster(frame))
         return None
+
+    def _turn_change(self, floor: FloorState) -> str | None:
+        """A status line when the floor passes to someone else (pauses have their own notices)."""
+        speakers = () if floor.paused else floor.speakers
+        if speakers == self._shown_speakers:
+            return None
+        self._shown_speakers = speakers
+        if not speakers:
+            return self.status("The models are done; the room waits for a moderator.") if not floor.paused else None
+        who = "any model" if len(speakers) > 1 else neutralise(speakers[0], keep_newlines=False)
+        return self.status(f"Turn: {who} ({floor.turns_left} model turn{'s' if floor.turns_left != 1 else ''} left)")
 
     def toolbar(self) -> str:
         """One line per reply being generated, for the bottom bar."""

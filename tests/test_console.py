@@ -11,7 +11,7 @@ from helpers import ROOT, join, next_frame
 
 from partychat.console import InputError, Local, RoomView, parse_line
 from partychat.display import neutralise, speaker_colour
-from partychat.protocol import Chat, Command, Notice, Say, Stream
+from partychat.protocol import Chat, Command, FloorState, Notice, Say, Stream
 
 
 def test_typed_lines_become_messages_commands_or_local_actions():
@@ -77,3 +77,12 @@ def test_a_piped_session_drives_the_hub_and_shows_the_room(start_hub):
     assert "Hello room" in saved.read_text()
     saved.unlink()
     assert "Traceback" not in out + result.stderr
+
+
+def test_turn_changes_show_once_as_status_lines():
+    view = RoomView("Moderator", colour=False)
+    first = view.render(FloorState(mode="round-robin", speakers=("Sage",), turns_left=2, turn=1))
+    assert first.endswith("* Turn: Sage (2 model turns left)")
+    assert view.render(FloorState(mode="round-robin", speakers=("Sage",), turns_left=2, turn=1)) is None
+    assert "waits for a moderator" in view.render(FloorState(mode="round-robin", turn=2))
+    assert view.render(FloorState(mode="round-robin", speakers=("Sage",), paused=True, turn=3)) is None
