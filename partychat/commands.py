@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from websockets.frames import CloseCode
 
 from .floor import Mode
-from .protocol import Command, ErrorCode, ProtocolError, Role, Roster
+from .protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster
 
 if TYPE_CHECKING:
     from .room import Peer, Room
 
 Handler = Callable[["Room", "Peer", tuple[str, ...]], None]
+MAX_TURNS = 1000
 
 
 def _bad(sentence: str) -> ProtocolError:
@@ -31,30 +33,17 @@ def _one_name(room: Room, args: tuple[str, ...], usage: str) -> Peer:
 
 
 def _who(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
-    floor = room.floor
     participants = tuple(
-        {
-            "name": p.name,
-            "role": p.role.value,
-            "moderator": p.is_moderator,
-            "muted": p.muted,
-            "protocol": p.protocol,
-        }
+        {"name": p.name, "role": p.role.value, "moderator": p.is_moderator, "muted": p.muted, "protocol": p.protocol}
         for p in room.peers.values()
     )
-    room.deliver(
-        peer,
-        Roster(
-            participants=participants,
-            floor={
-                "mode": floor.mode.value,
-                "speakers": list(floor.speakers()),
-                "turns_left": max(floor.turns_left, 0),
-                "max_turns": floor.budget,
-                "paused": floor.paused,
-            },
-        ),
-    )
+    floor = room.floor_state().to_wire()
+    del floor["type"]
+    room.deliver(peer, Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget}))
+
+
+def _history(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+    room.deliver(peer, Archive(messages=tuple(room.history)))
 
 
 def _pause(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
@@ -80,8 +69,8 @@ def _mode(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
 
 
 def _turns(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
-    if len(args) != 1 or not args[0].isdigit():
-        raise _bad("Usage: /turns N, where N is a whole number (0 stops the models).")
+    if len(args) != 1 or not (args[0].isascii() and args[0].isdigit()) or int(args[0]) > MAX_TURNS:
+        raise _bad(f"Usage: /turns N, where N is a whole number from 0 (the models stay quiet) to {MAX_TURNS}.")
     room.floor.set_max_turns(int(args[0]))
     room.announce("turns", f"{peer.name} set the turn budget to {int(args[0])} per moderator message.")
 
@@ -94,6 +83,8 @@ def _to(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     for name in models:
         if joined.casefold().startswith(name.casefold() + " "):
             message = joined[len(name):].strip()
+            if not message:
+                raise _bad("Usage: /to NAME message (the message is missing).")
             room.post(peer, message, addressed=name)
             return
     raise _bad(f"No model called {args[0]!r} is in the room.")
@@ -115,19 +106,27 @@ def _kick(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
         raise _bad("You cannot kick yourself; use /quit to leave.")
     room.refuse(target, ErrorCode.KICKED, f"You were removed from the room by {peer.name}.")
     room.remove(target, f"was removed by {peer.name}")
-    room.close_later(target, CloseCode.POLICY_VIOLATION, "kicked")
+    room.close_later(target, CloseCode.POLICY_VIOLATION, ErrorCode.KICKED.value)
 
 
-COMMANDS: dict[str, Handler] = {
-    "who": _who,
-    "pause": _pause,
-    "resume": _resume,
-    "mode": _mode,
-    "turns": _turns,
-    "to": _to,
-    "mute": _set_muted(True),
-    "unmute": _set_muted(False),
-    "kick": _kick,
+@dataclass(frozen=True)
+class HubCommand:
+    run: Handler
+    help: str
+    listed: bool = True
+
+
+COMMANDS: dict[str, HubCommand] = {
+    "who": HubCommand(_who, "who is here, their roles, who holds the turn, mode and budget"),
+    "pause": HubCommand(_pause, "stop the models at once (a reply being generated is dropped)"),
+    "resume": HubCommand(_resume, "let the models speak again"),
+    "mode": HubCommand(_mode, "/mode round-robin|mention|moderator|free: how turns are given"),
+    "turns": HubCommand(_turns, "/turns N: model messages allowed after each moderator message"),
+    "to": HubCommand(_to, "/to NAME message: hand the turn to one persona with a message"),
+    "mute": HubCommand(_set_muted(True), "/mute NAME: keep a participant's messages out of the room"),
+    "unmute": HubCommand(_set_muted(False), "/unmute NAME"),
+    "kick": HubCommand(_kick, "/kick NAME: remove a participant"),
+    "history": HubCommand(_history, "the messages the hub holds (what /save writes)", listed=False),
 }
 
 
@@ -135,11 +134,9 @@ def run_command(room: Room, peer: Peer, command: Command) -> None:
     """Carry out a command or raise a ProtocolError that says why not."""
     if peer.role is not Role.HUMAN or not peer.is_moderator:
         raise ProtocolError(ErrorCode.NOT_MODERATOR, "Only a moderator may use commands.")
-    handler = COMMANDS.get(command.name)
-    if handler is None:
-        raise ProtocolError(
-            ErrorCode.UNKNOWN_COMMAND,
-            f"Unknown command /{command.name}; the hub knows " + ", ".join(f"/{c}" for c in COMMANDS) + ".",
-        )
-    handler(room, peer, command.args)
+    known = COMMANDS.get(command.name)
+    if known is None:
+        listed = ", ".join(f"/{name}" for name, c in COMMANDS.items() if c.listed)
+        raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"Unknown command /{command.name}; the hub knows {listed}.")
+    known.run(room, peer, command.args)
     room.publish_floor()

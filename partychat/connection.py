@@ -13,7 +13,7 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from .protocol import Hello, Notice, encode, parse_server_frame
+from .protocol import Hello, Notice, Refusal, encode, parse_server_frame
 
 log = logging.getLogger("partychat.connection")
 
@@ -33,12 +33,28 @@ class HubGone(Exception):
     """The hub ended the connection (it stopped or restarted); try to reconnect."""
 
 
+RETRY_LATER = {"shutting_down", "room_full"}
+"""Refusals that are worth another try after a pause."""
+FINAL = {"kicked"}
+"""Refusals during a conversation that end the client: a kicked participant does not come back."""
+
+
 @dataclass
 class Session:
     """A registered connection; ``extended`` is False on a hub that speaks only the baseline."""
 
     ws: ClientConnection
     extended: bool
+    room: str | None = None
+    """The conversation's id; when it changes, sequence numbers from before mean nothing."""
+    secret: str | None = None
+    """Presented on reconnecting, so the hub hands back our name even before it notices we left."""
+
+
+def check_refusal(frame: object) -> None:
+    """Raise HubRefused for a refusal that ends the client (being kicked)."""
+    if isinstance(frame, (Refusal, Notice)) and frame.code in FINAL:
+        raise HubRefused(frame.code, frame.content)
 
 
 def client_ssl(url: str, ca_file: Path | None) -> ssl.SSLContext | None:
@@ -54,8 +70,10 @@ async def register(ws: ClientConnection, hello: Hello) -> Session:
     if not isinstance(frame, Notice):
         raise HubRefused("bad_frame", "The hub did not answer the registration with a system frame.")
     if frame.event == "error" or frame.code:
+        if frame.code in RETRY_LATER:
+            raise HubGone(frame.content)
         raise HubRefused(frame.code or "refused", frame.content)
-    return Session(ws=ws, extended=frame.protocol is not None)
+    return Session(ws=ws, extended=frame.protocol is not None, room=frame.room, secret=frame.session)
 
 
 @asynccontextmanager
@@ -86,6 +104,9 @@ async def keep_trying(
                 delay = 1.0
                 await run(session)  # type: ignore[misc]
                 return
+        except ssl.SSLCertVerificationError as error:
+            raise HubRefused("tls", f"The hub's certificate is not trusted ({error.verify_message}); "
+                                    "pass its CA with --ca-file.") from None
         except (OSError, asyncio.TimeoutError, InvalidHandshake, ConnectionClosed, HubGone) as error:
             reason = _describe(error)
         except InvalidURI as error:
@@ -99,6 +120,8 @@ async def keep_trying(
 
 
 def _describe(error: BaseException) -> str:
+    if isinstance(error, HubGone) and str(error):
+        return str(error)
     if isinstance(error, (ConnectionClosed, HubGone)):
         return "the hub closed the connection"
     if isinstance(error, asyncio.TimeoutError):

@@ -7,31 +7,23 @@ lines are read plainly, so a session file can be replayed.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aioconsole
 
+from .commands import COMMANDS
 from .display import DIM, colour_wanted, neutralise, paint, speaker_colour
 from .protocol import Chat, Command, FloorState, Notice, Refusal, Roster, Say, ServerFrame, Stream
 
-HUB_COMMANDS = {
-    "who": "who is here, their roles, who holds the turn, mode and budget",
-    "pause": "stop the models at once (a reply being generated is dropped)",
-    "resume": "let the models speak again",
-    "mode": "/mode round-robin|mention|moderator|free: how turns are given",
-    "turns": "/turns N: model messages allowed after each moderator message",
-    "to": "/to NAME message: hand the turn to one persona with a message",
-    "mute": "/mute NAME: keep a participant's messages out of the room",
-    "unmute": "/unmute NAME",
-    "kick": "/kick NAME: remove a participant",
-}
+HUB_COMMANDS = {name: command.help for name, command in COMMANDS.items() if command.listed}
 LOCAL_COMMANDS = {
     "help": "this list",
     "toggle": "show or hide incoming messages",
-    "save": "/save [PATH]: write what this console has seen as Markdown",
+    "save": "/save [PATH]: write the transcript the hub holds as Markdown (default logs/chat-TIME.md)",
     "quit": "leave (Ctrl+C and end of input do too)",
 }
 
@@ -70,7 +62,7 @@ def help_text() -> str:
 
 
 class RoomView:
-    """Turns hub frames into display lines; keeps what it has seen for /save."""
+    """Turns hub frames into display lines; keeps what it has seen for /save on a baseline hub."""
 
     def __init__(self, own_name: str, *, colour: bool, show_messages: bool = True) -> None:
         self.own_name = own_name
@@ -128,12 +120,21 @@ class RoomView:
             lines.append(f"{neutralise(sender, keep_newlines=False)} is writing: {tail}")
         return "\n".join(lines)
 
-    def markdown(self) -> str:
-        lines = ["# Party Chat transcript", ""]
-        for chat in self.seen:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(chat.ts)) if chat.ts else ""
-            lines += [f"**{chat.sender}** ({chat.role}{', ' + when if when else ''}):", "", chat.content, ""]
-        return "\n".join(lines)
+
+def transcript_markdown(messages: Sequence[Chat]) -> str:
+    """Messages as readable Markdown: each speaker in bold, each message quoted, nothing interpreted."""
+    lines = ["# Party Chat transcript", ""]
+    for chat in messages:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(chat.ts)) if chat.ts else ""
+        lines.append(f"**{_markdown_escape(chat.sender)}** ({chat.role}{', ' + when if when else ''}):")
+        lines.append("")
+        lines.extend("> " + _markdown_escape(line) for line in chat.content.splitlines() or [""])
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _markdown_escape(text: str) -> str:
+    return re.sub(r"([\\`*_{}\[\]<>()#+!|~-])", r"\\\1", text)
 
 
 def describe_roster(roster: Roster) -> str:

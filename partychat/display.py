@@ -23,14 +23,21 @@ DIM = Style.DIM
 RESET = Style.RESET_ALL
 
 
+CONTINUATION = "\n    "
+"""How a message's later lines are shown: indented, so none can pass for a new timestamped line."""
+
+
 def neutralise(text: str, *, keep_newlines: bool = True) -> str:
-    """Make text from a participant inert: escape sequences and control characters are shown, not obeyed."""
+    """Make text from a participant inert: escape sequences and control characters are shown, not obeyed.
+
+    Kept newlines are indented, so a message cannot fake a line from someone else.
+    """
     if text.isprintable():
         return text
     out = []
     for ch in text:
         if ch == "\n" and keep_newlines:
-            out.append(ch)
+            out.append(CONTINUATION)
         elif ch == "\t":
             out.append("    ")
         elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co") or ch in "\u2028\u2029":

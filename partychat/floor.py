@@ -34,6 +34,7 @@ class Floor:
 
     _next_index: int = field(default=0, init=False, repr=False)
     _spoken: set[str] = field(default_factory=set, init=False, repr=False)
+    """Models that have said something in this room run; each may open with one line, once."""
 
     @property
     def budget(self) -> int:
@@ -63,7 +64,6 @@ class Floor:
             return
         index = self.models.index(name)
         self.models.remove(name)
-        self._spoken.discard(name)
         if index < self._next_index:
             self._next_index -= 1
         if self.holder == name:
@@ -83,10 +83,15 @@ class Floor:
             self._hand_over()
 
     def on_model_message(self, name: str, content: str = "") -> None:
-        """A model's message was relayed: spend a turn and pass the floor on."""
+        """A model's message was relayed: spend a turn and pass the floor on.
+
+        An opening line (allowed once per name, outside the order) spends nothing and moves nothing.
+        """
+        if name not in self.speakers():
+            self._spoken.add(name)
+            return
         self._spoken.add(name)
-        if name in self.speakers():
-            self.turns_left -= 1
+        self.turns_left -= 1
         if self.turns_left <= 0:
             self.holder = None
             self.turn += 1

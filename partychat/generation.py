@@ -115,24 +115,59 @@ def speaker_line_pattern(names: Sequence[str]) -> re.Pattern[str]:
     return re.compile(rf"(?:^|\n)\s*(?:{alternatives})\s*:", re.IGNORECASE)
 
 
-def clean_reply(text: str, name: str, others: Sequence[str]) -> str:
-    """Strip our own name prefix, cut at another speaker's turn, trim. May return ''."""
+SENTENCE_END = re.compile(r"[.!?…](?:[\"')\]*]*)(?=\s)")
+
+
+def _own_lines(text: str, name: str, others: Sequence[str]) -> str:
+    """The text without our own 'Name:' prefix and without anything from another speaker's line on."""
     text = text.strip()
     own_prefix = re.compile(rf"^\s*\**{re.escape(name)}\**\s*:\s*", re.IGNORECASE)
     while own_prefix.match(text):
         text = own_prefix.sub("", text, count=1)
     cut = speaker_line_pattern([n for n in others if n.casefold() != name.casefold()]).search(text)
-    if cut:
-        text = text[: cut.start()]
-    return drop_unfinished_sentence(text.strip())
+    return text[: cut.start()].strip() if cut else text
+
+
+def clean_reply(text: str, name: str, others: Sequence[str]) -> str:
+    """Strip our own name prefix, cut at another speaker's turn, end at a full sentence. May return ''."""
+    return drop_unfinished_sentence(_own_lines(text, name, others))
 
 
 def drop_unfinished_sentence(text: str) -> str:
     """A reply cut off by the token limit ends at its last full sentence, if it has one."""
     if not text or text[-1] in ".!?…\"')]*":
         return text
-    ends = [m.end() for m in re.finditer(r"[.!?…](?:[\"')\]*]*)(?=\s)", text)]
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
     return text[: ends[-1]].strip() if ends else text
+
+
+class ReplyStream:
+    """Cleans a reply while it is generated: the pieces it lets out add up to the final clean reply.
+
+    Only whole sentences leave, so nothing streamed is later taken back by the cleaning: not our
+    own name prefix, not another speaker's line, not an unfinished last sentence.
+    """
+
+    def __init__(self, name: str, others: Sequence[str]) -> None:
+        self.name = name
+        self.others = list(others)
+        self.raw = ""
+        self.sent = ""
+
+    def feed(self, piece: str) -> str:
+        """Add raw generated text; return the clean text that may be streamed now (often '')."""
+        self.raw += piece
+        text = _own_lines(self.raw, self.name, self.others)
+        ends = [m.end() for m in SENTENCE_END.finditer(text)]
+        safe = text[: ends[-1]] if ends else ""
+        if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
+            return ""
+        piece, self.sent = safe[len(self.sent):], safe
+        return piece
+
+    def rest(self, final: str) -> str | None:
+        """What remains to stream so the pieces equal ``final``; None if they cannot."""
+        return final[len(self.sent):] if final.startswith(self.sent) else None
 
 
 class _StopWhenSet:

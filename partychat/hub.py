@@ -29,6 +29,8 @@ from .transcript import Transcript, default_path
 log = logging.getLogger("partychat.hub")
 
 HELLO_TIMEOUT = 10.0
+PENDING_ALLOWANCE = 16
+"""Connections allowed beyond --max-clients, for handshakes still in progress and quick reconnects."""
 _CLOSE_CODES = {
     ErrorCode.BINARY_FRAME: CloseCode.UNSUPPORTED_DATA,
     ErrorCode.TOO_LARGE: CloseCode.MESSAGE_TOO_BIG,
@@ -58,10 +60,9 @@ class Hub:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         path = config.transcript or config.resume or default_path(config.logs_dir)
-        self.room = Room(config.room, Transcript(path, fsync=config.fsync))
-        if config.resume is not None:
-            self.room.resume_from(config.resume)
+        self.room = Room(config.room, Transcript(path, fsync=config.fsync), resume=config.resume)
         self.server: Server | None = None
+        self._connections = 0
 
     @property
     def url(self) -> str:
@@ -94,9 +95,9 @@ class Hub:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.room.shutdown()
         assert self.server is not None
-        self.server.close()
+        self.server.close(close_connections=False)  # no new connections while the room says goodbye
+        await self.room.shutdown()
         await self.server.wait_closed()
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -107,6 +108,17 @@ class Hub:
         return context
 
     async def handle(self, ws: ServerConnection) -> None:
+        self._connections += 1
+        try:
+            if self._connections > self.config.room.max_clients + PENDING_ALLOWANCE:
+                await self._reject(ws, ProtocolError(
+                    ErrorCode.ROOM_FULL, "Too many connections are open; try again later.", fatal=True))
+                return
+            await self._serve_peer(ws)
+        finally:
+            self._connections -= 1
+
+    async def _serve_peer(self, ws: ServerConnection) -> None:
         limit = self.config.max_message_bytes
         try:
             raw = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
@@ -130,7 +142,7 @@ class Hub:
                 except ProtocolError as error:
                     log.debug("%s sent a bad frame: %s", peer.name, error.message)
                     self.room.refuse(peer, error.code, error.message)
-                    if error.fatal:
+                    if error.fatal or self.room.count_refusal(peer):
                         await self.room.flush(peer)
                         self.room.remove(peer, "was disconnected for abuse")
                         await close_peer(ws, _CLOSE_CODES.get(error.code, CloseCode.POLICY_VIOLATION),

@@ -9,17 +9,20 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .connection import HubGone, HubRefused, Session, keep_trying
-from .console import InputError, Local, RoomView, Terminal, help_text, parse_line
+from .connection import HubGone, HubRefused, Session, check_refusal, keep_trying
+from .console import InputError, Local, RoomView, Terminal, help_text, parse_line, transcript_markdown
 from .logs import LEVELS, setup_logging
 from .protocol import (
     PROTOCOL_VERSION,
+    Archive,
     Chat,
     Command,
     FloorState,
     Hello,
+    Refusal,
     Role,
     Say,
     encode,
@@ -29,6 +32,8 @@ from .protocol import (
 log = logging.getLogger("partychat.moderator")
 
 QUIET_SECONDS_ON_BASELINE_HUB = 5.0
+LEAVE_GRACE_SECONDS = 3.0
+"""On leaving, how long queued lines may still take to reach a connected hub."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,9 +61,14 @@ class Moderator:
         self.view = RoomView(args.name, colour=terminal.colour, show_messages=not args.hide_messages)
         terminal.attach_toolbar(self.view.toolbar)
         self.outgoing: deque[Say | Command] = deque()
+        self.saves: deque[Path] = deque()
         self.wake = asyncio.Event()
         self.done = False
         self.last_seq: int | None = None
+        self.room_id: str | None = None
+        self.secret: str | None = None
+        self.session: Session | None = None
+        self.unreachable = False
         self.idle = asyncio.Event()
         self.idle.set()
         self.last_frame_at = time.monotonic()
@@ -73,17 +83,29 @@ class Moderator:
             moderator_token=self.args.moderator_token,
             last_seq=self.last_seq,
             stream=True,
+            session=self.secret,
         )
 
     async def run(self) -> None:
+        """Talk to the hub until the user leaves; leaving works even while the hub is unreachable."""
         reader = asyncio.create_task(self._read_input())
+        talker = asyncio.create_task(keep_trying(self.args.server, self.hello, self._converse,
+                                                 ca_file=self.args.ca_file, on_retry=self._on_retry))
         try:
-            await keep_trying(self.args.server, self.hello, self._converse, ca_file=self.args.ca_file,
-                              on_retry=self._on_retry)
+            await asyncio.wait({reader, talker}, return_when=asyncio.FIRST_COMPLETED)
+            if talker.done():
+                talker.result()
+                return
+            reader.result()
+            await asyncio.wait({talker}, timeout=LEAVE_GRACE_SECONDS)
+            for item in self.outgoing:
+                self.terminal.show(self.view.status(f"Not sent (no connection to the hub): {_as_typed(item)}"))
         finally:
             reader.cancel()
+            talker.cancel()
 
     def _on_retry(self, reason: str, delay: float) -> None:
+        self.unreachable = True
         self.terminal.show(self.view.status(f"Hub at {self.args.server} not reachable ({reason}); "
                                             f"retrying in {delay:.0f} s. Ctrl+C to give up."))
 
@@ -110,25 +132,34 @@ class Moderator:
                 if isinstance(item, Say) and not self.terminal.interactive:
                     await self._wait_until_idle()
                     self.idle.clear()
-                self.outgoing.append(item)
-                self.wake.set()
+                self._queue(item)
         if not self.terminal.interactive:
             await self._settle()
         self.done = True
         self.wake.set()
 
+    def _queue(self, item: Say | Command) -> None:
+        self.outgoing.append(item)
+        self.wake.set()
+
     async def _settle(self) -> None:
-        """Wait until everything queued is sent and the room has gone quiet."""
-        while self.outgoing:
-            await asyncio.sleep(0.05)
-        await self._wait_until_idle()
+        """Wait until everything queued is sent and the room has gone quiet (see _wait_for)."""
+        await self._wait_for(lambda: not self.outgoing and not self.saves and self.idle.is_set())
 
     async def _wait_until_idle(self) -> None:
         """With piped input, let the models answer before the next scripted line."""
-        try:
-            await asyncio.wait_for(self.idle.wait(), self.args.idle_timeout)
-        except asyncio.TimeoutError:
-            self.terminal.show(self.view.status("Still busy after --idle-timeout; going on."))
+        await self._wait_for(self.idle.is_set)
+
+    async def _wait_for(self, condition: Callable[[], bool]) -> None:
+        """Wait for a condition, but not past --idle-timeout, nor while the hub cannot be reached."""
+        deadline = time.monotonic() + self.args.idle_timeout
+        while not condition():
+            if self.session is None and self.unreachable:
+                return
+            if time.monotonic() > deadline:
+                self.terminal.show(self.view.status("Still busy after --idle-timeout; going on."))
+                return
+            await asyncio.sleep(0.05)
 
     def _run_local(self, command: Local) -> bool:
         """Handle a console-only command; True means leave."""
@@ -142,19 +173,30 @@ class Moderator:
             self.terminal.show(self.view.status(f"Incoming messages {state}"))
         elif command.name == "save":
             path = Path(command.args[0] if command.args else time.strftime("logs/chat-%Y%m%d-%H%M%S.md"))
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(self.view.markdown(), encoding="utf-8")
-                self.terminal.show(self.view.status(f"Saved {len(self.view.seen)} messages to {path}."))
-            except OSError as error:
-                self.terminal.show(self.view.status(f"Could not save to {path}: {error.strerror or error}"))
+            if self.session is not None and self.session.extended:
+                self.saves.append(path)  # written when the hub's history arrives
+                self._queue(Command("history"))
+            else:
+                self._save(path, self.view.seen)
         return False
 
+    def _save(self, path: Path, messages: Sequence[Chat]) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(transcript_markdown(messages), encoding="utf-8")
+            self.terminal.show(self.view.status(f"Saved {len(messages)} messages to {path}."))
+        except OSError as error:
+            self.terminal.show(self.view.status(f"Could not save to {path}: {error.strerror or error}"))
+
     async def _converse(self, session: Session) -> None:
+        if session.room != self.room_id:
+            self.last_seq = None  # another conversation: its numbers start afresh
+        self.room_id, self.secret, self.session = session.room, session.secret, session
+        self.unreachable = False
         self.terminal.show(self.view.status(f"Connected to {self.args.server} as {self.args.name}."))
         receiver = asyncio.create_task(self._receive(session))
         try:
-            while not self.done:
+            while not (self.done and not self.outgoing):
                 if not self.outgoing:
                     self.wake.clear()
                     waiter = asyncio.create_task(self.wake.wait())
@@ -169,9 +211,11 @@ class Moderator:
                 self.outgoing.popleft()
                 if isinstance(item, Say) and not session.extended:
                     self.last_frame_at = time.monotonic()
-                    self._quiet_watcher = asyncio.create_task(self._quiet_watch())
+                    if self._quiet_watcher is None or self._quiet_watcher.done():
+                        self._quiet_watcher = asyncio.create_task(self._quiet_watch())
         finally:
             receiver.cancel()
+            self.session = None
 
     async def _quiet_watch(self) -> None:
         """On a hub without turn frames, call the room idle after a few quiet seconds."""
@@ -184,17 +228,25 @@ class Moderator:
             frame = parse_server_frame(raw)
             if frame is None:
                 continue
+            check_refusal(frame)
             self.last_frame_at = time.monotonic()
             if isinstance(frame, Chat) and frame.seq:
                 if self.last_seq is not None and frame.seq <= self.last_seq:
                     continue
                 self.last_seq = frame.seq
-            if isinstance(frame, FloorState) and not frame.speakers:
-                self.idle.set()
+            if isinstance(frame, Archive) and self.saves:
+                self._save(self.saves.popleft(), frame.messages)
+                continue
+            if isinstance(frame, Refusal) or (isinstance(frame, FloorState) and not frame.speakers):
+                self.idle.set()  # nobody is going to answer that
             line = self.view.render(frame)
             if line is not None:
                 self.terminal.show(line)
         self.terminal.show(self.view.status("The hub closed the connection."))
+
+
+def _as_typed(item: Say | Command) -> str:
+    return item.content if isinstance(item, Say) else " ".join(["/" + item.name, *item.args])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(Moderator(args, terminal).run())
     except HubRefused as error:
-        print(f"moderator.py: the hub refused to let you in: {error}", file=sys.stderr)
+        print(f"moderator.py: {error}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         pass

@@ -11,12 +11,22 @@ import asyncio
 import logging
 import threading
 from collections import deque
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .connection import HubGone, Session, keep_trying
-from .generation import GenerationSettings, PromptTooLong, build_prompt, clean_reply, generate_reply
+from websockets.exceptions import ConnectionClosed
+
+from .connection import HubGone, Session, check_refusal, keep_trying
+from .generation import (
+    GenerationSettings,
+    PromptTooLong,
+    ReplyStream,
+    build_prompt,
+    clean_reply,
+    generate_reply,
+)
 from .models import LoadedModel
 from .protocol import (
     PROTOCOL_VERSION,
@@ -55,6 +65,8 @@ class ModelParticipant:
         self.settings = settings
         self.history: deque[Chat] = deque(maxlen=max(settings.history_length, 1) * 4 + 50)
         self.last_seq: int | None = None
+        self.room_id: str | None = None
+        self.secret: str | None = None
         self.opening_sent = False
         self.floor: FloorState | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
@@ -75,6 +87,7 @@ class ModelParticipant:
             protocol=PROTOCOL_VERSION,
             token=self.config.token,
             last_seq=self.last_seq,
+            session=self.secret,
         )
 
     async def run(self) -> None:
@@ -86,6 +99,9 @@ class ModelParticipant:
             self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def _converse(self, session: Session) -> None:
+        if session.room != self.room_id:
+            self.last_seq = None  # another conversation: its numbers start afresh
+        self.room_id, self.secret = session.room, session.secret
         self._session = session
         log.info("%s joined %s%s", self.name, self.config.server,
                  "" if session.extended else " (a baseline hub: no turn-taking)")
@@ -101,6 +117,7 @@ class ModelParticipant:
             self._session = None
 
     def _on_frame(self, frame: object) -> None:
+        check_refusal(frame)
         if isinstance(frame, Chat):
             self._on_chat(frame)
         elif isinstance(frame, FloorState):
@@ -122,26 +139,32 @@ class ModelParticipant:
             log.info("%s: %s", chat.sender, chat.content, extra={"speaker": chat.sender})
         baseline = self._session is not None and not self._session.extended
         if baseline and chat.sender != self.name and not chat.replay:
-            self._start_reply(turn=None)
+            self._start(self._reply(None, self._fresh_stop()))
 
     def _on_floor(self, floor: FloorState) -> None:
-        mine = self.name in floor.speakers and not floor.paused
-        if not mine:
+        if self.name not in floor.speakers or floor.paused:
             self._cancel_reply()
             return
         if self._reply_turn == floor.turn:
             return
-        if self.history and self.history[-1].sender == self.name:
-            return
         self._cancel_reply()
-        self._start_reply(turn=floor.turn)
+        self._reply_turn = floor.turn
+        if self.history and self.history[-1].sender == self.name:
+            # The turn came back before anyone else spoke: answering ourselves would be a monologue.
+            self._start(self._send(Pass("nothing new to answer", turn=floor.turn)))
+        else:
+            self._start(self._reply(floor.turn, self._fresh_stop()))
 
-    def _start_reply(self, turn: int | None) -> None:
-        if turn is None and self._reply_task is not None and not self._reply_task.done():
-            return  # baseline hub: finish the reply under way first
-        self._reply_turn = turn
+    def _fresh_stop(self) -> threading.Event:
         self._stop = threading.Event()
-        self._reply_task = asyncio.create_task(self._reply(turn, self._stop))
+        return self._stop
+
+    def _start(self, work: Coroutine[None, None, None]) -> None:
+        if self._reply_task is not None and not self._reply_task.done() and self.floor is None:
+            work.close()
+            return  # baseline hub: finish the reply under way first
+        self._reply_task = asyncio.create_task(work)
+        self._reply_task.add_done_callback(_log_failure)
 
     def _cancel_reply(self) -> None:
         self._stop.set()
@@ -154,14 +177,27 @@ class ModelParticipant:
             return True
         return self.floor.turn == turn and self.name in self.floor.speakers and not self.floor.paused
 
+    async def _send(self, frame: Say | Draft | Pass) -> bool:
+        """Send if still connected; a connection lost meanwhile is the reconnect loop's business."""
+        session = self._session
+        if session is None:
+            return False
+        try:
+            await session.ws.send(encode(frame))
+        except ConnectionClosed:
+            return False
+        return True
+
     async def _reply(self, turn: int | None, stop: threading.Event) -> None:
         session = self._session
         if session is None:
             return
-        reply = ""
+        streaming = session.extended and self.config.stream
+        reply, stream = "", None
         # A greedy reply that cleans to nothing is retried once with sampling before giving up the turn.
         for settings in (self.settings, replace(self.settings, temperature=max(self.settings.temperature, 0.8))):
-            raw = await self._generate(session, stop, settings)
+            stream = ReplyStream(self.name, sorted(self._names))
+            raw = await self._generate(stop, settings, stream if streaming else None)
             if raw is None:
                 break
             reply = clean_reply(raw, self.name, sorted(self._names))
@@ -174,50 +210,60 @@ class ModelParticipant:
         if not reply:
             log.warning("No usable reply; passing the turn")
             if session.extended:
-                await session.ws.send(encode(Pass("no usable reply")))
+                await self._send(Pass("no usable reply", turn=turn))
             return
         if self.config.delay > 0:
             await asyncio.sleep(self.config.delay)
             if not self._still_mine(turn, stop):
                 log.info("Turn withdrawn during --delay; reply not sent")
                 return
-        await session.ws.send(encode(Say(reply)))
+        rest = stream.rest(reply) if streaming and stream is not None else None
+        if rest:
+            await self._send(Draft(rest))
+        if not await self._send(Say(reply, turn=turn)):
+            return
         if not session.extended:  # our hub echoes our message back with its number; a baseline hub does not
             self.history.append(Chat(sender=self.name, content=reply))
         log.info("%s: %s", self.name, reply, extra={"speaker": self.name})
 
-    async def _generate(self, session: Session, stop: threading.Event, settings: GenerationSettings) -> str | None:
-        """Build the prompt and generate in the worker thread, streaming drafts; None if the prompt cannot fit."""
+    async def _generate(self, stop: threading.Event, settings: GenerationSettings,
+                        stream: ReplyStream | None) -> str | None:
+        """Build the prompt and generate in the worker thread; None if the prompt cannot fit.
+
+        With a stream, clean whole sentences are sent as partial frames while the model writes.
+        """
         loop = asyncio.get_running_loop()
         drafts: asyncio.Queue[str | None] = asyncio.Queue()
-        streaming = session.extended and self.config.stream
 
-        def on_text(text: str) -> None:
-            loop.call_soon_threadsafe(drafts.put_nowait, text)
+        def on_text(text: str) -> None:  # runs in the worker thread
+            piece = stream.feed(text) if stream is not None else ""
+            if piece:
+                loop.call_soon_threadsafe(drafts.put_nowait, piece)
 
-        forward = asyncio.create_task(self._forward_drafts(session, drafts)) if streaming else None
+        forward = asyncio.create_task(self._forward_drafts(drafts)) if stream is not None else None
         try:
             prompt = await loop.run_in_executor(
                 self._executor,
                 build_prompt, self.loaded.tokenizer, self.config.persona, self.name, list(self.history), settings,
             )
-            raw = await loop.run_in_executor(
+            return await loop.run_in_executor(
                 self._executor,
                 lambda: generate_reply(self.loaded, prompt, settings, stop=stop,
-                                       on_text=on_text if streaming else None),
+                                       on_text=on_text if stream is not None else None),
             )
         except PromptTooLong as error:
             log.error("Skipping this turn: %s", error)
             return None
-        except BaseException:
+        finally:
             if forward is not None:
-                forward.cancel()
-            raise
-        if forward is not None:
-            drafts.put_nowait(None)  # every piece generated is sent before the final message
-            await forward
-        return raw
+                drafts.put_nowait(None)  # what was generated goes out before the final message
+                await asyncio.wait({forward})
 
-    async def _forward_drafts(self, session: Session, drafts: asyncio.Queue[str | None]) -> None:
+    async def _forward_drafts(self, drafts: asyncio.Queue[str | None]) -> None:
         while (text := await drafts.get()) is not None:
-            await session.ws.send(encode(Draft(text)))
+            await self._send(Draft(text))
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("A reply failed: %s", task.exception(), exc_info=task.exception())

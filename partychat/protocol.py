@@ -42,7 +42,6 @@ class ErrorCode(str, Enum):
     MUTED = "muted"
     UNKNOWN_COMMAND = "unknown_command"
     BAD_ARGUMENT = "bad_argument"
-    TOO_SLOW = "too_slow"
     KICKED = "kicked"
     SHUTTING_DOWN = "shutting_down"
 
@@ -71,12 +70,14 @@ class Hello:
     moderator_token: str | None = None
     last_seq: int | None = None
     stream: bool = False
+    session: str | None = None
+    """The secret from an earlier welcome: lets a reconnecting client take over its stale slot."""
 
     def to_wire(self) -> dict[str, Any]:
         frame: dict[str, Any] = {"name": self.name, "type": self.role.value}
         if self.protocol is not None:
             frame["protocol"] = self.protocol
-        for key in ("token", "moderator_token", "last_seq"):
+        for key in ("token", "moderator_token", "last_seq", "session"):
             value = getattr(self, key)
             if value is not None:
                 frame[key] = value
@@ -91,11 +92,15 @@ class Say:
 
     content: str
     opening: bool = False
+    turn: int | None = None
+    """The turn a model's reply was generated for; a reply for an older turn is withheld."""
 
     def to_wire(self) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": "message", "content": self.content}
         if self.opening:
             frame["opening"] = True
+        if self.turn is not None:
+            frame["turn"] = self.turn
         return frame
 
 
@@ -114,9 +119,13 @@ class Pass:
     """A model gives up its turn without speaking (extension), so the room does not wait on it."""
 
     reason: str = ""
+    turn: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "pass", "reason": self.reason}
+        frame: dict[str, Any] = {"type": "pass", "reason": self.reason}
+        if self.turn is not None:
+            frame["turn"] = self.turn
+        return frame
 
 
 @dataclass(frozen=True)
@@ -171,10 +180,14 @@ class Notice:
     event: str | None = None
     code: str | None = None
     protocol: int | None = None
+    room: str | None = None
+    """Welcome only: the id of this conversation, which stays the same when a hub resumes it."""
+    session: str | None = None
+    """Welcome only: a secret that lets this client reclaim its name after a dropped connection."""
 
     def to_wire(self) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": "system", "content": self.content}
-        for key in ("event", "code", "protocol"):
+        for key in ("event", "code", "protocol", "room", "session"):
             value = getattr(self, key)
             if value is not None:
                 frame[key] = value
@@ -231,7 +244,17 @@ class Roster:
         return {"type": "roster", "participants": list(self.participants), "floor": self.floor}
 
 
-ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Roster
+@dataclass(frozen=True)
+class Archive:
+    """The messages the hub holds, sent to a moderator who asked for them (``/save``)."""
+
+    messages: tuple[Chat, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "history", "messages": [chat.to_wire() for chat in self.messages]}
+
+
+ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Roster | Archive
 
 
 def encode(frame: ClientFrame | ServerFrame | Hello) -> str:
@@ -306,6 +329,7 @@ def parse_hello(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
             moderator_token=_optional(data, "moderator_token", str),
             last_seq=last_seq,
             stream=bool(_optional(data, "stream", bool)),
+            session=_optional(data, "session", str),
         )
     except ProtocolError as error:
         error.fatal = True
@@ -316,6 +340,10 @@ def _content(data: dict[str, Any], *, allow_empty: bool = False) -> str:
     content = data.get("content")
     if not isinstance(content, str):
         raise ProtocolError(ErrorCode.BAD_FRAME, 'A message needs a text "content" field.')
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "The text contains characters that are not valid Unicode.") from None
     if not allow_empty and not content.strip():
         raise ProtocolError(ErrorCode.EMPTY, "The message is empty.")
     return content
@@ -326,12 +354,12 @@ def parse_client_frame(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BY
     data = _load_object(raw, max_bytes)
     kind = data.get("type", "message")
     if kind == "message":
-        return Say(content=_content(data), opening=data.get("opening") is True)
+        return Say(content=_content(data), opening=data.get("opening") is True, turn=_optional(data, "turn", int))
     if kind == "partial":
         return Draft(content=_content(data, allow_empty=True))
     if kind == "pass":
         reason = data.get("reason", "")
-        return Pass(reason=reason if isinstance(reason, str) else "")
+        return Pass(reason=reason if isinstance(reason, str) else "", turn=_optional(data, "turn", int))
     if kind == "command":
         name = data.get("name")
         args = data.get("args", [])
@@ -356,24 +384,19 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
     kind = data.get("type")
     text = data.get("content") if isinstance(data.get("content"), str) else ""
     if kind == "message":
-        sender = data.get("from")
-        if not isinstance(sender, str):
-            return None
-        return Chat(
-            sender=sender,
-            content=text,
-            seq=_int_or(data.get("seq"), 0),
-            id=str(data.get("id") or ""),
-            ts=float(data["ts"]) if isinstance(data.get("ts"), (int, float)) else 0.0,
-            role=str(data.get("role") or Role.MODEL.value),
-            replay=data.get("replay") is True,
-        )
+        return _chat(data)
+    if kind == "history":
+        messages = data.get("messages")
+        chats = [_chat(item) for item in messages if isinstance(item, dict)] if isinstance(messages, list) else []
+        return Archive(messages=tuple(chat for chat in chats if chat is not None))
     if kind == "system":
         return Notice(
             content=text,
             event=_str_or_none(data.get("event")),
             code=_str_or_none(data.get("code")),
             protocol=_int_or(data.get("protocol"), None),
+            room=_str_or_none(data.get("room")),
+            session=_str_or_none(data.get("session")),
         )
     if kind == "error":
         return Refusal(code=str(data.get("code") or ""), content=text)
@@ -398,6 +421,21 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
             floor=floor if isinstance(floor, dict) else {},
         )
     return None
+
+
+def _chat(data: dict[str, Any]) -> Chat | None:
+    sender = data.get("from")
+    if not isinstance(sender, str):
+        return None
+    return Chat(
+        sender=sender,
+        content=data["content"] if isinstance(data.get("content"), str) else "",
+        seq=_int_or(data.get("seq"), 0),
+        id=str(data.get("id") or ""),
+        ts=float(data["ts"]) if isinstance(data.get("ts"), (int, float)) else 0.0,
+        role=str(data.get("role") or Role.MODEL.value),
+        replay=data.get("replay") is True,
+    )
 
 
 def _int_or(value: Any, default: Any) -> Any:

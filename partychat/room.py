@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import secrets
 import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
@@ -43,12 +44,16 @@ from .protocol import (
     Stream,
     encode,
 )
-from .transcript import Transcript, read_records
+from .transcript import Transcript, load_history
 
 log = logging.getLogger("partychat.hub")
 
 HISTORY_KEPT = 1000
 """Recent messages held in memory for replay and for clients that reconnect."""
+DRAFT_BYTES_PER_TURN = 64 * 1024
+"""Streamed text relayed per model turn; past it the partials stop (the final message still goes)."""
+MAX_REFUSALS_IN_A_ROW = 50
+"""Bad frames a peer may send in a row before the hub treats it as abuse and closes it."""
 
 
 @dataclass
@@ -62,6 +67,8 @@ class RoomSettings:
     rate_burst: int = 20
     token: str | None = None
     moderator_token: str | None = None
+    turn_timeout: float = 180.0
+    """Seconds a model may hold the turn without answering before the hub passes it on."""
 
 
 class RateLimiter:
@@ -97,7 +104,11 @@ class Peer:
     wants_stream: bool
     is_moderator: bool
     limiter: RateLimiter
+    session: str
     muted: bool = False
+    refusals_in_a_row: int = 0
+    draft_bytes: int = 0
+    draft_turn: int = -1
 
     @property
     def speaks_extensions(self) -> bool:
@@ -109,52 +120,53 @@ class Peer:
 
 
 class Room:
-    def __init__(self, settings: RoomSettings, transcript: Transcript) -> None:
+    def __init__(self, settings: RoomSettings, transcript: Transcript, resume: Path | None = None) -> None:
         self.settings = settings
         self.transcript = transcript
         self.floor = Floor(mode=settings.mode, max_turns=settings.max_turns)
         self.peers: dict[str, Peer] = {}
         self.history: deque[Chat] = deque(maxlen=max(settings.replay, HISTORY_KEPT))
         self.seq = 0
+        self.closing = False
         self._last_floor: FloorState | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._turn_timer: asyncio.TimerHandle | None = None
+        room_id = None
+        if resume is not None:
+            earlier = load_history(resume)
+            room_id = earlier.room_id
+            self.history.extend(earlier.messages)
+            self.seq = max((chat.seq for chat in earlier.messages), default=0)
+            log.info("Resumed %d messages from %s; the next sequence number is %d",
+                     len(earlier.messages), resume, self.seq + 1)
+        self.room_id = room_id or uuid.uuid4().hex[:12]
+        """Names this conversation; it survives --resume, so clients know their sequence numbers still hold."""
+        transcript.start(self.room_id)
 
     # ------------------------------------------------------------ membership
-
-    def resume_from(self, records_path: Path) -> None:
-        """Carry on a conversation from an earlier transcript; sequence numbers continue."""
-        for record in read_records(records_path):
-            if record.kind == "message" and record.seq is not None:
-                data = record.data
-                self.seq = max(self.seq, record.seq)
-                self.history.append(
-                    Chat(
-                        sender=str(data.get("from", "")),
-                        content=str(data.get("content", "")),
-                        seq=record.seq,
-                        id=str(data.get("id", "")),
-                        ts=float(data.get("ts", 0.0)),
-                        role=str(data.get("role", Role.MODEL.value)),
-                    )
-                )
-        log.info("Resumed %d messages from %s; next sequence number is %d",
-                 len(self.history), records_path, self.seq + 1)
 
     def admit(self, ws: ServerConnection, hello: Hello) -> Peer:
         """Check a registration against the room's rules and add the peer, or raise why not."""
         settings = self.settings
+        if self.closing:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "The hub is stopping; try again later.", fatal=True)
         if settings.token and not _same_secret(hello.token, settings.token):
             raise ProtocolError(
                 ErrorCode.UNAUTHORIZED,
                 "This hub needs an access token: pass the right one with --token.",
                 fatal=True,
             )
-        if hello.name.casefold() in self.peers:
-            raise ProtocolError(
-                ErrorCode.NAME_TAKEN,
-                f"The name {hello.name!r} is already taken in this room; choose another.",
-                fatal=True,
-            )
+        stale = self.peers.get(hello.name.casefold())
+        if stale is not None:
+            if not (hello.session and _same_secret(hello.session, stale.session)):
+                raise ProtocolError(
+                    ErrorCode.NAME_TAKEN,
+                    f"The name {hello.name!r} is already taken in this room; choose another.",
+                    fatal=True,
+                )
+            # The same client again, after a connection the hub has not noticed is dead yet.
+            self.remove(stale, "reconnected", announce=False)
+            self.close_later(stale, CloseCode.POLICY_VIOLATION, "replaced by a new connection")
         if len(self.peers) >= settings.max_clients:
             raise ProtocolError(
                 ErrorCode.ROOM_FULL, f"The room is full ({settings.max_clients} participants).", fatal=True
@@ -168,39 +180,49 @@ class Room:
             name=hello.name,
             role=hello.role,
             protocol=hello.protocol,
-            wants_stream=hello.stream,
+            wants_stream=hello.stream and hello.protocol is not None and hello.role is Role.HUMAN,
             is_moderator=is_moderator,
             limiter=RateLimiter(settings.rate_per_second, settings.rate_burst),
+            session=secrets.token_urlsafe(16),
         )
         self.peers[peer.key] = peer
-        self.deliver(
-            peer,
-            Notice(f"Connected as {peer.name}", event="welcome", protocol=PROTOCOL_VERSION),
-        )
+        extended = peer.speaks_extensions
+        self.deliver(peer, Notice(
+            f"Connected as {peer.name}", event="welcome", protocol=PROTOCOL_VERSION,
+            room=self.room_id if extended else None, session=peer.session if extended else None,
+        ))
         if peer.role is Role.MODEL:
             self.floor.add_model(peer.name)
-        self.announce("join", f"{peer.name} joined the chat", name=peer.name, role=peer.role.value,
-                    exclude=peer)
+        if stale is None:
+            self.announce("join", f"{peer.name} joined the chat", name=peer.name, role=peer.role.value,
+                          exclude=peer)
         self._replay_to(peer, hello.last_seq)
         self.publish_floor()
         return peer
 
-    def remove(self, peer: Peer, reason: str = "left the chat") -> None:
+    def remove(self, peer: Peer, reason: str = "left the chat", *, announce: bool = True) -> None:
         if self.peers.get(peer.key) is not peer:
             return
         del self.peers[peer.key]
         if peer.role is Role.MODEL:
             self.floor.remove_model(peer.name)
-        self.announce("leave", f"{peer.name} {reason}", name=peer.name)
+        if announce:
+            self.announce("leave", f"{peer.name} {reason}", name=peer.name)
         self.publish_floor()
 
     def find(self, name: str) -> Peer | None:
         return self.peers.get(name.casefold().strip())
 
+    def is_present(self, peer: Peer) -> bool:
+        return self.peers.get(peer.key) is peer
+
     # ------------------------------------------------------------ routing
 
     def receive(self, peer: Peer, frame: Say | Draft | Pass | Command) -> None:
-        """Route one validated frame from a peer."""
+        """Route one validated frame from a peer still in the room."""
+        if self.closing or not self.is_present(peer):
+            return  # removed (kicked, cut off) or stopping: nothing it sends counts any more
+        peer.refusals_in_a_row = 0
         if isinstance(frame, Draft):
             self._relay_draft(peer, frame)
             return
@@ -217,33 +239,28 @@ class Room:
         if isinstance(frame, Command):
             run_command(self, peer, frame)
             return
-        self.post(peer, frame.content, opening=frame.opening)
+        self.post(peer, frame.content, opening=frame.opening, turn=frame.turn)
 
-    def post(self, peer: Peer, content: str, *, opening: bool = False, addressed: str | None = None) -> None:
+    def post(self, peer: Peer, content: str, *, opening: bool = False, turn: int | None = None,
+             addressed: str | None = None) -> None:
         """Accept a chat message: check the floor, store it, then relay it."""
-        refusal = self._why_withheld(peer, opening)
+        refusal = self._why_withheld(peer, opening, turn)
         if refusal is not None:
             code, sentence = refusal
-            self.transcript.append(
-                "withheld",
-                {"from": peer.name, "role": peer.role.value, "content": content, "reason": code.value,
-                 "ts": time.time()},
-            )
+            self.transcript.withheld(peer.name, peer.role.value, content, code.value)
             log.info("withheld from %s (%s): %s", peer.name, code.value, content)
             self.refuse(peer, code, sentence)
             return
-        self.seq += 1
         chat = Chat(
             sender=peer.name,
             content=content,
-            seq=self.seq,
+            seq=self.seq + 1,
             id=uuid.uuid4().hex[:12],
             ts=round(time.time(), 3),
             role=peer.role.value,
         )
-        wire = chat.to_wire()
-        del wire["type"]
-        self.transcript.append("message", wire)
+        self.transcript.message(chat)
+        self.seq = chat.seq
         self.history.append(chat)
         log.info("%s: %s", peer.name, content, extra={"speaker": peer.name})
         self._send([other for other in self.peers.values() if other is not peer or peer.speaks_extensions],
@@ -254,17 +271,22 @@ class Room:
             self.floor.on_moderator_message(content, addressed)
         self.publish_floor()
 
-    def _why_withheld(self, peer: Peer, opening: bool) -> tuple[ErrorCode, str] | None:
+    def _why_withheld(self, peer: Peer, opening: bool, turn: int | None) -> tuple[ErrorCode, str] | None:
         if peer.muted:
-            return ErrorCode.MUTED, "You are muted by the moderator; your message was not relayed."
-        if peer.role is Role.MODEL and not self.floor.may_speak(peer.name, opening=opening):
-            if self.floor.paused:
-                return ErrorCode.NOT_YOUR_TURN, "The room is paused; your message was kept but not relayed."
+            return ErrorCode.MUTED, "You are muted by the moderator; your message was kept but not relayed."
+        if peer.role is not Role.MODEL:
+            return None
+        if self.floor.paused:
+            return ErrorCode.NOT_YOUR_TURN, "The room is paused; your message was kept but not relayed."
+        if not self.floor.may_speak(peer.name, opening=opening):
             return ErrorCode.NOT_YOUR_TURN, "It is not your turn; your message was kept but not relayed."
+        if turn is not None and turn != self.floor.turn and not opening:
+            return ErrorCode.NOT_YOUR_TURN, "That reply was for an earlier turn; it was kept but not relayed."
         return None
 
     def _pass_turn(self, peer: Peer, frame: Pass) -> None:
-        if peer.role is not Role.MODEL or peer.name not in self.floor.speakers():
+        stale = frame.turn is not None and frame.turn != self.floor.turn
+        if peer.role is not Role.MODEL or peer.name not in self.floor.speakers() or stale:
             return
         reason = f" ({frame.reason[:200]})" if frame.reason else ""
         self.announce("pass", f"{peer.name} passed its turn{reason}", name=peer.name)
@@ -272,25 +294,54 @@ class Room:
         self.publish_floor()
 
     def _relay_draft(self, peer: Peer, draft: Draft) -> None:
-        if peer.role is not Role.MODEL or peer.name not in self.floor.speakers() or peer.muted:
-            return
-        self._send([other for other in self.peers.values() if other.wants_stream and other is not peer],
-                   encode(Stream(sender=peer.name, content=draft.content, turn=self.floor.turn)))
-
-    def publish_floor(self) -> None:
-        """Tell extension-speaking peers who may speak, when that changed."""
         floor = self.floor
-        state = FloorState(
+        if peer.role is not Role.MODEL or peer.name not in floor.speakers() or peer.muted:
+            return
+        if peer.draft_turn != floor.turn:
+            peer.draft_turn, peer.draft_bytes = floor.turn, 0
+        peer.draft_bytes += len(draft.content)
+        if peer.draft_bytes > DRAFT_BYTES_PER_TURN:
+            return  # a reply that long streams no further; its final message still goes out whole
+        self._send([other for other in self.peers.values() if other.wants_stream and other is not peer],
+                   encode(Stream(sender=peer.name, content=draft.content, turn=floor.turn)))
+
+    def floor_state(self) -> FloorState:
+        floor = self.floor
+        return FloorState(
             mode=floor.mode.value,
             speakers=floor.speakers(),
             turns_left=max(floor.turns_left, 0),
             paused=floor.paused,
             turn=floor.turn,
         )
+
+    def publish_floor(self) -> None:
+        """Tell extension-speaking peers who may speak, when that changed, and time the new turn."""
+        state = self.floor_state()
         if state == self._last_floor:
             return
         self._last_floor = state
+        self._time_turn(state)
         self.broadcast(state, only_extensions=True)
+
+    def _time_turn(self, state: FloorState) -> None:
+        """A model that holds the turn and neither answers nor passes must not stall the room."""
+        if self._turn_timer is not None:
+            self._turn_timer.cancel()
+            self._turn_timer = None
+        if len(state.speakers) == 1 and self.settings.turn_timeout > 0:
+            self._turn_timer = asyncio.get_running_loop().call_later(
+                self.settings.turn_timeout, self._turn_expired, state.speakers[0], state.turn
+            )
+
+    def _turn_expired(self, holder: str, turn: int) -> None:
+        self._turn_timer = None
+        if self.floor.turn != turn or self.floor.speakers() != (holder,):
+            return
+        self.announce("pass", f"{holder} did not answer within {self.settings.turn_timeout:.0f} s; "
+                              "its turn passes on", name=holder)
+        self.floor.on_model_message(holder)
+        self.publish_floor()
 
     def broadcast(self, frame: ServerFrame, *, only_extensions: bool = False,
                   exclude: Peer | None = None) -> None:
@@ -309,30 +360,41 @@ class Room:
         )
         self.deliver(peer, frame)
 
+    def count_refusal(self, peer: Peer) -> bool:
+        """Note a bad frame; True once a peer has sent so many in a row that it counts as abuse."""
+        peer.refusals_in_a_row += 1
+        return peer.refusals_in_a_row > MAX_REFUSALS_IN_A_ROW
+
     # ------------------------------------------------------------ delivery
 
     def _send(self, recipients: list[Peer], text: str) -> None:
         """Write one frame to many peers without waiting; cut off the ones too far behind.
 
-        This is websockets' ``broadcast()`` with one step hoisted out of the loop: the hub
-        negotiates no extensions and server frames are unmasked, so every recipient gets the same
-        bytes, and the frame is serialised once instead of once per peer. Every write happens on
-        the event loop between whole frames, so the connection's own frames (pings, close) never
-        interleave with these.
+        This is websockets' ``broadcast()`` with one step hoisted out of the loop: server frames are
+        unmasked and the hub negotiates no extensions (it serves with compression off), so every
+        recipient gets the same bytes and the frame is serialised once instead of once per peer.
+        Every write happens on the event loop between whole frames, so the connection's own frames
+        (pings, close) never interleave with these.
         """
         limit = self.settings.max_buffered_bytes
         wire = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+        too_slow = []
         for peer in recipients:
-            if self.peers.get(peer.key) is not peer:
-                continue  # already removed, e.g. cut off earlier in this same broadcast
-            transport = peer.ws.transport
-            if transport is None or peer.ws.protocol.state is not State.OPEN:
+            if not self.is_present(peer):
+                continue
+            transport, protocol = peer.ws.transport, peer.ws.protocol
+            if transport is None or protocol.state is not State.OPEN:
                 continue
             backlog = transport.get_write_buffer_size()
             if backlog > limit:
-                self._cut_off(peer, backlog)
+                too_slow.append((peer, backlog))
+            elif protocol.extensions:
+                broadcast([peer.ws], text)  # a peer with an extension needs its own encoding
             else:
                 transport.write(wire)
+        # Removing announces a leave, which sends frames itself: only once this frame has gone to all.
+        for peer, backlog in too_slow:
+            self._cut_off(peer, backlog)
 
     def _cut_off(self, peer: Peer, backlog: int) -> None:
         log.warning("%s has %d KiB unread; disconnecting it", peer.name, backlog // 1024)
@@ -362,6 +424,8 @@ class Room:
         """
         if peer.role is Role.MODEL and not peer.speaks_extensions:
             return
+        if last_seq is not None and last_seq > self.seq:
+            last_seq = None  # numbers from another conversation (a hub restarted without --resume)
         if last_seq is not None:
             missed: Iterable[Chat] = [chat for chat in self.history if chat.seq > last_seq]
             if self.history and self.history[0].seq > last_seq + 1:
@@ -371,15 +435,18 @@ class Room:
         else:
             missed = list(self.history)[-self.settings.replay:] if self.settings.replay else []
         for chat in missed:
-            self.deliver(peer, Chat(**{**chat.__dict__, "replay": True}))
+            self.deliver(peer, replace(chat, replay=True))
 
     def announce(self, event: str, sentence: str, *, exclude: Peer | None = None, **fields: str) -> None:
-        self.transcript.append("event", {"event": event, "content": sentence, "ts": time.time(), **fields})
+        self.transcript.event(event, sentence, **fields)
         log.info("%s", sentence, extra={"speaker": fields.get("name")})
         self.broadcast(Notice(sentence, event=event), exclude=exclude)
 
     async def shutdown(self) -> None:
         """Tell everyone the hub is stopping and close every connection."""
+        self.closing = True
+        if self._turn_timer is not None:
+            self._turn_timer.cancel()
         self.announce("shutdown", "The hub is stopping.")
         peers = list(self.peers.values())
         await asyncio.gather(*(self.flush(peer, 1.0) for peer in peers))

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="who may speak after a moderator message (default: round-robin)")
     floor.add_argument("--max-turns", type=int, default=None,
                        help="model messages allowed after each moderator message (default: one per model)")
+    floor.add_argument("--turn-timeout", type=float, default=180.0,
+                       help="seconds a model may hold the turn without answering before it passes on; "
+                            "0 waits forever (default: 180)")
     room = parser.add_argument_group("transcript and history")
     room.add_argument("--transcript", type=Path,
                       help="JSONL transcript to append to (default: logs/transcript-TIME.jsonl)")
@@ -73,6 +76,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
             max_clients=args.max_clients,
             rate_per_second=args.rate_limit,
             rate_burst=args.rate_burst,
+            turn_timeout=args.turn_timeout,
             token=args.token or None,
             moderator_token=args.moderator_token or None,
         ),

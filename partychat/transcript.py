@@ -1,5 +1,9 @@
 """The room's transcript: an append-only JSONL file, written before anything is relayed.
 
+Every line is one object with a ``kind``: ``start`` (a hub began serving this room), ``message``
+(a relayed chat message), ``withheld`` (a message kept out of the room, with the reason) or
+``event`` (joins, leaves, commands...). This module is the only one that writes or reads them.
+
 Durability: each record is written and flushed to the operating system before the hub relays the
 message, so a hub killed with SIGKILL loses nothing it relayed. ``fsync=True`` also forces every
 record to disk, which survives power loss at the cost of a disk sync per message.
@@ -11,16 +15,18 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from .protocol import Chat, Role
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Record:
-    """One line of the transcript: a chat message (with ``seq``) or a room event."""
+    """One line of the transcript."""
 
     kind: str
     data: dict[str, Any]
@@ -29,6 +35,14 @@ class Record:
     def seq(self) -> int | None:
         value = self.data.get("seq")
         return value if isinstance(value, int) else None
+
+
+@dataclass
+class History:
+    """What a transcript holds for a hub that resumes it."""
+
+    room_id: str | None = None
+    messages: list[Chat] = field(default_factory=list)
 
 
 def default_path(directory: Path) -> Path:
@@ -44,7 +58,21 @@ class Transcript:
         if self._file.tell() > 0 and not _ends_with_newline(path):
             self._file.write("\n")
 
-    def append(self, kind: str, data: dict[str, Any]) -> None:
+    def start(self, room_id: str) -> None:
+        self._append("start", {"room": room_id, "ts": time.time()})
+
+    def message(self, chat: Chat) -> None:
+        self._append("message", {"from": chat.sender, "content": chat.content, "id": chat.id, "seq": chat.seq,
+                                 "ts": chat.ts, "role": chat.role})
+
+    def withheld(self, sender: str, role: str, content: str, reason: str) -> None:
+        self._append("withheld", {"from": sender, "role": role, "content": content, "reason": reason,
+                                  "ts": time.time()})
+
+    def event(self, event: str, sentence: str, **fields: str) -> None:
+        self._append("event", {"event": event, "content": sentence, "ts": time.time(), **fields})
+
+    def _append(self, kind: str, data: dict[str, Any]) -> None:
         line = json.dumps({"kind": kind, **data}, ensure_ascii=False, separators=(",", ":"))
         self._file.write(line + "\n")
         self._file.flush()
@@ -72,6 +100,27 @@ def read_records(path: Path) -> list[Record]:
                 continue
             records.append(Record(kind=str(kind), data=data))
     return records
+
+
+def load_history(path: Path) -> History:
+    """The room id and the relayed messages of a transcript, for ``--resume``."""
+    history = History()
+    for record in read_records(path):
+        data = record.data
+        if record.kind == "start" and isinstance(data.get("room"), str):
+            history.room_id = data["room"]
+        elif record.kind == "message" and record.seq is not None:
+            history.messages.append(
+                Chat(
+                    sender=str(data.get("from", "")),
+                    content=str(data.get("content", "")),
+                    seq=record.seq,
+                    id=str(data.get("id", "")),
+                    ts=float(data.get("ts", 0.0)),
+                    role=str(data.get("role", Role.MODEL.value)),
+                )
+            )
+    return history
 
 
 def _ends_with_newline(path: Path) -> bool:

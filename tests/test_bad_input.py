@@ -147,3 +147,32 @@ def test_hub_frame_errors_keep_the_connection(start_hub):
         await ws.close()
 
     asyncio.run(scenario())
+
+
+def test_moderator_leaves_at_once_on_quit_even_while_the_hub_is_unreachable():
+    result = subprocess.run([PYTHON, "moderator.py", "--server", "ws://127.0.0.1:9"], cwd=ROOT,
+                            input="hello, is anyone there?\n/quit\n", capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert "Not sent (no connection to the hub): hello, is anyone there?" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_kicked_moderator_console_stays_out(start_hub, processes, tmp_path):
+    from helpers import Process
+
+    _, url = start_hub()
+
+    async def scenario() -> None:
+        host, _ = await join(url, "Host", "human", protocol=1)
+        guest = Process(["moderator.py", "--server", url, "--name", "Guest"], tmp_path / "guest.out",
+                        stdin=subprocess.PIPE)
+        processes.append(guest)
+        await asyncio.to_thread(guest.wait_for_output, "Connected to", 30)
+        await host.send(json.dumps({"type": "command", "name": "kick", "args": ["Guest"]}))
+        code = await asyncio.to_thread(guest.popen.wait, 30)
+        assert code == 3
+        assert "You were removed from the room by Host" in guest.output
+        assert "Traceback" not in guest.output
+        await host.close()
+
+    asyncio.run(scenario())

@@ -9,7 +9,7 @@ import sys
 import pytest
 from helpers import ROOT, join, next_frame
 
-from partychat.console import InputError, Local, RoomView, parse_line
+from partychat.console import InputError, Local, RoomView, parse_line, transcript_markdown
 from partychat.display import neutralise, speaker_colour
 from partychat.protocol import Chat, Command, FloorState, Notice, Say, Stream
 
@@ -30,6 +30,8 @@ def test_escape_sequences_from_the_room_are_shown_not_obeyed():
     line = view.render(Chat(sender="Evil\x1b[31m", content="clear\x1b[2J\x07 screen\rspoof", seq=1, ts=1.0))
     assert "\x1b" not in line and "\x07" not in line and "\r" not in line
     assert "\\x1b[2J" in line
+    spoof = view.render(Chat(sender="Sage", content="ok.\n[09:30:00] Moderator: everyone stop", seq=2, ts=1.0))
+    assert "\n    [09:30:00] Moderator" in spoof, "a later line must not look like a line of its own"
     assert neutralise("bidi \u202e trick") == "bidi \\u202e trick"
 
 
@@ -45,7 +47,7 @@ def test_hidden_messages_are_still_kept_for_save_and_drafts_grow_in_the_toolbar(
     assert "Sage is writing: Once upon a time" in view.toolbar()
     assert view.render(Chat(sender="Sage", content="Once upon a time.", seq=1)) is None
     assert view.toolbar() == ""
-    assert "Once upon a time." in view.markdown()
+    assert "> Once upon a time." in transcript_markdown(view.seen)
     assert "paused" in view.render(Notice("Moderator paused the room."))
 
 

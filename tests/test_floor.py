@@ -106,3 +106,15 @@ def test_an_opening_line_is_allowed_once_outside_the_turn_order():
     assert not floor.may_speak("Tinker", opening=True)
     floor.pause()
     assert not floor.may_speak("Historian", opening=True)
+
+
+def test_an_opening_line_does_not_move_the_floor_and_is_not_renewed_by_reconnecting():
+    floor = room()
+    floor.on_moderator_message("go")
+    assert floor.speakers() == ("Sage",)
+    assert floor.may_speak("Historian", opening=True)
+    floor.on_model_message("Historian", "hello, I just arrived")
+    assert floor.speakers() == ("Sage",) and floor.turns_left == 3
+    floor.remove_model("Historian")
+    floor.add_model("Historian")
+    assert not floor.may_speak("Historian", opening=True)

@@ -9,7 +9,7 @@ import os
 import socket
 
 import pytest
-from helpers import drain, hub_config, join, next_frame, say, speaker_and_listener, with_hub
+from helpers import close_all, drain, hub_config, join, next_frame, say, speaker_and_listener, with_hub
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -298,3 +298,115 @@ def test_a_peer_that_stops_answering_pings_is_noticed_and_removed(tmp_path):
         await watcher.close()
 
     with_hub(config, body)
+
+
+def test_a_kicked_peer_cannot_speak_on_before_its_connection_closes(tmp_path):
+    async def body(hub):
+        speaker, listener = await speaker_and_listener(hub.url)
+        victim, _ = await join(hub.url, "Victim", "human")
+        victim.transport.pause_reading()  # it ignores the closing handshake and keeps sending
+        await speaker.send(json.dumps({"type": "command", "name": "kick", "args": ["Victim"]}))
+        await next_frame(listener, "system", event="leave")
+        for n in range(5):
+            await say(victim, f"still talking {n}")
+        await say(speaker, "after the kick")
+        frame = await next_frame(listener, "message")
+        assert frame["content"] == "after the kick"
+        victim.transport.abort()
+        await close_all(speaker, listener)
+
+    with_hub(hub_config(tmp_path), body)
+
+
+def test_a_client_with_its_session_secret_takes_over_its_stale_connection(tmp_path):
+    async def body(hub):
+        watcher, _ = await join(hub.url, "Watcher", "human")
+        old, welcome = await join(hub.url, "Sage", "model", protocol=1)
+        assert welcome["session"] and welcome["room"]
+        old.transport.pause_reading()  # the hub has not noticed this connection is dead
+        await drain(watcher)
+        _, refused = await join(hub.url, "Sage", "model", protocol=1, session="guess")
+        assert refused["code"] == "name_taken"
+        new, again = await join(hub.url, "sage", "model", protocol=1, session=welcome["session"])
+        assert again["content"] == "Connected as sage" and again["room"] == welcome["room"]
+        assert again["session"] != welcome["session"]
+        assert [f for f in await drain(watcher) if f.get("event") in ("join", "leave")] == []
+        old.transport.abort()
+        await close_all(watcher, new)
+
+    with_hub(hub_config(tmp_path), body)
+
+
+def test_a_model_that_holds_the_turn_and_never_answers_loses_it(tmp_path):
+    async def body(hub):
+        moderator, _ = await join(hub.url, "Moderator", "human", protocol=1)
+        sleepy, _ = await join(hub.url, "Sleepy", "model", protocol=1)
+        lively, _ = await join(hub.url, "Lively", "model", protocol=1)
+        await say(moderator, "anyone?")
+        await next_frame(moderator, "turn", speakers=["Sleepy"])
+        passed = await next_frame(moderator, "system", event="pass", timeout=5)
+        assert "Sleepy did not answer" in passed["content"]
+        await next_frame(lively, "turn", speakers=["Lively"])
+        await close_all(moderator, sleepy, lively)
+
+    with_hub(hub_config(tmp_path, turn_timeout=0.5), body)
+
+
+def test_text_that_is_not_valid_unicode_is_refused_without_harm(tmp_path):
+    config = hub_config(tmp_path)
+
+    async def body(hub):
+        speaker, listener = await speaker_and_listener(hub.url)
+        await speaker.send('{"type": "message", "content": "\\ud800"}')
+        frame = await next_frame(speaker, "system", event="error")
+        assert frame["code"] == "bad_frame"
+        await say(speaker, "fine now")
+        assert (await next_frame(listener, "message"))["seq"] == 1
+        await close_all(speaker, listener)
+
+    with_hub(config, body)
+    assert [r.seq for r in read_records(config.transcript) if r.kind == "message"] == [1]
+
+
+def test_numbers_from_another_conversation_get_the_recent_history_instead(tmp_path):
+    async def body(hub):
+        speaker, _ = await join(hub.url, "Moderator", "human")
+        for text in ("one", "two"):
+            await say(speaker, text)
+        back, _ = await join(hub.url, "Watcher", "human", protocol=1, last_seq=57)
+        replayed = [f["content"] for f in await drain(back) if f["type"] == "message"]
+        assert replayed == ["one", "two"]
+        await close_all(speaker, back)
+
+    with_hub(hub_config(tmp_path), body)
+
+
+def test_a_peer_that_keeps_sending_bad_frames_is_closed(tmp_path):
+    async def body(hub):
+        ws, _ = await join(hub.url, "Noisy", "human", protocol=1)
+        with pytest.raises(ConnectionClosed):
+            for _ in range(200):
+                await ws.send("{broken")
+                await asyncio.sleep(0)
+            while True:
+                await ws.recv()
+        assert ws.close_code == 1008
+
+    with_hub(hub_config(tmp_path, rate_per_second=0), body)
+
+
+@pytest.mark.parametrize(("args", "needle"), [(["²"], "whole number"), (["5000"], "whole number"),
+                                              (["Sage", " "], "message is missing")])
+def test_bad_command_arguments_get_a_sentence_not_a_crash(tmp_path, args, needle):
+    async def body(hub):
+        moderator, _ = await join(hub.url, "Moderator", "human", protocol=1)
+        model, _ = await join(hub.url, "Sage", "model", protocol=1)
+        name = "to" if args[0] == "Sage" else "turns"
+        await moderator.send(json.dumps({"type": "command", "name": name, "args": args}))
+        error = await next_frame(moderator, "error")
+        assert error["code"] == "bad_argument" and needle in error["content"]
+        await say(moderator, "still here")
+        assert (await next_frame(model, "message"))["content"] == "still here"
+        await close_all(moderator, model)
+
+    with_hub(hub_config(tmp_path), body)
