@@ -74,16 +74,8 @@ class Hello:
     """The secret from an earlier welcome: lets a reconnecting client take over its stale slot."""
 
     def to_wire(self) -> dict[str, Any]:
-        frame: dict[str, Any] = {"name": self.name, "type": self.role.value}
-        if self.protocol is not None:
-            frame["protocol"] = self.protocol
-        for key in ("token", "moderator_token", "last_seq", "session"):
-            value = getattr(self, key)
-            if value is not None:
-                frame[key] = value
-        if self.stream:
-            frame["stream"] = True
-        return frame
+        frame = {"name": self.name, "type": self.role.value}
+        return _with_set_fields(frame, self, "protocol", "token", "moderator_token", "last_seq", "session", "stream")
 
 
 @dataclass(frozen=True)
@@ -96,12 +88,7 @@ class Say:
     """The turn a model's reply was generated for; a reply for an older turn is withheld."""
 
     def to_wire(self) -> dict[str, Any]:
-        frame: dict[str, Any] = {"type": "message", "content": self.content}
-        if self.opening:
-            frame["opening"] = True
-        if self.turn is not None:
-            frame["turn"] = self.turn
-        return frame
+        return _with_set_fields({"type": "message", "content": self.content}, self, "opening", "turn")
 
 
 @dataclass(frozen=True)
@@ -122,10 +109,7 @@ class Pass:
     turn: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        frame: dict[str, Any] = {"type": "pass", "reason": self.reason}
-        if self.turn is not None:
-            frame["turn"] = self.turn
-        return frame
+        return _with_set_fields({"type": "pass", "reason": self.reason}, self, "turn")
 
 
 @dataclass(frozen=True)
@@ -158,18 +142,9 @@ class Chat:
     replay: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        frame: dict[str, Any] = {
-            "type": "message",
-            "from": self.sender,
-            "content": self.content,
-            "id": self.id,
-            "seq": self.seq,
-            "ts": self.ts,
-            "role": self.role,
-        }
-        if self.replay:
-            frame["replay"] = True
-        return frame
+        frame = {"type": "message", "from": self.sender, "content": self.content, "id": self.id, "seq": self.seq,
+                 "ts": self.ts, "role": self.role}
+        return _with_set_fields(frame, self, "replay")
 
 
 @dataclass(frozen=True)
@@ -186,12 +161,8 @@ class Notice:
     """Welcome only: a secret that lets this client reclaim its name after a dropped connection."""
 
     def to_wire(self) -> dict[str, Any]:
-        frame: dict[str, Any] = {"type": "system", "content": self.content}
-        for key in ("event", "code", "protocol", "room", "session"):
-            value = getattr(self, key)
-            if value is not None:
-                frame[key] = value
-        return frame
+        return _with_set_fields({"type": "system", "content": self.content}, self,
+                                "event", "code", "protocol", "room", "session")
 
 
 @dataclass(frozen=True)
@@ -255,6 +226,15 @@ class Archive:
 
 
 ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Roster | Archive
+
+
+def _with_set_fields(frame: dict[str, Any], source: object, *names: str) -> dict[str, Any]:
+    """Add the optional fields that are set (not None, not False), so frames carry only what they use."""
+    for name in names:
+        value = getattr(source, name)
+        if value is not None and value is not False:
+            frame[name] = value
+    return frame
 
 
 def encode(frame: ClientFrame | ServerFrame | Hello) -> str:
