@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .connection import HubRefused
 from .generation import GenerationSettings
-from .logs import LEVELS, setup_logging
+from .logs import LEVELS, honour_ctrl_c, setup_logging
 from .models import DTYPES, ModelError, load, resolve
 from .participant import ModelParticipant, ParticipantConfig
 
@@ -91,6 +91,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    honour_ctrl_c()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     setup_logging(args.log_level, args.log_file)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +38,14 @@ class RoomFormatter(logging.Formatter):
         elif record.levelno < logging.INFO:
             colour = DIM
         return paint(f"[{stamp}] ", DIM, self.colour) + paint(text, colour, self.colour)
+
+
+def honour_ctrl_c() -> None:
+    """Make Ctrl+C raise KeyboardInterrupt even if our parent started us with SIGINT ignored.
+
+    Shells start background jobs that way, and Python then leaves SIGINT ignored.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def setup_logging(level: str = "INFO", log_file: str | Path | None = None) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .connection import HubGone, HubRefused, Session, check_refusal, keep_trying
 from .console import InputError, Local, RoomView, Terminal, help_text, parse_line, transcript_markdown
-from .logs import LEVELS, setup_logging
+from .logs import LEVELS, honour_ctrl_c, setup_logging
 from .protocol import (
     PROTOCOL_VERSION,
     Archive,
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print("moderator.py: --server must start with ws:// or wss://", file=sys.stderr)
         return 2
     setup_logging(args.log_level)
+    honour_ctrl_c()
     terminal = Terminal()
     try:
         asyncio.run(Moderator(args, terminal).run())
