@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="cpu")
     parser.add_argument("--gpu-id", type=int, default=0, help="which GPU with --device gpu (default: 0)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="weight precision (default: float32 on CPU, bfloat16/float16 on GPU)")
+                        help="weight precision (default: bfloat16 on CPUs with fast bfloat16, else float32; "
+                             "bfloat16/float16 on GPU)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy")
     parser.add_argument("--max-generation-tokens", type=int, default=100, help="longest reply, in tokens")
     parser.add_argument("--max-context-tokens", type=int, default=2048, help="prompt plus reply, in tokens")
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the hub's access token (or set PARTYCHAT_TOKEN)")
     parser.add_argument("--ca-file", type=Path, help="CA certificate to trust for a wss:// hub")
     parser.add_argument("--no-stream", action="store_true", help="send replies whole, without live partials")
+    parser.add_argument("--no-speedups", action="store_true",
+                        help="run the model as plain transformers would: no bfloat16 on CPU, no static cache")
     parser.add_argument("--log-level", default="INFO", choices=LEVELS, type=str.upper)
     parser.add_argument("--log-file", type=Path, help="also write the log, without colours, to this file")
     return parser
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         persona = read_persona(args.prompt_file, args.name)
         source = resolve(args.model)
         log.info("Loading %s on %s", source.label, args.device)
-        loaded = load(source, device=args.device, gpu_id=args.gpu_id, dtype=args.dtype)
+        loaded = load(source, device=args.device, gpu_id=args.gpu_id, dtype=args.dtype,
+                      speedups=not args.no_speedups)
     except ModelError as error:
         print(f"client.py: {error}", file=sys.stderr)
         return 2
