@@ -122,3 +122,25 @@ class Process:
                 self.popen.kill()
                 self.popen.wait()
         self._out.close()
+
+
+def build_tiny_model(folder: Path) -> Path:
+    """A two-layer Llama with random weights and the embedded model's tokenizer, saved as a model folder.
+
+    It is fast, and it never stops on its own (it has no end-of-text token), so a generation lasts
+    as long as a test needs it to.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from partychat.models import converted_folder, embedded_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_folder(embedded_gguf()))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         eos_token_id=None, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+

@@ -7,7 +7,7 @@ import json
 import socket
 import time
 
-from helpers import Process, drain, join, next_frame, say
+from helpers import Process, build_tiny_model, drain, join, next_frame, say
 
 from partychat.transcript import read_records
 
@@ -49,10 +49,11 @@ def test_replies_stream_only_to_those_who_asked_and_add_up_to_the_final_text(sta
     asyncio.run(scenario())
 
 
-def test_ctrl_c_stops_a_client_in_the_middle_of_a_long_generation(start_hub, start_client):
+def test_ctrl_c_stops_a_client_in_the_middle_of_a_long_generation(tmp_path, start_hub, start_client):
     _, url = start_hub()
-    client = start_client("--name", "Rambler", "--server", url, "--max-generation-tokens", "2000",
-                          "--max-context-tokens", "4096", "--no-stream")
+    model = build_tiny_model(tmp_path / "tiny")  # it never stops by itself: the generation is still going
+    client = start_client("--name", "Rambler", "--server", url, "--model", str(model), "--no-stream",
+                          "--max-generation-tokens", "50000", "--max-context-tokens", "60000")
     client.wait_for_output("joined ws://", 180)
 
     async def scenario() -> float:
@@ -60,6 +61,7 @@ def test_ctrl_c_stops_a_client_in_the_middle_of_a_long_generation(start_hub, sta
         await say(watcher, "Write a very long essay about the sea.")
         await next_frame(watcher, "turn", speakers=["Rambler"])
         await asyncio.sleep(2)  # well into a generation that would run for minutes
+        assert [f for f in await drain(watcher, 0.1) if f["type"] == "message"] == []
         started = time.monotonic()
         code = await asyncio.to_thread(client.interrupt)
         elapsed = time.monotonic() - started
@@ -71,6 +73,7 @@ def test_ctrl_c_stops_a_client_in_the_middle_of_a_long_generation(start_hub, sta
 
     elapsed = asyncio.run(scenario())
     assert elapsed < 15, f"Ctrl+C took {elapsed:.1f} s"
+    print(f"Ctrl+C ended the generating client in {elapsed:.2f} s")
     assert "Traceback" not in client.output
 
 

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import build_tiny_model
 
 from partychat.generation import (
     GenerationSettings,
@@ -33,19 +34,8 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer):
-    """A two-layer Llama with random weights: fast, and it never stops on its own."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         eos_token_id=None, bos_token_id=None)
-    folder = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return load(ModelSource("folder", str(folder)))
+def tiny_model(tmp_path_factory):
+    return load(ModelSource("folder", str(build_tiny_model(tmp_path_factory.mktemp("tiny")))))
 
 
 def chats(*pairs: tuple[str, str]) -> list[Chat]:
