@@ -138,8 +138,9 @@ class ModelParticipant:
         if chat.sender != self.name and not chat.replay:
             log.info("%s: %s", chat.sender, chat.content, extra={"speaker": chat.sender})
         baseline = self._session is not None and not self._session.extended
-        if baseline and chat.sender != self.name and not chat.replay:
-            self._start(self._reply(None, self._fresh_stop()))
+        busy = self._reply_task is not None and not self._reply_task.done()
+        if baseline and chat.sender != self.name and not chat.replay and not busy:
+            self._start(self._reply(None, self._fresh_stop()))  # one reply at a time, then the next
 
     def _on_floor(self, floor: FloorState) -> None:
         if self.name not in floor.speakers or floor.paused:
@@ -160,9 +161,6 @@ class ModelParticipant:
         return self._stop
 
     def _start(self, work: Coroutine[None, None, None]) -> None:
-        if self._reply_task is not None and not self._reply_task.done() and self.floor is None:
-            work.close()
-            return  # baseline hub: finish the reply under way first
         self._reply_task = asyncio.create_task(work)
         self._reply_task.add_done_callback(_log_failure)
 

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import Process, join, next_frame, say
+from helpers import ROOT, Process, join, next_frame, say
 
 from partychat.models import converted_folder, embedded_gguf
 
@@ -78,3 +78,32 @@ def test_the_original_moderator_reaches_our_hub_on_its_fixed_address(original, s
 
     frame = asyncio.run(scenario())
     assert (frame["from"], frame["content"]) == ("Moderator", "Greetings from the old console")
+
+
+def test_our_client_and_moderator_work_on_the_original_hub(original, processes, start_client, tmp_path):
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8765)) == 0:
+            pytest.skip("port 8765, where the original hub always listens, is in use")
+    hub = Process([str(original / "llm_party_chat" / "server.py")], tmp_path / "original-hub.out", cwd=original)
+    processes.append(hub)
+    hub.wait_for_output("Waiting for connections", 30)
+    url = "ws://localhost:8765"
+    client = start_client("--name", "Zen Sage", "--prompt-file", "sage.txt", "--server", url,
+                          "--max-generation-tokens", "30")
+    client.wait_for_output("baseline hub", 180)
+
+    async def scenario() -> dict:
+        listener, _ = await join(url, "Listener", "human")
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "moderator.py", "--server", url], input="Hello there, sage.\n",
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )
+        assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr
+        first = await next_frame(listener, "message", timeout=30)
+        reply = await next_frame(listener, "message", timeout=120)
+        await listener.close()
+        return {"question": first, "reply": reply}
+
+    frames = asyncio.run(scenario())
+    assert frames["question"]["content"] == "Hello there, sage."
+    assert frames["reply"]["from"] == "Zen Sage" and frames["reply"]["content"].strip()
