@@ -79,7 +79,6 @@ class RateLimiter:
         self.burst = burst
         self.tokens = float(burst)
         self.stamp = time.monotonic()
-        self.refused_in_a_row = 0
 
     def allow(self) -> bool:
         if self.per_second <= 0:
@@ -89,9 +88,7 @@ class RateLimiter:
         self.stamp = now
         if self.tokens >= 1:
             self.tokens -= 1
-            self.refused_in_a_row = 0
             return True
-        self.refused_in_a_row += 1
         return False
 
 
@@ -222,7 +219,6 @@ class Room:
         """Route one validated frame from a peer still in the room."""
         if self.closing or not self.is_present(peer):
             return  # removed (kicked, cut off) or stopping: nothing it sends counts any more
-        peer.refusals_in_a_row = 0
         if isinstance(frame, Draft):
             self._relay_draft(peer, frame)
             return
@@ -230,12 +226,8 @@ class Room:
             self._pass_turn(peer, frame)
             return
         if not peer.limiter.allow():
-            abusive = peer.limiter.refused_in_a_row > self.settings.rate_burst * 3
-            raise ProtocolError(
-                ErrorCode.RATE_LIMITED,
-                "You are sending too fast; that frame was dropped. Slow down.",
-                fatal=abusive,
-            )
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "You are sending too fast; that frame was dropped. Slow down.")
+        peer.refusals_in_a_row = 0
         if isinstance(frame, Command):
             run_command(self, peer, frame)
             return
