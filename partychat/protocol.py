@@ -8,6 +8,7 @@ See docs/PROTOCOL.md for the prose version of this module.
 from __future__ import annotations
 
 import json
+import math
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -15,6 +16,7 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_NAME_LENGTH = 40
+MAX_NONCE_LENGTH = 64
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024
 
 
@@ -72,10 +74,25 @@ class Hello:
     stream: bool = False
     session: str | None = None
     """The secret from an earlier welcome: lets a reconnecting client take over its stale slot."""
+    talkativeness: float | None = None
+    """A model's eagerness to speak, 0 to 1: its weight in natural mode's draw."""
 
     def to_wire(self) -> dict[str, Any]:
         frame = {"name": self.name, "type": self.role.value}
-        return _with_set_fields(frame, self, "protocol", "token", "moderator_token", "last_seq", "session", "stream")
+        return _with_set_fields(frame, self, "protocol", "token", "moderator_token", "last_seq", "session", "stream",
+                                "talkativeness")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How fast a model produced its reply, as our clients measure it; shown by ``/who``."""
+
+    ttft: float | None = None
+    """Seconds from being given the turn to the first token."""
+    tokens_per_second: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_set_fields({}, self, "ttft", "tokens_per_second")
 
 
 @dataclass(frozen=True)
@@ -86,9 +103,13 @@ class Say:
     opening: bool = False
     turn: int | None = None
     """The turn a model's reply was generated for; a reply for an older turn is withheld."""
+    nonce: str | None = None
+    """Chosen by the client, echoed back: a line re-sent after a reconnect is relayed only once."""
+    speed: Speed | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return _with_set_fields({"type": "message", "content": self.content}, self, "opening", "turn")
+        frame = _with_set_fields({"type": "message", "content": self.content}, self, "opening", "turn", "nonce")
+        return {**frame, **self.speed.to_wire()} if self.speed else frame
 
 
 @dataclass(frozen=True)
@@ -107,9 +128,11 @@ class Pass:
 
     reason: str = ""
     turn: int | None = None
+    speed: Speed | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return _with_set_fields({"type": "pass", "reason": self.reason}, self, "turn")
+        frame = _with_set_fields({"type": "pass", "reason": self.reason}, self, "turn")
+        return {**frame, **self.speed.to_wire()} if self.speed else frame
 
 
 @dataclass(frozen=True)
@@ -140,11 +163,15 @@ class Chat:
     ts: float = 0.0
     role: str = Role.MODEL.value
     replay: bool = False
+    interrupted: bool = False
+    """The moderator stopped this reply (``/stop``); the content is what had been streamed."""
+    nonce: str | None = None
+    """The sender's own mark for this line, echoed so it knows the line arrived."""
 
     def to_wire(self) -> dict[str, Any]:
         frame = {"type": "message", "from": self.sender, "content": self.content, "id": self.id, "seq": self.seq,
                  "ts": self.ts, "role": self.role}
-        return _with_set_fields(frame, self, "replay")
+        return _with_set_fields(frame, self, "replay", "interrupted", "nonce")
 
 
 @dataclass(frozen=True)
@@ -159,10 +186,12 @@ class Notice:
     """Welcome only: the id of this conversation, which stays the same when a hub resumes it."""
     session: str | None = None
     """Welcome only: a secret that lets this client reclaim its name after a dropped connection."""
+    reason: str | None = None
+    """Why, as a short code: for ``quiet`` (see floor.Quiet) and for the guards' ``withheld`` and ``cut``."""
 
     def to_wire(self) -> dict[str, Any]:
         return _with_set_fields({"type": "system", "content": self.content}, self,
-                                "event", "code", "protocol", "room", "session")
+                                "event", "code", "protocol", "room", "session", "reason")
 
 
 @dataclass(frozen=True)
@@ -310,10 +339,35 @@ def parse_hello(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
             last_seq=last_seq,
             stream=bool(_optional(data, "stream", bool)),
             session=_optional(data, "session", str),
+            talkativeness=_talkativeness(data),
         )
     except ProtocolError as error:
         error.fatal = True
         raise
+
+
+def _talkativeness(data: dict[str, Any]) -> float | None:
+    value = _optional(data, "talkativeness", (int, float))
+    if value is not None and (isinstance(value, bool) or not 0 <= value <= 1):
+        raise ProtocolError(ErrorCode.BAD_FRAME, '"talkativeness" must be a number from 0 to 1.')
+    return None if value is None else float(value)
+
+
+def _speed(data: dict[str, Any]) -> Speed | None:
+    """A model's reported speed; a value that is not a sane number is left out rather than refusing the reply."""
+    values = {}
+    for key in ("ttft", "tokens_per_second"):
+        value = data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+            values[key] = round(float(value), 3)
+    return Speed(**values) if values else None
+
+
+def _nonce(data: dict[str, Any]) -> str | None:
+    nonce = _optional(data, "nonce", str)
+    if nonce is not None and not 0 < len(nonce) <= MAX_NONCE_LENGTH:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f'"nonce" must be 1 to {MAX_NONCE_LENGTH} characters.')
+    return nonce
 
 
 def _content(data: dict[str, Any], *, allow_empty: bool = False) -> str:
@@ -334,12 +388,14 @@ def parse_client_frame(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BY
     data = _load_object(raw, max_bytes)
     kind = data.get("type", "message")
     if kind == "message":
-        return Say(content=_content(data), opening=data.get("opening") is True, turn=_optional(data, "turn", int))
+        return Say(content=_content(data, allow_empty=True), opening=data.get("opening") is True,
+                   turn=_optional(data, "turn", int), nonce=_nonce(data), speed=_speed(data))
     if kind == "partial":
         return Draft(content=_content(data, allow_empty=True))
     if kind == "pass":
         reason = data.get("reason", "")
-        return Pass(reason=reason if isinstance(reason, str) else "", turn=_optional(data, "turn", int))
+        return Pass(reason=reason if isinstance(reason, str) else "", turn=_optional(data, "turn", int),
+                    speed=_speed(data))
     if kind == "command":
         name = data.get("name")
         args = data.get("args", [])
@@ -377,6 +433,7 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
             protocol=_int_or(data.get("protocol"), None),
             room=_str_or_none(data.get("room")),
             session=_str_or_none(data.get("session")),
+            reason=_str_or_none(data.get("reason")),
         )
     if kind == "error":
         return Refusal(code=str(data.get("code") or ""), content=text)
@@ -415,6 +472,8 @@ def _chat(data: dict[str, Any]) -> Chat | None:
         ts=float(data["ts"]) if isinstance(data.get("ts"), (int, float)) else 0.0,
         role=str(data.get("role") or Role.MODEL.value),
         replay=data.get("replay") is True,
+        interrupted=data.get("interrupted") is True,
+        nonce=_str_or_none(data.get("nonce")),
     )
 
 

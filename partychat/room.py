@@ -231,6 +231,8 @@ class Room:
         if isinstance(frame, Command):
             run_command(self, peer, frame)
             return
+        if not frame.content.strip():
+            raise ProtocolError(ErrorCode.EMPTY, "The message is empty.")
         self.post(peer, frame.content, opening=frame.opening, turn=frame.turn)
 
     def post(self, peer: Peer, content: str, *, opening: bool = False, turn: int | None = None,

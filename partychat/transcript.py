@@ -62,8 +62,13 @@ class Transcript:
         self._append("start", {"room": room_id, "ts": time.time()})
 
     def message(self, chat: Chat) -> None:
-        self._append("message", {"from": chat.sender, "content": chat.content, "id": chat.id, "seq": chat.seq,
-                                 "ts": chat.ts, "role": chat.role})
+        data = {"from": chat.sender, "content": chat.content, "id": chat.id, "seq": chat.seq, "ts": chat.ts,
+                "role": chat.role}
+        if chat.interrupted:
+            data["interrupted"] = True
+        if chat.nonce:
+            data["nonce"] = chat.nonce  # so a resumed hub still recognises a line its sender re-sends
+        self._append("message", data)
 
     def withheld(self, sender: str, role: str, content: str, reason: str) -> None:
         self._append("withheld", {"from": sender, "role": role, "content": content, "reason": reason,
@@ -118,6 +123,8 @@ def load_history(path: Path) -> History:
                     id=str(data.get("id", "")),
                     ts=float(data.get("ts", 0.0)),
                     role=str(data.get("role", Role.MODEL.value)),
+                    interrupted=data.get("interrupted") is True,
+                    nonce=data["nonce"] if isinstance(data.get("nonce"), str) else None,
                 )
             )
     return history
