@@ -86,6 +86,8 @@ class RoomView:
                 return None
             name = paint(neutralise(frame.sender, keep_newlines=False), speaker_colour(frame.sender), self.colour)
             marker = paint(" (earlier)", DIM, self.colour) if frame.replay else ""
+            if frame.interrupted:
+                marker += paint(" (stopped)", DIM, self.colour)
             return f"{self.stamp(frame.ts or None)} {name}{marker}: {neutralise(frame.content)}"
         if isinstance(frame, Stream):
             self.drafts[frame.sender] = self.drafts.get(frame.sender, "") + frame.content
@@ -108,7 +110,7 @@ class RoomView:
             return None
         self._shown_speakers = speakers
         if not speakers:
-            return self.status("The models are done; the room waits for a moderator.") if not floor.paused else None
+            return None  # the hub's "quiet" event says why
         who = "any model" if len(speakers) > 1 else neutralise(speakers[0], keep_newlines=False)
         return self.status(f"Turn: {who} ({floor.turns_left} model turn{'s' if floor.turns_left != 1 else ''} left)")
 
@@ -126,7 +128,8 @@ def transcript_markdown(messages: Sequence[Chat]) -> str:
     lines = ["# Party Chat transcript", ""]
     for chat in messages:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(chat.ts)) if chat.ts else ""
-        lines.append(f"**{_markdown_escape(chat.sender)}** ({chat.role}{', ' + when if when else ''}):")
+        stopped = ", stopped by the moderator" if chat.interrupted else ""
+        lines.append(f"**{_markdown_escape(chat.sender)}** ({chat.role}{', ' + when if when else ''}{stopped}):")
         lines.append("")
         lines.extend("> " + _markdown_escape(line) for line in chat.content.splitlines() or [""])
         lines.append("")
@@ -139,17 +142,24 @@ def _markdown_escape(text: str) -> str:
 
 def describe_roster(roster: Roster) -> str:
     floor = roster.floor
-    people = ", ".join(
-        f"{p.get('name')} ({p.get('role')}{', moderator' if p.get('moderator') else ''}"
-        f"{', muted' if p.get('muted') else ''})"
-        for p in roster.participants
-    )
+    people = ", ".join(f"{p.get('name')} ({', '.join(_roster_details(p))})" for p in roster.participants)
     speakers = ", ".join(floor.get("speakers") or []) or "nobody"
     return (
         f"In the room: {people or 'nobody'}. Mode {floor.get('mode')}, "
         f"{'paused, ' if floor.get('paused') else ''}turn: {speakers}, "
         f"{floor.get('turns_left')} of {floor.get('max_turns')} model turns left."
     )
+
+
+def _roster_details(participant: dict) -> list[str]:
+    details = [str(participant.get("role"))]
+    details += [flag for flag in ("moderator", "muted", "skipped") if participant.get(flag)]
+    for key, label, unit in (("talkativeness", "talkativeness ", ""), ("ttft", "first token ", " s"),
+                             ("tokens_per_second", "", " tok/s")):
+        value = participant.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            details.append(f"{label}{value:g}{unit}")
+    return details
 
 
 class Terminal:

@@ -8,8 +8,10 @@ import logging
 import os
 import sys
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from .connection import HubGone, HubRefused, Session, check_refusal, keep_trying
@@ -61,6 +63,8 @@ class Moderator:
         self.view = RoomView(args.name, colour=terminal.colour, show_messages=not args.hide_messages)
         terminal.attach_toolbar(self.view.toolbar)
         self.outgoing: deque[Say | Command] = deque()
+        self.unconfirmed: dict[str, Say] = {}
+        """Lines sent but not yet echoed back by the hub, by nonce: re-sent after a reconnect."""
         self.saves: deque[Path] = deque()
         self.wake = asyncio.Event()
         self.done = False
@@ -98,6 +102,8 @@ class Moderator:
                 return
             reader.result()
             await asyncio.wait({talker}, timeout=LEAVE_GRACE_SECONDS)
+            for line in self.unconfirmed.values():
+                self.terminal.show(self.view.status(f"Sent, but the hub never confirmed it: {line.content}"))
             for item in self.outgoing:
                 self.terminal.show(self.view.status(f"Not sent (no connection to the hub): {_as_typed(item)}"))
         finally:
@@ -139,12 +145,15 @@ class Moderator:
         self.wake.set()
 
     def _queue(self, item: Say | Command) -> None:
+        if isinstance(item, Say):
+            item = replace(item, nonce=uuid.uuid4().hex[:16])
         self.outgoing.append(item)
         self.wake.set()
 
     async def _settle(self) -> None:
         """Wait until everything queued is sent and the room has gone quiet (see _wait_for)."""
-        await self._wait_for(lambda: not self.outgoing and not self.saves and self.idle.is_set())
+        await self._wait_for(lambda: not self.outgoing and not self.unconfirmed and not self.saves
+                             and self.idle.is_set())
 
     async def _wait_until_idle(self) -> None:
         """With piped input, let the models answer before the next scripted line."""
@@ -193,10 +202,13 @@ class Moderator:
             self.last_seq = None  # another conversation: its numbers start afresh
         self.room_id, self.secret, self.session = session.room, session.secret, session
         self.unreachable = False
+        # Lines the last hub never confirmed go first; one it did get is recognised by its nonce and not repeated.
+        self.outgoing.extendleft(reversed(list(self.unconfirmed.values())))
+        self.unconfirmed.clear()
         self.terminal.show(self.view.status(f"Connected to {self.args.server} as {self.args.name}."))
         receiver = asyncio.create_task(self._receive(session))
         try:
-            while not (self.done and not self.outgoing):
+            while not (self.done and not self.outgoing and not self.unconfirmed):
                 if not self.outgoing:
                     self.wake.clear()
                     waiter = asyncio.create_task(self.wake.wait())
@@ -209,6 +221,8 @@ class Moderator:
                 item = self.outgoing[0]
                 await session.ws.send(encode(item))
                 self.outgoing.popleft()
+                if isinstance(item, Say) and item.nonce and session.extended:
+                    self.unconfirmed[item.nonce] = item
                 if isinstance(item, Say) and not session.extended:
                     self.last_frame_at = time.monotonic()
                     if self._quiet_watcher is None or self._quiet_watcher.done():
@@ -223,6 +237,17 @@ class Moderator:
             await asyncio.sleep(0.5)
         self.idle.set()
 
+    def _confirm(self, chat: Chat) -> bool:
+        """Note that the hub has one of our lines; True if it was waiting for that."""
+        if chat.nonce:
+            return self.unconfirmed.pop(chat.nonce, None) is not None
+        oldest = next(iter(self.unconfirmed.values()), None)
+        mine = chat.sender.casefold() == " ".join(self.args.name.split()).casefold()
+        if oldest is not None and mine and not chat.replay and chat.content == oldest.content:
+            # A hub that does not echo nonces still echoes our lines in the order they were sent.
+            return self.unconfirmed.pop(oldest.nonce or "", None) is not None
+        return False
+
     async def _receive(self, session: Session) -> None:
         async for raw in session.ws:
             frame = parse_server_frame(raw)
@@ -230,6 +255,8 @@ class Moderator:
                 continue
             check_refusal(frame)
             self.last_frame_at = time.monotonic()
+            if isinstance(frame, Chat) and self._confirm(frame):
+                self.wake.set()  # leaving may have been waiting for this confirmation
             if isinstance(frame, Chat) and frame.seq:
                 if self.last_seq is not None and frame.seq <= self.last_seq:
                     continue

@@ -9,9 +9,9 @@ import sys
 import pytest
 from helpers import ROOT, join, next_frame
 
-from partychat.console import InputError, Local, RoomView, parse_line, transcript_markdown
+from partychat.console import InputError, Local, RoomView, describe_roster, parse_line, transcript_markdown
 from partychat.display import neutralise, speaker_colour
-from partychat.protocol import Chat, Command, FloorState, Notice, Say, Stream
+from partychat.protocol import Chat, Command, FloorState, Notice, Roster, Say, Stream
 
 
 def test_typed_lines_become_messages_commands_or_local_actions():
@@ -86,5 +86,17 @@ def test_turn_changes_show_once_as_status_lines():
     first = view.render(FloorState(mode="round-robin", speakers=("Sage",), turns_left=2, turn=1))
     assert first.endswith("* Turn: Sage (2 model turns left)")
     assert view.render(FloorState(mode="round-robin", speakers=("Sage",), turns_left=2, turn=1)) is None
-    assert "waits for a moderator" in view.render(FloorState(mode="round-robin", turn=2))
+    assert view.render(FloorState(mode="round-robin", turn=2)) is None, "the hub's quiet event says why"
     assert view.render(FloorState(mode="round-robin", speakers=("Sage",), paused=True, turn=3)) is None
+
+
+def test_stopped_replies_quiet_reasons_and_speeds_are_shown_as_such():
+    view = RoomView("Moderator", colour=False)
+    line = view.render(Chat(sender="Sage", content="Once upon a", seq=3, ts=1.0, interrupted=True))
+    assert line.endswith("Sage (stopped): Once upon a")
+    assert "stopped by the moderator" in transcript_markdown(view.seen)
+    quiet = view.render(Notice("The models are quiet: every persona passed.", event="quiet", reason="passed"))
+    assert quiet.endswith("* The models are quiet: every persona passed.")
+    roster = Roster(participants=({"name": "Sage", "role": "model", "talkativeness": 0.8, "ttft": 0.42,
+                                   "tokens_per_second": 31.5, "skipped": True},), floor={"mode": "natural"})
+    assert "Sage (model, skipped, talkativeness 0.8, first token 0.42 s, 31.5 tok/s)" in describe_roster(roster)
