@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--history-length", type=int, default=5, help="recent room messages in the prompt")
     parser.add_argument("--prompt-file", help="persona file; a bare name is also looked up in prompts/")
     parser.add_argument("--initial-prompt", help="a message the persona says once on joining")
+    parser.add_argument("--talkativeness", type=float, default=None,
+                        help="how eager the persona is to speak in the hub's natural mode, 0 to 1 "
+                             "(default: the hub's 0.5); 0 speaks only when named")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before sending each reply")
     parser.add_argument("--server", default="ws://localhost:8765", help="hub URL, ws:// or wss://")
     parser.add_argument("--token", default=os.environ.get("PARTYCHAT_TOKEN"),
@@ -84,6 +87,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         problems.append("--max-context-tokens must be larger than --max-generation-tokens")
     if args.history_length < 0:
         problems.append("--history-length cannot be negative")
+    if args.talkativeness is not None and not 0 <= args.talkativeness <= 1:
+        problems.append("--talkativeness must be a number from 0 to 1")
     if args.delay < 0:
         problems.append("--delay cannot be negative")
     if not args.server.startswith(("ws://", "wss://")):
@@ -127,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         token=args.token,
         ca_file=args.ca_file,
         stream=not args.no_stream,
+        talkativeness=args.talkativeness,
     )
     participant = ModelParticipant(config, loaded, settings)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,7 @@ from .protocol import (
     Refusal,
     Role,
     Say,
+    Speed,
     encode,
     parse_server_frame,
 )
@@ -56,6 +58,24 @@ class ParticipantConfig:
     token: str | None = None
     ca_file: Path | None = None
     stream: bool = True
+    talkativeness: float | None = None
+    """Weight in the hub's natural-mode draw, 0 to 1; None leaves the hub's default."""
+
+
+@dataclass
+class ReplyTiming:
+    """When a reply's turn began and its first token came, for the speed figures ``/who`` shows."""
+
+    started: float
+    first_token: float | None = None
+    finished: float | None = None
+
+    def speed(self, tokens: int) -> Speed | None:
+        if self.first_token is None:
+            return None
+        span = (self.finished or time.monotonic()) - self.first_token
+        return Speed(ttft=round(self.first_token - self.started, 3),
+                     tokens_per_second=round(tokens / span, 1) if span > 0 and tokens > 1 else None)
 
 
 class ModelParticipant:
@@ -88,6 +108,7 @@ class ModelParticipant:
             token=self.config.token,
             last_seq=self.last_seq,
             session=self.secret,
+            talkativeness=self.config.talkativeness,
         )
 
     async def run(self) -> None:
@@ -191,11 +212,12 @@ class ModelParticipant:
         if session is None:
             return
         streaming = session.extended and self.config.stream
-        reply, stream = "", None
+        reply, stream, raw = "", None, None
+        timing = ReplyTiming(started=time.monotonic())
         # A greedy reply that cleans to nothing is retried once with sampling before giving up the turn.
         for settings in (self.settings, replace(self.settings, temperature=max(self.settings.temperature, 0.8))):
             stream = ReplyStream(self.name, sorted(self._names))
-            raw = await self._generate(stop, settings, stream if streaming else None)
+            raw = await self._generate(stop, settings, stream if streaming else None, timing)
             if raw is None:
                 break
             reply = clean_reply(raw, self.name, sorted(self._names))
@@ -205,10 +227,11 @@ class ModelParticipant:
         if not self._still_mine(turn, stop):
             log.info("Turn withdrawn; dropped a reply of %d characters", len(reply))
             return
+        speed = timing.speed(self._count_tokens(raw))
         if not reply:
             log.warning("No usable reply; passing the turn")
             if session.extended:
-                await self._send(Pass("no usable reply", turn=turn))
+                await self._send(Pass("no usable reply", turn=turn, speed=speed))
             return
         if self.config.delay > 0:
             await asyncio.sleep(self.config.delay)
@@ -218,27 +241,37 @@ class ModelParticipant:
         rest = stream.rest(reply) if streaming and stream is not None else None
         if rest:
             await self._send(Draft(rest))
-        if not await self._send(Say(reply, turn=turn)):
+        if not await self._send(Say(reply, turn=turn, speed=speed)):
             return
         if not session.extended:  # our hub echoes our message back with its number; a baseline hub does not
             self.history.append(Chat(sender=self.name, content=reply))
         log.info("%s: %s", self.name, reply, extra={"speaker": self.name})
 
+    def _count_tokens(self, raw: str | None) -> int:
+        return len(self.loaded.tokenizer(raw, add_special_tokens=False)["input_ids"]) if raw else 0
+
     async def _generate(self, stop: threading.Event, settings: GenerationSettings,
-                        stream: ReplyStream | None) -> str | None:
+                        stream: ReplyStream | None, timing: ReplyTiming) -> str | None:
         """Build the prompt and generate in the worker thread; None if the prompt cannot fit.
 
         With a stream, clean whole sentences are sent as partial frames while the model writes.
+        On our hub an empty partial goes out at the first token in any case: it tells the hub this
+        persona is alive before its first sentence is done (see --first-token-timeout).
         """
         loop = asyncio.get_running_loop()
         drafts: asyncio.Queue[str | None] = asyncio.Queue()
+        extended = self._session is not None and self._session.extended
 
         def on_text(text: str) -> None:  # runs in the worker thread
+            if timing.first_token is None:
+                timing.first_token = time.monotonic()
+                if extended:
+                    loop.call_soon_threadsafe(drafts.put_nowait, "")
             piece = stream.feed(text) if stream is not None else ""
             if piece:
                 loop.call_soon_threadsafe(drafts.put_nowait, piece)
 
-        forward = asyncio.create_task(self._forward_drafts(drafts)) if stream is not None else None
+        forward = asyncio.create_task(self._forward_drafts(drafts))
         try:
             prompt = await loop.run_in_executor(
                 self._executor,
@@ -246,16 +279,15 @@ class ModelParticipant:
             )
             return await loop.run_in_executor(
                 self._executor,
-                lambda: generate_reply(self.loaded, prompt, settings, stop=stop,
-                                       on_text=on_text if stream is not None else None),
+                lambda: generate_reply(self.loaded, prompt, settings, stop=stop, on_text=on_text),
             )
         except PromptTooLong as error:
             log.error("Skipping this turn: %s", error)
             return None
         finally:
-            if forward is not None:
-                drafts.put_nowait(None)  # what was generated goes out before the final message
-                await asyncio.wait({forward})
+            timing.finished = time.monotonic()
+            drafts.put_nowait(None)  # what was generated goes out before the final message
+            await asyncio.wait({forward})
 
     async def _forward_drafts(self, drafts: asyncio.Queue[str | None]) -> None:
         while (text := await drafts.get()) is not None:

@@ -46,6 +46,8 @@ class ErrorCode(str, Enum):
     BAD_ARGUMENT = "bad_argument"
     KICKED = "kicked"
     SHUTTING_DOWN = "shutting_down"
+    WITHHELD = "withheld"
+    NOTHING_TO_STOP = "nothing_to_stop"
 
 
 class ProtocolError(Exception):
