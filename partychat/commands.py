@@ -33,13 +33,22 @@ def _one_name(room: Room, args: tuple[str, ...], usage: str) -> Peer:
 
 
 def _who(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
-    participants = tuple(
-        {"name": p.name, "role": p.role.value, "moderator": p.is_moderator, "muted": p.muted, "protocol": p.protocol}
-        for p in room.peers.values()
-    )
+    participants = tuple(_describe(room, p) for p in room.peers.values())
     floor = room.floor_state().to_wire()
     del floor["type"]
     room.deliver(peer, Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget}))
+
+
+def _describe(room: Room, peer: Peer) -> dict[str, object]:
+    """One participant as /who shows it; for a model also its talkativeness and last reported speed."""
+    about: dict[str, object] = {"name": peer.name, "role": peer.role.value, "moderator": peer.is_moderator,
+                                "muted": peer.muted, "protocol": peer.protocol}
+    if peer.role is Role.MODEL:
+        about["talkativeness"] = room.floor.talkativeness.get(peer.name)
+        about["skipped"] = peer.name in room.floor.skipped
+        if peer.speed is not None:
+            about.update(peer.speed.to_wire())
+    return about
 
 
 def _history(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
@@ -54,6 +63,10 @@ def _pause(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
 def _resume(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     room.floor.resume()
     room.announce("resume", f"{peer.name} resumed the room.")
+
+
+def _stop(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+    room.stop_replies(peer)
 
 
 def _mode(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
@@ -120,7 +133,8 @@ COMMANDS: dict[str, HubCommand] = {
     "who": HubCommand(_who, "who is here, their roles, who holds the turn, mode and budget"),
     "pause": HubCommand(_pause, "stop the models at once (a reply being generated is dropped)"),
     "resume": HubCommand(_resume, "let the models speak again"),
-    "mode": HubCommand(_mode, "/mode round-robin|mention|moderator|free: how turns are given"),
+    "stop": HubCommand(_stop, "end the reply in progress now, keeping what was said, and move on"),
+    "mode": HubCommand(_mode, "/mode round-robin|mention|moderator|free|natural: how turns are given"),
     "turns": HubCommand(_turns, "/turns N: model messages allowed after each moderator message"),
     "to": HubCommand(_to, "/to NAME message: hand the turn to one persona with a message"),
     "mute": HubCommand(_set_muted(True), "/mute NAME: keep a participant's messages out of the room"),

@@ -162,6 +162,11 @@ class Floor:
             self._hand_over()
         self._settle(Quiet.NO_MODELS)
 
+    def skip(self, name: str) -> None:
+        """Take a model that does not answer out of the rotation; it keeps its seat (see ``answered``)."""
+        if name in self.models:
+            self.skipped.add(name)
+
     def answered(self, name: str) -> bool:
         """A skipped model sent something: it is back in the rotation. True if it had been skipped."""
         if name not in self.skipped:
@@ -214,8 +219,6 @@ class Floor:
             self._passed.add(name)
         else:
             self._passed.clear()
-        if how is TurnEnd.TIMED_OUT:
-            self.skipped.add(name)
         self.turns_left -= 1
         if self.turns_left <= 0:
             self.holder = None

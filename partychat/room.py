@@ -25,7 +25,8 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 
 from .commands import run_command
-from .floor import Floor, Mode
+from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
+from .guards import REPEAT_WINDOW, Earlier, check_reply
 from .protocol import (
     PROTOCOL_VERSION,
     Chat,
@@ -41,6 +42,7 @@ from .protocol import (
     Role,
     Say,
     ServerFrame,
+    Speed,
     Stream,
     encode,
 )
@@ -69,6 +71,12 @@ class RoomSettings:
     moderator_token: str | None = None
     turn_timeout: float = 180.0
     """Seconds a model may hold the turn without answering before the hub passes it on."""
+    first_token_timeout: float = 30.0
+    """Seconds a model holding the turn may send nothing at all before it is skipped until it answers."""
+    seed: int | None = None
+    """Seeds natural mode's draws."""
+    guards: bool = True
+    """Check every model reply for repeats, emptiness and lines written as someone else."""
 
 
 class RateLimiter:
@@ -106,6 +114,12 @@ class Peer:
     refusals_in_a_row: int = 0
     draft_bytes: int = 0
     draft_turn: int = -1
+    drafted: str = ""
+    """What was relayed of this peer's reply in ``draft_turn``: what ``/stop`` keeps."""
+    heard_turn: int = -1
+    """The last turn in which this peer sent anything while holding the floor."""
+    talkativeness: float | None = None
+    speed: Speed | None = None
 
     @property
     def speaks_extensions(self) -> bool:
@@ -120,14 +134,14 @@ class Room:
     def __init__(self, settings: RoomSettings, transcript: Transcript, resume: Path | None = None) -> None:
         self.settings = settings
         self.transcript = transcript
-        self.floor = Floor(mode=settings.mode, max_turns=settings.max_turns)
+        self.floor = Floor(mode=settings.mode, max_turns=settings.max_turns, seed=settings.seed)
         self.peers: dict[str, Peer] = {}
         self.history: deque[Chat] = deque(maxlen=max(settings.replay, HISTORY_KEPT))
         self.seq = 0
         self.closing = False
         self._last_floor: FloorState | None = None
         self._closing: set[asyncio.Task[None]] = set()
-        self._turn_timer: asyncio.TimerHandle | None = None
+        self._turn_timers: list[asyncio.TimerHandle] = []
         room_id = None
         if resume is not None:
             earlier = load_history(resume)
@@ -181,6 +195,7 @@ class Room:
             is_moderator=is_moderator,
             limiter=RateLimiter(settings.rate_per_second, settings.rate_burst),
             session=secrets.token_urlsafe(16),
+            talkativeness=hello.talkativeness,
         )
         self.peers[peer.key] = peer
         extended = peer.speaks_extensions
@@ -189,7 +204,8 @@ class Room:
             room=self.room_id if extended else None, session=peer.session if extended else None,
         ))
         if peer.role is Role.MODEL:
-            self.floor.add_model(peer.name)
+            self.floor.add_model(peer.name, DEFAULT_TALKATIVENESS if hello.talkativeness is None
+                                 else hello.talkativeness)
         if stale is None:
             self.announce("join", f"{peer.name} joined the chat", name=peer.name, role=peer.role.value,
                           exclude=peer)
@@ -201,10 +217,13 @@ class Room:
         if self.peers.get(peer.key) is not peer:
             return
         del self.peers[peer.key]
+        held = peer.name in self.floor.speakers() and self.floor.mode is not Mode.FREE
         if peer.role is Role.MODEL:
             self.floor.remove_model(peer.name)
         if announce:
             self.announce("leave", f"{peer.name} {reason}", name=peer.name)
+        if held:
+            self.announce("skip", f"{peer.name} left while holding the turn; the turn moves on.", name=peer.name)
         self.publish_floor()
 
     def find(self, name: str) -> Peer | None:
@@ -219,6 +238,8 @@ class Room:
         """Route one validated frame from a peer still in the room."""
         if self.closing or not self.is_present(peer):
             return  # removed (kicked, cut off) or stopping: nothing it sends counts any more
+        if peer.role is Role.MODEL:
+            self._heard_from(peer, frame)
         if isinstance(frame, Draft):
             self._relay_draft(peer, frame)
             return
@@ -231,13 +252,28 @@ class Room:
         if isinstance(frame, Command):
             run_command(self, peer, frame)
             return
-        if not frame.content.strip():
+        guarded = self.settings.guards and peer.role is Role.MODEL and not frame.opening
+        if not frame.content.strip() and not guarded:
             raise ProtocolError(ErrorCode.EMPTY, "The message is empty.")
-        self.post(peer, frame.content, opening=frame.opening, turn=frame.turn)
+        self.post(peer, frame.content, opening=frame.opening, turn=frame.turn, nonce=frame.nonce)
+
+    def _heard_from(self, peer: Peer, frame: Say | Draft | Pass | Command) -> None:
+        """A model sent something: it is alive (back in the rotation if it was skipped), and its speed."""
+        if peer.name in self.floor.speakers():
+            peer.heard_turn = self.floor.turn
+        if isinstance(frame, (Say, Pass)) and frame.speed is not None:
+            peer.speed = frame.speed
+        if self.floor.answered(peer.name):
+            self.announce("back", f"{peer.name} answered again and is back in the rotation.", name=peer.name)
 
     def post(self, peer: Peer, content: str, *, opening: bool = False, turn: int | None = None,
-             addressed: str | None = None) -> None:
-        """Accept a chat message: check the floor, store it, then relay it."""
+             addressed: str | None = None, nonce: str | None = None) -> None:
+        """Accept a chat message: check the floor and the guards, store it, then relay it."""
+        if nonce is not None:
+            earlier = next((c for c in reversed(self.history) if c.nonce == nonce and c.sender == peer.name), None)
+            if earlier is not None:  # a line re-sent after a reconnect: confirm it again, relay it once
+                self.deliver(peer, earlier)
+                return
         refusal = self._why_withheld(peer, opening, turn)
         if refusal is not None:
             code, sentence = refusal
@@ -245,24 +281,65 @@ class Room:
             log.info("withheld from %s (%s): %s", peer.name, code.value, content)
             self.refuse(peer, code, sentence)
             return
-        chat = Chat(
-            sender=peer.name,
-            content=content,
-            seq=self.seq + 1,
-            id=uuid.uuid4().hex[:12],
-            ts=round(time.time(), 3),
-            role=peer.role.value,
-        )
+        next_speaker = None
+        if self.settings.guards and peer.role is Role.MODEL and not opening and peer.name in self.floor.speakers():
+            verdict = check_reply(content, peer.name, self._names(), self._recent())
+            if verdict.guard is not None:
+                reason = verdict.guard.value
+                self.transcript.withheld(peer.name, peer.role.value, verdict.removed, reason)
+                log.info("guard %s on %s: %s", reason, peer.name, verdict.removed)
+                next_speaker = verdict.impersonated
+                if verdict.withheld:
+                    self.refuse(peer, ErrorCode.WITHHELD, verdict.reason + " It was kept, not relayed.")
+                    self.announce("withheld", verdict.reason, name=peer.name, reason=reason)
+                    self.floor.end_turn(peer.name, TurnEnd.WITHHELD, next_speaker=next_speaker)
+                    self.publish_floor()
+                    return
+                self.announce("cut", verdict.reason, name=peer.name, reason=reason)
+                content = verdict.content or ""
+        self._relay(Chat(sender=peer.name, content=content, seq=self.seq + 1, id=uuid.uuid4().hex[:12],
+                         ts=round(time.time(), 3), role=peer.role.value, nonce=nonce), peer)
+        if peer.role is Role.MODEL:
+            self.floor.end_turn(peer.name, TurnEnd.SPOKE, content, next_speaker=next_speaker)
+        elif peer.is_moderator:
+            self.floor.on_moderator_message(content, addressed)
+        self.publish_floor()
+
+    def _relay(self, chat: Chat, author: Peer) -> None:
+        """Store a message (transcript first), then send it to everyone; an extension author gets its echo."""
         self.transcript.message(chat)
         self.seq = chat.seq
         self.history.append(chat)
-        log.info("%s: %s", peer.name, content, extra={"speaker": peer.name})
-        self._send([other for other in self.peers.values() if other is not peer or peer.speaks_extensions],
+        log.info("%s: %s", chat.sender, chat.content, extra={"speaker": chat.sender})
+        self._send([other for other in self.peers.values() if other is not author or author.speaks_extensions],
                    encode(chat))
-        if peer.role is Role.MODEL:
-            self.floor.on_model_message(peer.name, content)
-        elif peer.is_moderator:
-            self.floor.on_moderator_message(content, addressed)
+
+    def _names(self) -> list[str]:
+        return [peer.name for peer in self.peers.values()] + [chat.sender for chat in self._recent_chats()]
+
+    def _recent_chats(self) -> list[Chat]:
+        return list(self.history)[-REPEAT_WINDOW:]
+
+    def _recent(self) -> list[Earlier]:
+        return [Earlier(chat.sender, chat.content) for chat in self._recent_chats()]
+
+    def stop_replies(self, by: Peer) -> None:
+        """``/stop``: end the replies in progress now, keeping what each had streamed, and move on."""
+        speakers = [self.peers.get(name.casefold()) for name in self.floor.speakers()]
+        talking = [peer for peer in speakers if peer is not None
+                   and (self.floor.mode is not Mode.FREE or peer.draft_turn == self.floor.turn)]
+        if not talking:
+            raise ProtocolError(ErrorCode.NOTHING_TO_STOP, "No persona is speaking; there is nothing to stop.")
+        turn = self.floor.turn
+        for peer in talking:
+            said = peer.drafted if peer.draft_turn == turn else ""
+            if said.strip():
+                self.announce("stop", f"{by.name} stopped {peer.name}.", name=peer.name)
+                self._relay(Chat(sender=peer.name, content=said, seq=self.seq + 1, id=uuid.uuid4().hex[:12],
+                                 ts=round(time.time(), 3), role=peer.role.value, interrupted=True), peer)
+            else:
+                self.announce("stop", f"{by.name} stopped {peer.name} before it said anything.", name=peer.name)
+            self.floor.end_turn(peer.name, TurnEnd.STOPPED, said)
         self.publish_floor()
 
     def _why_withheld(self, peer: Peer, opening: bool, turn: int | None) -> tuple[ErrorCode, str] | None:
@@ -284,7 +361,7 @@ class Room:
             return
         reason = f" ({frame.reason[:200]})" if frame.reason else ""
         self.announce("pass", f"{peer.name} passed its turn{reason}", name=peer.name)
-        self.floor.on_model_message(peer.name)
+        self.floor.end_turn(peer.name, TurnEnd.PASSED)
         self.publish_floor()
 
     def _relay_draft(self, peer: Peer, draft: Draft) -> None:
@@ -292,10 +369,13 @@ class Room:
         if peer.role is not Role.MODEL or peer.name not in floor.speakers() or peer.muted:
             return
         if peer.draft_turn != floor.turn:
-            peer.draft_turn, peer.draft_bytes = floor.turn, 0
+            peer.draft_turn, peer.draft_bytes, peer.drafted = floor.turn, 0, ""
+        if not draft.content:
+            return  # a sign of life (the first token), nothing to show
         peer.draft_bytes += len(draft.content)
         if peer.draft_bytes > DRAFT_BYTES_PER_TURN:
             return  # a reply that long streams no further; its final message still goes out whole
+        peer.drafted += draft.content
         self._send([other for other in self.peers.values() if other.wants_stream and other is not peer],
                    encode(Stream(sender=peer.name, content=draft.content, turn=floor.turn)))
 
@@ -310,7 +390,13 @@ class Room:
         )
 
     def publish_floor(self) -> None:
-        """Tell extension-speaking peers who may speak, when that changed, and time the new turn."""
+        """Tell extension-speaking peers who may speak, when that changed, and time the new turn.
+
+        When the models have just fallen quiet, one event says why first.
+        """
+        quiet = self.floor.take_quiet()
+        if quiet is not None:
+            self.announce("quiet", f"The models are quiet: {quiet.sentence}.", reason=quiet.value)
         state = self.floor_state()
         if state == self._last_floor:
             return
@@ -320,21 +406,35 @@ class Room:
 
     def _time_turn(self, state: FloorState) -> None:
         """A model that holds the turn and neither answers nor passes must not stall the room."""
-        if self._turn_timer is not None:
-            self._turn_timer.cancel()
-            self._turn_timer = None
-        if len(state.speakers) == 1 and self.settings.turn_timeout > 0:
-            self._turn_timer = asyncio.get_running_loop().call_later(
-                self.settings.turn_timeout, self._turn_expired, state.speakers[0], state.turn
-            )
+        for timer in self._turn_timers:
+            timer.cancel()
+        self._turn_timers.clear()
+        if len(state.speakers) != 1:
+            return
+        loop = asyncio.get_running_loop()
+        if self.settings.first_token_timeout > 0:
+            self._turn_timers.append(loop.call_later(self.settings.first_token_timeout, self._first_token_expired,
+                                                     state.speakers[0], state.turn))
+        if self.settings.turn_timeout > 0:
+            self._turn_timers.append(loop.call_later(self.settings.turn_timeout, self._turn_expired,
+                                                     state.speakers[0], state.turn))
+
+    def _first_token_expired(self, holder: str, turn: int) -> None:
+        peer = self.find(holder)
+        if self.floor.turn != turn or self.floor.speakers() != (holder,) or (peer and peer.heard_turn == turn):
+            return
+        self.announce("skip", f"{holder} sent nothing for {self.settings.first_token_timeout:g} s; it is skipped "
+                              "until it answers again.", name=holder)
+        self.floor.skip(holder)
+        self.floor.end_turn(holder, TurnEnd.TIMED_OUT)
+        self.publish_floor()
 
     def _turn_expired(self, holder: str, turn: int) -> None:
-        self._turn_timer = None
         if self.floor.turn != turn or self.floor.speakers() != (holder,):
             return
         self.announce("pass", f"{holder} did not answer within {self.settings.turn_timeout:.0f} s; "
                               "its turn passes on", name=holder)
-        self.floor.on_model_message(holder)
+        self.floor.end_turn(holder, TurnEnd.TIMED_OUT)
         self.publish_floor()
 
     def broadcast(self, frame: ServerFrame, *, only_extensions: bool = False,
@@ -434,13 +534,13 @@ class Room:
     def announce(self, event: str, sentence: str, *, exclude: Peer | None = None, **fields: str) -> None:
         self.transcript.event(event, sentence, **fields)
         log.info("%s", sentence, extra={"speaker": fields.get("name")})
-        self.broadcast(Notice(sentence, event=event), exclude=exclude)
+        self.broadcast(Notice(sentence, event=event, reason=fields.get("reason")), exclude=exclude)
 
     async def shutdown(self) -> None:
         """Tell everyone the hub is stopping and close every connection."""
         self.closing = True
-        if self._turn_timer is not None:
-            self._turn_timer.cancel()
+        for timer in self._turn_timers:
+            timer.cancel()
         self.announce("shutdown", "The hub is stopping.")
         peers = list(self.peers.values())
         await asyncio.gather(*(self.flush(peer, 1.0) for peer in peers))

@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     floor.add_argument("--turn-timeout", type=float, default=180.0,
                        help="seconds a model may hold the turn without answering before it passes on; "
                             "0 waits forever (default: 180)")
+    floor.add_argument("--first-token-timeout", type=float, default=30.0,
+                       help="seconds a model holding the turn may send nothing at all before it is skipped "
+                            "until it answers again; 0 turns this off (default: 30)")
+    floor.add_argument("--seed", type=int, default=None,
+                       help="seed for natural mode's draws, so a conversation picks the same speakers again")
+    floor.add_argument("--no-guards", action="store_true",
+                       help="relay model replies unchecked (no repeat, empty or impersonation guards)")
     room = parser.add_argument_group("transcript and history")
     room.add_argument("--transcript", type=Path,
                       help="JSONL transcript to append to (default: logs/transcript-TIME.jsonl)")
@@ -61,6 +68,8 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
     for name in ("replay", "max_message_bytes", "max_clients"):
         if getattr(args, name) < (0 if name == "replay" else 1):
             raise SystemExit(f"server.py: --{name.replace('_', '-')} must be a positive number")
+    if args.turn_timeout < 0 or args.first_token_timeout < 0:
+        raise SystemExit("server.py: --turn-timeout and --first-token-timeout cannot be negative")
     if args.max_turns is not None and args.max_turns < 0:
         raise SystemExit("server.py: --max-turns cannot be negative")
     for path in (args.resume, args.certfile, args.keyfile):
@@ -77,6 +86,9 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
             rate_per_second=args.rate_limit,
             rate_burst=args.rate_burst,
             turn_timeout=args.turn_timeout,
+            first_token_timeout=args.first_token_timeout,
+            seed=args.seed,
+            guards=not args.no_guards,
             token=args.token or None,
             moderator_token=args.moderator_token or None,
         ),

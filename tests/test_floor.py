@@ -186,6 +186,7 @@ def test_in_natural_mode_an_impersonated_persona_speaks_next():
 def test_a_persona_that_times_out_is_skipped_keeps_its_seat_and_returns_when_it_answers():
     floor = room()
     floor.on_moderator_message("go")
+    floor.skip("Sage")
     floor.end_turn("Sage", TurnEnd.TIMED_OUT)
     assert floor.speakers() == ("Tinker",) and "Sage" in floor.models
     assert run_until_idle(floor) == ["Tinker", "Historian"]
@@ -206,6 +207,8 @@ def test_a_model_that_reconnects_gets_its_old_seat_back():
 
 def _quiet_after(floor: Floor, *ends: TurnEnd) -> Quiet | None:
     for how in ends:
+        if how is TurnEnd.TIMED_OUT:
+            floor.skip(floor.speakers()[0])
         floor.end_turn(floor.speakers()[0], how)
     return floor.take_quiet()
 
