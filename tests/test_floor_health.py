@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from helpers import close_all, hub_config, join, next_frame, say, with_hub
+from helpers import Process, close_all, hub_config, join, next_frame, say, with_hub
 from websockets.asyncio.client import ClientConnection
 
 from partychat.floor import Mode
@@ -346,3 +349,54 @@ def test_a_line_resent_with_its_nonce_is_relayed_once_even_across_a_resumed_hub(
     with_hub(config, second_run)
     contents = [r.data["content"] for r in transcript_of(config) if r.kind == "message"]
     assert contents == ["Keep me.", "Next line."]
+
+
+def _unread_bytes_on_port(port: int) -> int:
+    """Bytes waiting in the receive queues of the sockets on a local port (from /proc/net/tcp)."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    total += int(fields[4].split(":")[1], 16)
+    return total
+
+
+def test_a_moderator_line_sent_as_the_hub_dies_is_resent_to_the_resumed_hub_and_shown_once(tmp_path, processes):
+    transcript = tmp_path / "room.jsonl"
+    hub = Process(["server.py", "--host", "127.0.0.1", "--port", "0", "--transcript", str(transcript)],
+                  tmp_path / "hub-1.out")
+    processes.append(hub)
+    url = hub.wait_for_output(r"listening on (ws://\S+)", 30).group(1)
+    port = int(url.rsplit(":", 1)[1])
+    console = Process(["moderator.py", "--server", url, "--name", "Host"], tmp_path / "moderator.out",
+                      stdin=subprocess.PIPE)
+    processes.append(console)
+    console.wait_for_output("Connected to", 30)
+
+    def type_line(text: str) -> None:
+        console.popen.stdin.write(text.encode() + b"\n")
+        console.popen.stdin.flush()
+
+    type_line("First line.")
+    console.wait_for_output("Host: First line.", 30)
+    hub.popen.send_signal(signal.SIGSTOP)  # frozen: it can take bytes in, but will never read them
+    type_line("Sent as the hub dies.")
+    deadline = time.monotonic() + 30
+    while _unread_bytes_on_port(port) == 0:
+        assert time.monotonic() < deadline, "the console never wrote the line to the hub's socket"
+        time.sleep(0.05)
+    hub.popen.kill()  # the line dies unread in the hub's socket
+    hub.popen.wait()
+    restarted = Process(["server.py", "--host", "127.0.0.1", "--port", str(port), "--resume", str(transcript)],
+                        tmp_path / "hub-2.out")
+    processes.append(restarted)
+    restarted.wait_for_output("listening on", 30)
+    console.wait_for_output("Host: Sent as the hub dies.", 60)
+    console.popen.stdin.close()
+    assert console.popen.wait(timeout=60) == 0
+    contents = [r.data["content"] for r in read_records(transcript) if r.kind == "message"]
+    assert contents == ["First line.", "Sent as the hub dies."]
+    assert console.output.count("Sent as the hub dies.") == 1, console.output
+    assert "never confirmed" not in console.output and "Traceback" not in console.output

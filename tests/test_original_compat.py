@@ -14,9 +14,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Process, join, next_frame, say
+from helpers import ROOT, Process, close_all, drain, join, next_frame, say
 
 from partychat.models import converted_folder, embedded_gguf
+from partychat.transcript import read_records
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,33 @@ def test_our_client_and_moderator_work_on_the_original_hub(original, processes, 
     frames = asyncio.run(scenario())
     assert frames["question"]["content"] == "Hello there, sage."
     assert frames["reply"]["from"] == "Zen Sage" and frames["reply"]["content"].strip()
+
+
+def test_the_hub_holds_back_the_original_clients_parroting(original, start_hub, processes, tmp_path):
+    transcript = tmp_path / "room.jsonl"
+    _, url = start_hub("--transcript", str(transcript))
+    model = converted_folder(embedded_gguf())
+    old = Process(["-m", "llm_party_chat.client", "--name", "Old Timer", "--model", str(model), "--server", url,
+                   "--max-tokens", "30", "--temperature", "0.01"], tmp_path / "old-client.out", cwd=original)
+    processes.append(old)
+    line = "Say only this sentence and nothing else: I like green apples very much."
+
+    async def scenario() -> tuple[dict, list[dict]]:
+        watcher, _ = await join(url, "Moderator", "human", protocol=1)
+        listener, _ = await join(url, "Listener", "human")
+        while "Old Timer joined" not in (await next_frame(watcher, "system", timeout=180))["content"]:
+            pass
+        await say(watcher, line)
+        withheld = await next_frame(watcher, "system", event="withheld", timeout=180)
+        quiet = await next_frame(watcher, "system", event="quiet", timeout=30)
+        seen = [frame for frame in await drain(listener, 1.0) if frame["type"] == "message"]
+        await close_all(watcher, listener)
+        return {**withheld, "quiet": quiet["reason"]}, seen
+
+    withheld, seen = asyncio.run(scenario())
+    assert withheld["reason"] == "repeat" and withheld["content"].startswith("Old Timer's reply was withheld")
+    assert withheld["quiet"] == "withheld"
+    assert [frame["from"] for frame in seen] == ["Moderator"], "the others hear the question, not the parroting"
+    kept = [r.data for r in read_records(transcript) if r.kind == "withheld"]
+    assert [(k["from"], k["reason"]) for k in kept] == [("Old Timer", "repeat")]
+    assert "I like green apples" in kept[0]["content"]
