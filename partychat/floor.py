@@ -306,8 +306,10 @@ class Floor:
         """Natural mode: a draw weighted by talkativeness; nobody twice in a row unless alone.
 
         A persona with talkativeness 0 speaks only when named, unless every candidate is at 0.
+        Candidates are drawn in name order, not join order, so a seed gives the same picks however
+        the personas happened to connect.
         """
-        candidates = self._eligible(exclude)
+        candidates = sorted(self._eligible(exclude), key=str.casefold)
         if not candidates or self.turns_left <= 0:
             self._silence()
             return

@@ -1,0 +1,63 @@
+"""Natural mode with three real personas on the embedded model."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from helpers import Process, join, next_frame, say
+
+PERSONAS = (
+    ("Zen Sage", "sage.txt", "0.3"),
+    ("TinkerBot", "inventor.txt", "0.9"),
+    ("Historian", "historian.txt", "0.6"),
+)
+QUESTION = "TinkerBot, what would you build?"
+TURNS = 4
+
+
+async def one_exchange(url: str) -> list[str]:
+    """Ask the question; return who held the turn, in order, until the room went quiet."""
+    ws, _ = await join(url, "Moderator", "human", protocol=1)
+    await say(ws, QUESTION)
+    holders: list[str] = []
+    while True:
+        frame = await next_frame(ws, timeout=300)
+        if frame["type"] == "turn" and frame["speakers"] and frame["speakers"] != holders[-1:]:
+            holders.extend(frame["speakers"])
+        if frame["type"] == "system" and frame.get("event") == "quiet":
+            await ws.close()
+            return holders
+
+
+def test_natural_mode_follows_the_mention_then_a_seeded_draw_and_never_repeats_a_speaker(tmp_path, processes):
+    def start_hub(port: str, run: int) -> str:
+        hub = Process(["server.py", "--host", "127.0.0.1", "--port", port, "--mode", "natural", "--seed", "11",
+                       "--max-turns", str(TURNS), "--first-token-timeout", "120",
+                       "--transcript", str(tmp_path / f"run-{run}.jsonl")], tmp_path / f"hub-{run}.out")
+        processes.append(hub)
+        return hub.wait_for_output(r"listening on (ws://\S+)", 30).group(1)
+
+    url = start_hub("0", 1)
+    clients = []
+    for name, prompt, talkativeness in PERSONAS:
+        # One message of history and greedy decoding: the second run hears exactly what the first did.
+        client = Process(["client.py", "--name", name, "--prompt-file", prompt, "--server", url,
+                          "--talkativeness", talkativeness, "--temperature", "0", "--history-length", "1",
+                          "--max-generation-tokens", "24"], tmp_path / f"{prompt}.out")
+        processes.append(client)
+        clients.append(client)
+    for client in clients:
+        client.wait_for_output("joined ws://", 240)
+    first = asyncio.run(one_exchange(url))
+
+    processes[0].stop()  # the same hub again, fresh: same seed, same question
+    start_hub(url.rsplit(":", 1)[1], 2)
+    for client in clients:
+        client.wait_for_output(r"(?s)joined ws://.*joined ws://", 120)
+    second = asyncio.run(one_exchange(url))
+
+    assert first[0] == "TinkerBot", first
+    assert len(first) == TURNS, first
+    assert all(a != b for a, b in itertools.pairwise(first)), f"someone spoke twice in a row: {first}"
+    assert second == first
