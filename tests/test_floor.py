@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from partychat.floor import Floor, Mode
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from partychat.floor import Floor, Mode, Quiet, TurnEnd, mentions
 
 
 def room(mode: Mode = Mode.ROUND_ROBIN, max_turns: int | None = None) -> Floor:
@@ -121,13 +126,6 @@ def test_an_opening_line_does_not_move_the_floor_and_is_not_renewed_by_reconnect
 
 
 # ---------------------------------------------------------------- natural mode, liveness, stop reasons
-
-import itertools  # noqa: E402
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from partychat.floor import Quiet, TurnEnd, mentions  # noqa: E402
 
 
 def natural(seed: int | None = 7, max_turns: int | None = 12, **talkativeness: float) -> Floor:
