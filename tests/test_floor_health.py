@@ -198,6 +198,26 @@ def test_a_persona_that_never_streams_is_skipped_keeps_its_seat_and_is_back_afte
     assert events.count("skip") == 1 and events.count("back") == 1
 
 
+def test_a_persona_whose_connection_dies_holding_the_turn_is_skipped_and_the_room_goes_on(tmp_path):
+    config = hub_config(tmp_path)
+
+    async def vanishes(persona: StandIn, turn: dict) -> None:
+        persona.ws.transport.abort()  # no close handshake: the connection just dies
+
+    async def body(hub):
+        ghost = await stand_in(hub.url, "Ghost", vanishes)
+        talker = await stand_in(hub.url, "Talker", replies("Still here."))
+        host = await moderator(hub.url)
+        await say(host, "Hello both.")
+        skip = await next_frame(host, "system", event="skip")
+        assert skip["content"] == "Ghost left while holding the turn; the turn moves on."
+        assert (await next_frame(host, "message", **{"from": "Talker"}))["content"] == "Still here."
+        await close_all(host, talker.ws)
+        ghost.task.cancel()
+
+    with_hub(config, body)
+
+
 def test_who_shows_talkativeness_and_the_speed_each_client_reported(tmp_path):
     config = hub_config(tmp_path)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 
 from helpers import Process, join, next_frame, say
 
@@ -16,8 +17,8 @@ QUESTION = "TinkerBot, what would you build?"
 TURNS = 4
 
 
-async def one_exchange(url: str) -> list[str]:
-    """Ask the question; return who held the turn, in order, until the room went quiet."""
+async def one_exchange(url: str) -> tuple[list[str], dict[str, dict]]:
+    """Ask the question; return who held the turn, in order, until the room went quiet, and /who's roster."""
     ws, _ = await join(url, "Moderator", "human", protocol=1)
     await say(ws, QUESTION)
     holders: list[str] = []
@@ -26,8 +27,11 @@ async def one_exchange(url: str) -> list[str]:
         if frame["type"] == "turn" and frame["speakers"] and frame["speakers"] != holders[-1:]:
             holders.extend(frame["speakers"])
         if frame["type"] == "system" and frame.get("event") == "quiet":
-            await ws.close()
-            return holders
+            break
+    await ws.send(json.dumps({"type": "command", "name": "who", "args": []}))
+    roster = {p["name"]: p for p in (await next_frame(ws, "roster"))["participants"]}
+    await ws.close()
+    return holders, roster
 
 
 def test_natural_mode_follows_the_mention_then_a_seeded_draw_and_never_repeats_a_speaker(tmp_path, processes):
@@ -49,15 +53,19 @@ def test_natural_mode_follows_the_mention_then_a_seeded_draw_and_never_repeats_a
         clients.append(client)
     for client in clients:
         client.wait_for_output("joined ws://", 240)
-    first = asyncio.run(one_exchange(url))
+    first, roster = asyncio.run(one_exchange(url))
 
     processes[0].stop()  # the same hub again, fresh: same seed, same question
     start_hub(url.rsplit(":", 1)[1], 2)
     for client in clients:
         client.wait_for_output(r"(?s)joined ws://.*joined ws://", 120)
-    second = asyncio.run(one_exchange(url))
+    second, _ = asyncio.run(one_exchange(url))
 
     assert first[0] == "TinkerBot", first
     assert len(first) == TURNS, first
     assert all(a != b for a, b in itertools.pairwise(first)), f"someone spoke twice in a row: {first}"
     assert second == first
+    for name, _, talkativeness in PERSONAS:
+        assert roster[name]["talkativeness"] == float(talkativeness)
+    tinker = roster["TinkerBot"]
+    assert tinker["ttft"] > 0 and tinker["tokens_per_second"] > 0, "our client reports its speed with each reply"
