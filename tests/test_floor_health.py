@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from helpers import Process, close_all, hub_config, join, next_frame, say, with_hub
+from helpers import Process, close_all, hub_config, join, next_frame, say, script, with_hub
 from websockets.asyncio.client import ClientConnection
 
 from partychat.floor import Mode
@@ -385,12 +385,12 @@ def _unread_bytes_on_port(port: int) -> int:
 
 def test_a_moderator_line_sent_as_the_hub_dies_is_resent_to_the_resumed_hub_and_shown_once(tmp_path, processes):
     transcript = tmp_path / "room.jsonl"
-    hub = Process(["server.py", "--host", "127.0.0.1", "--port", "0", "--transcript", str(transcript)],
+    hub = Process([script("server.py"), "--host", "127.0.0.1", "--port", "0", "--transcript", str(transcript)],
                   tmp_path / "hub-1.out")
     processes.append(hub)
     url = hub.wait_for_output(r"listening on (ws://\S+)", 30).group(1)
     port = int(url.rsplit(":", 1)[1])
-    console = Process(["moderator.py", "--server", url, "--name", "Host"], tmp_path / "moderator.out",
+    console = Process([script("moderator.py"), "--server", url, "--name", "Host"], tmp_path / "moderator.out",
                       stdin=subprocess.PIPE)
     processes.append(console)
     console.wait_for_output("Connected to", 30)
@@ -409,7 +409,7 @@ def test_a_moderator_line_sent_as_the_hub_dies_is_resent_to_the_resumed_hub_and_
         time.sleep(0.05)
     hub.popen.kill()  # the line dies unread in the hub's socket
     hub.popen.wait()
-    restarted = Process(["server.py", "--host", "127.0.0.1", "--port", str(port), "--resume", str(transcript)],
+    restarted = Process([script("server.py"), "--host", "127.0.0.1", "--port", str(port), "--resume", str(transcript)],
                         tmp_path / "hub-2.out")
     processes.append(restarted)
     restarted.wait_for_output("listening on", 30)

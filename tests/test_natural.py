@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import json
 
-from helpers import Process, join, next_frame, say
+from helpers import Process, join, next_frame, say, script
 
 PERSONAS = (
     ("Zen Sage", "sage.txt", "0.3"),
@@ -36,7 +36,7 @@ async def one_exchange(url: str) -> tuple[list[str], dict[str, dict]]:
 
 def test_natural_mode_follows_the_mention_then_a_seeded_draw_and_never_repeats_a_speaker(tmp_path, processes):
     def start_hub(port: str, run: int) -> str:
-        hub = Process(["server.py", "--host", "127.0.0.1", "--port", port, "--mode", "natural", "--seed", "11",
+        hub = Process([script("server.py"), "--host", "127.0.0.1", "--port", port, "--mode", "natural", "--seed", "11",
                        "--max-turns", str(TURNS), "--first-token-timeout", "120",
                        "--transcript", str(tmp_path / f"run-{run}.jsonl")], tmp_path / f"hub-{run}.out")
         processes.append(hub)
@@ -46,7 +46,7 @@ def test_natural_mode_follows_the_mention_then_a_seeded_draw_and_never_repeats_a
     clients = []
     for name, prompt, talkativeness in PERSONAS:
         # One message of history and greedy decoding: the second run hears exactly what the first did.
-        client = Process(["client.py", "--name", name, "--prompt-file", prompt, "--server", url,
+        client = Process([script("client.py"), "--name", name, "--prompt-file", prompt, "--server", url,
                           "--talkativeness", talkativeness, "--temperature", "0", "--history-length", "1",
                           "--max-generation-tokens", "24"], tmp_path / f"{prompt}.out")
         processes.append(client)
