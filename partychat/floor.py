@@ -197,18 +197,13 @@ class Floor:
         else:
             self._settle(Quiet.NOT_ADDRESSED if self.mode is Mode.MODERATOR else Quiet.NO_MODELS)
 
-    def on_model_message(self, name: str, content: str = "") -> None:
-        """A model's message was relayed: spend a turn and pass the floor on.
-
-        An opening line (allowed once per name, outside the order) spends nothing and moves nothing.
-        """
-        self.end_turn(name, TurnEnd.SPOKE, content)
-
     def end_turn(self, name: str, how: TurnEnd, content: str = "", *, next_speaker: str | None = None) -> None:
         """A model's turn is over: spend one turn of the budget and give the floor to the next model.
 
         ``content`` is what was relayed (for mentions); ``next_speaker`` is a model that should
-        speak next in natural mode (one another model just wrote a line for).
+        speak next in natural mode (one another model just wrote a line for). A message from a model
+        that does not hold the turn is an opening line (allowed once per name, outside the order):
+        it spends nothing and moves nothing.
         """
         if name not in self.speakers():
             if how is TurnEnd.SPOKE:

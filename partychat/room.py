@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
-from .guards import REPEAT_WINDOW, Earlier, check_reply
+from .guards import REPEAT_WINDOW, Earlier, Verdict, check_reply
 from .history import ChatHistory
 from .members import Members, Peer
 from .protocol import (
@@ -191,28 +191,39 @@ class Room:
             log.info("withheld from %s (%s): %s", peer.name, code.value, content)
             self.refuse(peer, code, sentence)
             return
-        next_speaker = None
+        verdict = Verdict(content)
         if self.settings.guards and peer.role is Role.MODEL and not opening:
-            verdict = check_reply(content, peer.name, self._names(), self._recent())
-            if verdict.guard is not None:
-                reason = verdict.guard.value
-                self.transcript.withheld(peer.name, peer.role.value, verdict.removed, reason)
-                log.info("guard %s on %s: %s", reason, peer.name, verdict.removed)
-                next_speaker = verdict.impersonated
-                if verdict.withheld:
-                    self.refuse(peer, ErrorCode.WITHHELD, verdict.reason + " It was kept, not relayed.")
-                    self.announce("withheld", verdict.reason, name=peer.name, reason=reason)
-                    self.floor.end_turn(peer.name, TurnEnd.WITHHELD, next_speaker=next_speaker)
-                    self.publish_floor()
-                    return
-                self.announce("cut", verdict.reason, name=peer.name, reason=reason)
-                content = verdict.content or ""
+            verdict = self._guard(peer, content)
+            if verdict.content is None:
+                return
+            content = verdict.content
+        next_speaker = verdict.impersonated
         self._relay(replace(self.history.draft(peer.name, content, peer.role.value), nonce=nonce), peer)
         if peer.role is Role.MODEL:
             self.floor.end_turn(peer.name, TurnEnd.SPOKE, content, next_speaker=next_speaker)
         elif peer.is_moderator:
             self.floor.on_moderator_message(content, addressed)
         self.publish_floor()
+
+    def _guard(self, peer: Peer, content: str) -> Verdict:
+        """Check a model's reply; keep what a guard holds back in the transcript and say why.
+
+        A withheld reply ends the turn here; the verdict's ``content`` is then None.
+        """
+        verdict = check_reply(content, peer.name, self._names(), self._recent())
+        if verdict.guard is None:
+            return verdict
+        reason = verdict.guard.value
+        self.transcript.withheld(peer.name, peer.role.value, verdict.removed, reason)
+        log.info("guard %s on %s: %s", reason, peer.name, verdict.removed)
+        if not verdict.withheld:
+            self.announce("cut", verdict.reason, name=peer.name, reason=reason)
+            return verdict
+        self.refuse(peer, ErrorCode.WITHHELD, verdict.reason + " It was kept, not relayed.")
+        self.announce("withheld", verdict.reason, name=peer.name, reason=reason)
+        self.floor.end_turn(peer.name, TurnEnd.WITHHELD, next_speaker=verdict.impersonated)
+        self.publish_floor()
+        return verdict
 
     def _relay(self, chat: Chat, author: Peer) -> None:
         """Store a message (transcript first), then send it to everyone; an extension author gets its echo."""

@@ -22,7 +22,7 @@ def run_until_idle(floor: Floor, limit: int = 20) -> list[str]:
     while floor.speakers() and len(spoken) < limit:
         name = floor.speakers()[0]
         spoken.append(name)
-        floor.on_model_message(name, "a reply")
+        floor.end_turn(name, TurnEnd.SPOKE, "a reply")
     return spoken
 
 
@@ -49,9 +49,9 @@ def test_mention_hands_the_turn_to_the_named_persona():
     floor = room(Mode.MENTION)
     floor.on_moderator_message("What do you think, historian?")
     assert floor.speakers() == ("Historian",)
-    floor.on_model_message("Historian", "Tinker, could you build that?")
+    floor.end_turn("Historian", TurnEnd.SPOKE, "Tinker, could you build that?")
     assert floor.speakers() == ("Tinker",)
-    floor.on_model_message("Tinker", "sure")
+    floor.end_turn("Tinker", TurnEnd.SPOKE, "sure")
     assert floor.speakers() == ("Historian",), "without a mention the rotation goes on after the speaker"
 
 
@@ -68,7 +68,7 @@ def test_moderator_mode_lets_only_the_addressed_model_speak_once():
     floor.on_moderator_message("Tinker, describe your latest gadget")
     assert floor.speakers() == ("Tinker",)
     assert not floor.may_speak("Sage")
-    floor.on_model_message("Tinker", "a gadget")
+    floor.end_turn("Tinker", TurnEnd.SPOKE, "a gadget")
     assert floor.speakers() == ()
     floor.on_moderator_message("thanks", addressed="Sage")
     assert floor.speakers() == ("Sage",)
@@ -80,7 +80,7 @@ def test_free_mode_lets_anyone_speak_within_the_budget():
     assert set(floor.speakers()) == {"Sage", "Tinker", "Historian"}
     for name in ("Tinker", "Tinker", "Sage"):
         assert floor.may_speak(name)
-        floor.on_model_message(name, "x")
+        floor.end_turn(name, TurnEnd.SPOKE, "x")
     assert floor.speakers() == ()
     assert not floor.may_speak("Historian")
 
@@ -107,7 +107,7 @@ def test_a_holder_that_leaves_passes_the_turn_on():
 def test_an_opening_line_is_allowed_once_outside_the_turn_order():
     floor = room()
     assert floor.may_speak("Tinker", opening=True)
-    floor.on_model_message("Tinker", "hello everyone")
+    floor.end_turn("Tinker", TurnEnd.SPOKE, "hello everyone")
     assert not floor.may_speak("Tinker", opening=True)
     floor.pause()
     assert not floor.may_speak("Historian", opening=True)
@@ -118,7 +118,7 @@ def test_an_opening_line_does_not_move_the_floor_and_is_not_renewed_by_reconnect
     floor.on_moderator_message("go")
     assert floor.speakers() == ("Sage",)
     assert floor.may_speak("Historian", opening=True)
-    floor.on_model_message("Historian", "hello, I just arrived")
+    floor.end_turn("Historian", TurnEnd.SPOKE, "hello, I just arrived")
     assert floor.speakers() == ("Sage",) and floor.turns_left == 3
     floor.remove_model("Historian")
     floor.add_model("Historian")
@@ -139,7 +139,7 @@ def test_natural_gives_the_first_turn_to_the_persona_named_whole_word_in_any_cas
     floor = natural()
     floor.on_moderator_message("TINKER, what would you build?")
     assert floor.speakers() == ("Tinker",)
-    floor.on_model_message("Tinker", "I would ask historian first. Tinker out.")
+    floor.end_turn("Tinker", TurnEnd.SPOKE, "I would ask historian first. Tinker out.")
     assert floor.speakers() == ("Historian",), "a mention of another persona wins; the author's own name never does"
     assert mentions("tinkerers unite", ["Tinker"]) is None
     assert mentions("Thanks, Tinker!", ["Tinker"], author="tinker") is None
