@@ -73,8 +73,8 @@ def test_bad_numbers_are_refused_up_front(tmp_path):
     assert_clean_failure(result, "--max-context-tokens must be larger")
 
 
-def test_talkativeness_out_of_range_is_refused_up_front():
-    result = run_script("client.py", "--name", "X", "--talkativeness", "2")
+def test_talkativeness_out_of_range_is_refused_up_front(tmp_path):
+    result = run_script(tmp_path, "client.py", "--name", "X", "--talkativeness", "2")
     assert_clean_failure(result, "--talkativeness must be a number from 0 to 1")
 
 
