@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from .commands import COMMANDS
+from .pages import PageSettings, WebPages
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ErrorCode,
@@ -52,6 +55,8 @@ class HubConfig:
     keyfile: Path | None = None
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
+    web: bool = True
+    """Serve the room's web page on the same port (``--no-web`` turns it off)."""
 
 
 class Hub:
@@ -63,6 +68,16 @@ class Hub:
         self.room = Room(config.room, Transcript(path, fsync=config.fsync), resume=config.resume)
         self.server: Server | None = None
         self._connections = 0
+        settings = config.room
+        self.pages = WebPages(
+            PageSettings(
+                needs_token=settings.token is not None,
+                needs_moderator_token=settings.moderator_token is not None,
+                commands={name: command.help for name, command in COMMANDS.items() if command.listed},
+                max_message_bytes=config.max_message_bytes,
+            ) if config.web else None,
+            check_origin=settings.token is not None,
+        )
 
     @property
     def url(self) -> str:
@@ -71,6 +86,16 @@ class Hub:
         scheme = "wss" if self.config.certfile else "ws"
         host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{host}:{port}"
+
+    @property
+    def page_url(self) -> str:
+        """Where a browser finds the room; a hub on every interface is named by this machine's name."""
+        assert self.server is not None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            host = socket.gethostname()
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.config.certfile else 'http'}://{host}:{port}/"
 
     async def __aenter__(self) -> Hub:
         config = self.config
@@ -89,9 +114,12 @@ class Hub:
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
             close_timeout=2,
+            process_request=self.pages.process_request,
         )
         log.info("Transcript: %s", self.room.transcript.path)
         print(f"Party Chat hub listening on {self.url}", flush=True)
+        if self.pages.serving:
+            print(f"Watch and moderate in a browser: {self.page_url}", flush=True)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="secret a human must present to be a moderator (or set PARTYCHAT_MODERATOR_TOKEN)")
     limits.add_argument("--certfile", type=Path, help="TLS certificate: serve wss:// instead of ws://")
     limits.add_argument("--keyfile", type=Path, help="TLS private key (if not inside --certfile)")
+    parser.add_argument("--no-web", action="store_true",
+                        help="serve no web page; only websocket clients can join")
     return parser
 
 
@@ -86,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         max_message_bytes=args.max_message_bytes,
         certfile=args.certfile,
         keyfile=args.keyfile,
+        web=not args.no_web,
     )
 
 
