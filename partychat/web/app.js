@@ -266,6 +266,16 @@
     return box;
   }
 
+  // The hub decides who moderates (the moderator token); the page shows what it decided.
+  function showRights() {
+    const me = state.participants.find((p) => p.name.toLowerCase() === stored("name").toLowerCase());
+    if (!me || !state.ws) return;
+    state.isModerator = Boolean(me.moderator);
+    byId("controls").hidden = !state.isModerator;
+    setConnection(state.isModerator ? `moderating as ${me.name}`
+      : `joined as ${me.name}, not a moderator: the hub refuses commands`, "online");
+  }
+
   function describeRoster(frame) {
     const people = (frame.participants || []).map((p) =>
       `${p.name} (${p.role}${p.moderator ? ", moderator" : ""}${p.muted ? ", muted" : ""})`).join(", ");
@@ -293,9 +303,7 @@
       case "presence":
         state.participants = Array.isArray(frame.participants) ? frame.participants : [];
         if (typeof frame.spectators === "number") state.spectators = frame.spectators;
-        state.isModerator = view === "moderate" && state.participants.some(
-          (p) => p.moderator && p.name.toLowerCase() === stored("name").toLowerCase());
-        byId("controls") && (byId("controls").hidden = !state.isModerator);
+        if (view === "moderate") showRights();
         showParticipants();
         break;
       case "roster": quietLine(describeRoster(frame)); break;

@@ -1,0 +1,311 @@
+#!/usr/bin/env python3
+"""A thousand spectators watching one hub while a moderator and two speakers talk.
+
+    python bench/spectators.py                       # 1000 spectators, 50 rounds, prints one JSON line
+    python bench/spectators.py --spectators 200 --rounds 20
+
+It starts its own hub (``server.py --port 0``), pinned to the first CPU when there are two or more,
+and measures from outside:
+
+- the join storm: every spectator connects at once (spread over ``--workers`` processes); the
+  hub's CPU seconds from the first connection until the last welcome;
+- the talk: in each round the moderator asks, then each speaker (registered as a model, so the
+  hub's turn-taking applies) streams ``--partials`` pieces and its final message. Every frame
+  carries its send time, so each spectator measures delivery and latency (send to receive, on
+  the machine's monotonic clock, including the spectator's own reading);
+- the hub's CPU per delivery (one frame reaching one spectator) and its resident memory.
+
+Goals (issue 11): every frame delivered, p99 latency at most 100 ms, join storm at most 0.3 s
+of hub CPU. See bench/README.md for how to read the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from hub_load import HubSampler, hub_cpu_seconds, hub_rss_mb, percentiles
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEAKERS = ("Speaker One", "Speaker Two")
+GOALS = {"delivery_ratio": 1.0, "latency_p99_ms": 100.0, "join_storm_hub_cpu_s": 0.3}
+
+
+def stamp(kind: str, run_id: str, index: int) -> str:
+    """Frame content that says which frame it is and when it was sent."""
+    return f"{kind} {run_id} {index} {time.monotonic_ns()} " + "x" * 120
+
+
+# ---------------------------------------------------------------- spectator worker (a separate process)
+
+
+async def watch(url: str, run_id: str, seen: dict[str, list[int]], latencies: list[int],
+                failures: list[str]) -> ClientConnection | None:
+    """One spectator: register, then time every stamped frame it receives."""
+    try:
+        ws = await connect(url, compression=None, ping_interval=None, open_timeout=60, max_size=None)
+        await ws.send(json.dumps({"type": "spectator", "protocol": 1}))
+        first = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        if first.get("event") != "welcome":
+            failures.append(str(first.get("content")))
+            await ws.close()
+            return None
+    except (OSError, asyncio.TimeoutError, ConnectionClosed) as error:
+        failures.append(f"{type(error).__name__}: {error}")
+        return None
+    marker = re.compile(rf'"content":"(s[bp]) {run_id} (\d+) (\d+) ')
+
+    async def read() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:
+                now = time.monotonic_ns()
+                found = marker.search(raw) if isinstance(raw, str) else None
+                if found:
+                    seen[found.group(1)].append(int(found.group(2)))
+                    latencies.append((now - int(found.group(3))) // 1000)
+
+    asyncio.get_running_loop().create_task(read())
+    return ws
+
+
+async def worker_main(args: argparse.Namespace) -> int:
+    """Open ``--count`` spectators, say READY, then report what each saw when told to stop."""
+    gate = asyncio.Semaphore(args.connect_concurrency)
+    failures: list[str] = []
+    per_spectator: list[dict[str, list[int]]] = []
+    latencies: list[int] = []
+
+    async def one() -> ClientConnection | None:
+        seen: dict[str, list[int]] = {"sb": [], "sp": []}
+        per_spectator.append(seen)
+        async with gate:
+            return await watch(args.url, args.run_id, seen, latencies, failures)
+
+    connections = [ws for ws in await asyncio.gather(*(one() for _ in range(args.count))) if ws is not None]
+    print(f"READY {len(connections)} {len(failures)}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    result = {
+        "connected": len(connections),
+        "failed": len(failures),
+        "errors": failures[:5],
+        "messages": [len(set(seen["sb"])) for seen in per_spectator],
+        "duplicates": sum(len(seen["sb"]) - len(set(seen["sb"])) for seen in per_spectator),
+        "partials": [len(seen["sp"]) for seen in per_spectator],
+        "latencies_us": latencies,
+    }
+    Path(args.result_file).write_text(json.dumps(result))
+    await asyncio.gather(*(ws.close() for ws in connections), return_exceptions=True)
+    return 0
+
+
+# ---------------------------------------------------------------- the talkers (this process)
+
+
+async def register(url: str, name: str, kind: str) -> ClientConnection:
+    ws = await connect(url, compression=None, ping_interval=None, max_size=None)
+    await ws.send(json.dumps({"name": name, "type": kind, "protocol": 1}))
+    welcome = json.loads(await ws.recv())
+    if welcome.get("event") != "welcome":
+        raise RuntimeError(f"{name} was refused: {welcome.get('content')}")
+    return ws
+
+
+async def speak(ws: ClientConnection, name: str, run_id: str, partials: int, pause: float,
+                counter: list[int], sent: dict[str, int]) -> None:
+    """A model that, whenever it gets the turn, streams some pieces and then its message."""
+    answered = None
+    async for raw in ws:
+        frame = json.loads(raw)
+        if frame.get("type") != "turn" or frame.get("paused") or name not in frame.get("speakers", []):
+            continue
+        if frame["turn"] == answered:
+            continue
+        answered = frame["turn"]
+        for _ in range(partials):
+            counter[0] += 1
+            await ws.send(json.dumps({"type": "partial", "content": stamp("sp", run_id, counter[0])}))
+            sent["sp"] += 1
+            await asyncio.sleep(pause)
+        counter[0] += 1
+        await ws.send(json.dumps({"type": "message", "turn": answered, "content": stamp("sb", run_id, counter[0])}))
+        sent["sb"] += 1
+
+
+async def moderate(ws: ClientConnection, run_id: str, rounds: int, pause: float, counter: list[int],
+                   sent: dict[str, int]) -> None:
+    """Ask, wait until both speakers have answered (the hub says so: the floor comes back), repeat."""
+    for _ in range(rounds):
+        counter[0] += 1
+        await ws.send(json.dumps({"type": "message", "content": stamp("sb", run_id, counter[0])}))
+        sent["sb"] += 1
+        answers = 0
+        while answers < len(SPEAKERS):
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            if frame.get("type") == "message" and frame.get("from") in SPEAKERS:
+                answers += 1
+        await asyncio.sleep(pause)
+
+
+# ---------------------------------------------------------------- coordinator
+
+
+async def start_hub(args: argparse.Namespace, tmp: Path) -> tuple[asyncio.subprocess.Process, str]:
+    hub = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0",
+        "--log-level", "WARNING", "--turn-timeout", "0", "--transcript", str(tmp / "transcript.jsonl"),
+        "--max-spectators", str(args.spectators), stdout=asyncio.subprocess.PIPE,
+    )
+    assert hub.stdout is not None
+    while line := await asyncio.wait_for(hub.stdout.readline(), 60):
+        found = re.search(rb"listening on (ws://\S+)", line)
+        if found:
+            return hub, found.group(1).decode()
+    raise RuntimeError("the hub exited before it listened")
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(pid, cpus)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    run_id = uuid.uuid4().hex[:8]
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        hub, url = await start_hub(args, tmp)
+        if len(cpus) >= 2:
+            pin(hub.pid, {cpus[0]})
+            pin(os.getpid(), set(cpus[1:]))
+        sampler = HubSampler(hub.pid)
+        sampler.start()
+        try:
+            talkers = [await register(url, "Moderator", "human")]
+            talkers += [await register(url, name, "model") for name in SPEAKERS]
+            await asyncio.sleep(0.5)
+            rss_before = hub_rss_mb(hub.pid)
+
+            cpu_before_storm = hub_cpu_seconds(hub.pid)
+            storm_started = time.monotonic()
+            workers = []
+            share = [args.spectators // args.workers + (i < args.spectators % args.workers)
+                     for i in range(args.workers)]
+            for index, count in enumerate(share):
+                workers.append(await asyncio.create_subprocess_exec(
+                    sys.executable, __file__, "_watch", "--url", url, "--count", str(count), "--run-id", run_id,
+                    "--result-file", str(tmp / f"worker-{index}.json"),
+                    "--connect-concurrency", str(args.connect_concurrency),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                ))
+            joined = failed = 0
+            for worker in workers:
+                assert worker.stdout is not None
+                ready = (await asyncio.wait_for(worker.stdout.readline(), args.deadline)).split()
+                joined, failed = joined + int(ready[1]), failed + int(ready[2])
+            storm_wall = time.monotonic() - storm_started
+            storm_cpu = hub_cpu_seconds(hub.pid) - cpu_before_storm
+            rss_after_storm = hub_rss_mb(hub.pid)
+            await asyncio.sleep(1.5)  # the coalesced spectator count goes out once; not part of the talk
+
+            counter, sent = [0], {"sb": 0, "sp": 0}
+            speakers = [asyncio.create_task(speak(ws, name, run_id, args.partials, args.pause, counter, sent))
+                        for ws, name in zip(talkers[1:], SPEAKERS, strict=True)]
+            cpu_before_talk = hub_cpu_seconds(hub.pid)
+            talk_started = time.monotonic()
+            await asyncio.wait_for(moderate(talkers[0], run_id, args.rounds, args.pause, counter, sent),
+                                   args.deadline)
+            await asyncio.sleep(args.grace)
+            talk_wall = time.monotonic() - talk_started
+            talk_cpu = hub_cpu_seconds(hub.pid) - cpu_before_talk
+            results = []
+            for index, worker in enumerate(workers):
+                assert worker.stdin is not None
+                worker.stdin.write(b"stop\n")
+                await worker.stdin.drain()
+                await asyncio.wait_for(worker.wait(), 60)
+                results.append(json.loads((tmp / f"worker-{index}.json").read_text()))
+            for task in speakers:
+                task.cancel()
+            for ws in talkers:
+                await ws.close()
+        finally:
+            await sampler.stop()
+            if hub.returncode is None:
+                hub.terminate()
+                await hub.wait()
+
+    messages = [n for r in results for n in r["messages"]]
+    partials = [n for r in results for n in r["partials"]]
+    latencies = [v for r in results for v in r["latencies_us"]]
+    delivered = sum(messages) + sum(partials)
+    expected_messages = sent["sb"] * args.spectators
+    expected_partials = sent["sp"] * args.spectators
+    latency = percentiles(latencies)
+    report = {
+        "spectators": args.spectators,
+        "joined": joined,
+        "join_failed": failed,
+        "join_storm": {"wall_s": round(storm_wall, 2), "hub_cpu_s": round(storm_cpu, 2)},
+        "rounds": args.rounds,
+        "messages_sent": sent["sb"],
+        "partials_sent": sent["sp"],
+        "delivery_ratio": round(sum(messages) / expected_messages, 5) if expected_messages else None,
+        "partial_delivery_ratio": round(sum(partials) / expected_partials, 5) if expected_partials else None,
+        "duplicates": sum(r["duplicates"] for r in results),
+        "latency_ms": latency,
+        "talk_wall_s": round(talk_wall, 2),
+        "hub_cpu_talk_s": round(talk_cpu, 2),
+        "hub_cpu_ms_per_delivery": round(talk_cpu * 1000 / delivered, 4) if delivered else None,
+        "hub_rss_mb": {"before_storm": rss_before, "after_storm": rss_after_storm,
+                       **(sampler.summary(series=False) or {})},
+        "hub_pinned_cpu": cpus[0] if len(cpus) >= 2 else None,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "errors": [e for r in results for e in r["errors"]][:5],
+    }
+    report["goals_met"] = {
+        "delivery": report["delivery_ratio"] == GOALS["delivery_ratio"]
+        and report["partial_delivery_ratio"] == GOALS["delivery_ratio"],
+        "latency_p99": latency["p99"] is not None and latency["p99"] <= GOALS["latency_p99_ms"],
+        "join_storm_cpu": storm_cpu <= GOALS["join_storm_hub_cpu_s"],
+    }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    worker = sub.add_parser("_watch", help="(internal) a process holding many spectators")
+    worker.add_argument("--url", required=True)
+    worker.add_argument("--count", type=int, required=True)
+    worker.add_argument("--run-id", required=True)
+    worker.add_argument("--result-file", required=True)
+    worker.add_argument("--connect-concurrency", type=int, default=200)
+    parser.add_argument("--spectators", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=50, help="moderator questions, each answered by both speakers")
+    parser.add_argument("--partials", type=int, default=3, help="streamed pieces before each speaker's message")
+    parser.add_argument("--pause", type=float, default=0.02, help="seconds between a speaker's pieces, and rounds")
+    parser.add_argument("--workers", type=int, default=2, help="processes the spectators are spread over")
+    parser.add_argument("--connect-concurrency", type=int, default=200, help="connections a worker opens at once")
+    parser.add_argument("--grace", type=float, default=2.0, help="seconds to let the last frames arrive")
+    parser.add_argument("--deadline", type=float, default=180.0)
+    args = parser.parse_args(argv)
+    if args.command == "_watch":
+        return asyncio.run(worker_main(args))
+    print(json.dumps(asyncio.run(run(args))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
