@@ -39,7 +39,8 @@ def _who(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     )
     floor = room.floor_state().to_wire()
     del floor["type"]
-    room.deliver(peer, Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget}))
+    room.deliver(peer, Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget},
+                              spectators=len(room.audience)))
 
 
 def _history(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
@@ -140,3 +141,4 @@ def run_command(room: Room, peer: Peer, command: Command) -> None:
         raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"Unknown command /{command.name}; the hub knows {listed}.")
     known.run(room, peer, command.args)
     room.publish_floor()
+    room.publish_presence()

@@ -15,6 +15,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from .audience import Spectator
 from .commands import COMMANDS
 from .pages import PageSettings, WebPages
 from .protocol import (
@@ -22,6 +23,7 @@ from .protocol import (
     ErrorCode,
     Notice,
     ProtocolError,
+    Spectate,
     encode,
     parse_client_frame,
     parse_hello,
@@ -138,7 +140,8 @@ class Hub:
     async def handle(self, ws: ServerConnection) -> None:
         self._connections += 1
         try:
-            if self._connections > self.config.room.max_clients + PENDING_ALLOWANCE:
+            settings = self.config.room
+            if self._connections > settings.max_clients + settings.max_spectators + PENDING_ALLOWANCE:
                 await self._reject(ws, ProtocolError(
                     ErrorCode.ROOM_FULL, "Too many connections are open; try again later.", fatal=True))
                 return
@@ -151,7 +154,10 @@ class Hub:
         try:
             raw = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
             hello = parse_hello(raw, limit)
-            peer = self.room.admit(ws, hello)
+            if isinstance(hello, Spectate):
+                spectator = self.room.watch(ws, hello)
+            else:
+                peer = self.room.admit(ws, hello)
         except asyncio.TimeoutError:
             await self._reject(ws, ProtocolError(
                 ErrorCode.BAD_FRAME, f"No registration frame within {HELLO_TIMEOUT:.0f} seconds.", fatal=True
@@ -162,6 +168,9 @@ class Hub:
             await self._reject(ws, error)
             return
         except ConnectionClosed:
+            return
+        if isinstance(hello, Spectate):
+            await self._serve_spectator(ws, spectator)
             return
         try:
             async for raw in ws:
@@ -180,6 +189,22 @@ class Hub:
             pass
         finally:
             self.room.remove(peer)
+
+    async def _serve_spectator(self, ws: ServerConnection, spectator: Spectator) -> None:
+        """A spectator only reads: whatever it sends is refused, and a stream of it closes the connection."""
+        try:
+            async for _ in ws:
+                self.room.refuse(spectator, ErrorCode.WATCH_ONLY,
+                                 "Spectators only watch; join with a name to take part. Nothing was sent.")
+                if self.room.count_refusal(spectator):
+                    await self.room.flush(spectator)
+                    self.room.unwatch(spectator)
+                    await close_peer(ws, CloseCode.POLICY_VIOLATION, ErrorCode.WATCH_ONLY.value)
+                    return
+        except ConnectionClosed:
+            pass
+        finally:
+            self.room.unwatch(spectator)
 
     async def _reject(self, ws: ServerConnection, error: ProtocolError) -> None:
         """Say why in a ``system`` frame (every client reads those), then close."""

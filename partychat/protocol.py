@@ -227,9 +227,12 @@ class Roster:
 
     participants: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     floor: dict[str, Any] = field(default_factory=dict)
+    spectators: int = 0
+    """How many watch; spectators are counted, never named."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "roster", "participants": list(self.participants), "floor": self.floor}
+        return {"type": "roster", "participants": list(self.participants), "floor": self.floor,
+                "spectators": self.spectators}
 
 
 @dataclass(frozen=True)
@@ -333,9 +336,9 @@ def parse_hello(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
         try:
             role = Role(data["type"])
         except (ValueError, TypeError):
-            raise ProtocolError(
-                ErrorCode.BAD_FRAME, 'The "type" of the first frame must be "model", "human" or "spectator".'
-            ) from None
+            raise ProtocolError(ErrorCode.BAD_FRAME,
+                                'The "type" of the first frame must be "model" or "human" (or "spectator" to watch).'
+                                ) from None
         return Hello(
             name=clean_name(data["name"]),
             role=role,
@@ -428,7 +431,8 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
         return Stream(sender=data["from"], content=text, turn=_int_or(data.get("turn"), 0))
     if kind == "roster":
         floor = data.get("floor")
-        return Roster(participants=_objects(data.get("participants")), floor=floor if isinstance(floor, dict) else {})
+        return Roster(participants=_objects(data.get("participants")), floor=floor if isinstance(floor, dict) else {},
+                      spectators=_int_or(data.get("spectators"), 0))
     if kind == "presence":
         return Presence(participants=_objects(data.get("participants")),
                         spectators=_int_or(data.get("spectators"), 0))

@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 
+from .audience import Audience, Spectator
 from .commands import run_command
 from .floor import Floor, Mode
 from .protocol import (
@@ -36,11 +37,13 @@ from .protocol import (
     Hello,
     Notice,
     Pass,
+    Presence,
     ProtocolError,
     Refusal,
     Role,
     Say,
     ServerFrame,
+    Spectate,
     Stream,
     encode,
 )
@@ -53,6 +56,8 @@ HISTORY_KEPT = 1000
 DRAFT_BYTES_PER_TURN = 64 * 1024
 """Streamed text relayed per model turn; past it the partials stop (the final message still goes)."""
 MAX_REFUSALS_IN_A_ROW = 50
+SPECTATOR_COUNT_PERIOD = 1.0
+"""Seconds between presence frames that only say how many are watching: a join storm costs a few frames, not n²."""
 """Bad frames a peer may send in a row before the hub treats it as abuse and closes it."""
 
 
@@ -69,6 +74,7 @@ class RoomSettings:
     moderator_token: str | None = None
     turn_timeout: float = 180.0
     """Seconds a model may hold the turn without answering before the hub passes it on."""
+    max_spectators: int = 1000
 
 
 class RateLimiter:
@@ -122,6 +128,9 @@ class Room:
         self.transcript = transcript
         self.floor = Floor(mode=settings.mode, max_turns=settings.max_turns)
         self.peers: dict[str, Peer] = {}
+        self.audience = Audience(settings.max_spectators)
+        self._last_presence: Presence | None = None
+        self._count_timer: asyncio.TimerHandle | None = None
         self.history: deque[Chat] = deque(maxlen=max(settings.replay, HISTORY_KEPT))
         self.seq = 0
         self.closing = False
@@ -147,12 +156,7 @@ class Room:
         settings = self.settings
         if self.closing:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "The hub is stopping; try again later.", fatal=True)
-        if settings.token and not _same_secret(hello.token, settings.token):
-            raise ProtocolError(
-                ErrorCode.UNAUTHORIZED,
-                "This hub needs an access token: pass the right one with --token.",
-                fatal=True,
-            )
+        self._check_token(hello.token)
         stale = self.peers.get(hello.name.casefold())
         if stale is not None:
             if not (hello.session and _same_secret(hello.session, stale.session)):
@@ -194,8 +198,39 @@ class Room:
             self.announce("join", f"{peer.name} joined the chat", name=peer.name, role=peer.role.value,
                           exclude=peer)
         self._replay_to(peer, hello.last_seq)
+        if peer.wants_stream:
+            self.deliver(peer, self.floor_state())  # the room as it stands; presence follows below
         self.publish_floor()
+        self.publish_presence()
         return peer
+
+    def _check_token(self, offered: str | None) -> None:
+        token = self.settings.token
+        if token and not _same_secret(offered, token):
+            raise ProtocolError(
+                ErrorCode.UNAUTHORIZED,
+                "This hub needs an access token: pass the right one with --token.",
+                fatal=True,
+            )
+
+    def watch(self, ws: ServerConnection, spectate: Spectate) -> Spectator:
+        """Seat a spectator: welcome it, show it the room, and announce nothing to anyone."""
+        if self.closing:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "The hub is stopping; try again later.", fatal=True)
+        self._check_token(spectate.token)
+        spectator = self.audience.seat(ws)
+        self.deliver(spectator, Notice("Watching the room", event="welcome", protocol=PROTOCOL_VERSION,
+                                       room=self.room_id))
+        self._replay_to(spectator, spectate.last_seq)
+        self.deliver(spectator, self.floor_state())
+        self.deliver(spectator, self._presence())
+        self._count_spectators_soon()
+        return spectator
+
+    def unwatch(self, spectator: Spectator) -> None:
+        if self.audience.leave(spectator):
+            self._count_spectators_soon()
+
 
     def remove(self, peer: Peer, reason: str = "left the chat", *, announce: bool = True) -> None:
         if self.peers.get(peer.key) is not peer:
@@ -206,6 +241,7 @@ class Room:
         if announce:
             self.announce("leave", f"{peer.name} {reason}", name=peer.name)
         self.publish_floor()
+        self.publish_presence()
 
     def find(self, name: str) -> Peer | None:
         return self.peers.get(name.casefold().strip())
@@ -255,7 +291,7 @@ class Room:
         self.seq = chat.seq
         self.history.append(chat)
         log.info("%s: %s", peer.name, content, extra={"speaker": peer.name})
-        self._send([other for other in self.peers.values() if other is not peer or peer.speaks_extensions],
+        self._send([other for other in self._listeners() if other is not peer or peer.speaks_extensions],
                    encode(chat))
         if peer.role is Role.MODEL:
             self.floor.on_model_message(peer.name, content)
@@ -294,7 +330,7 @@ class Room:
         peer.draft_bytes += len(draft.content)
         if peer.draft_bytes > DRAFT_BYTES_PER_TURN:
             return  # a reply that long streams no further; its final message still goes out whole
-        self._send([other for other in self.peers.values() if other.wants_stream and other is not peer],
+        self._send([other for other in self._listeners() if other.wants_stream and other is not peer],
                    encode(Stream(sender=peer.name, content=draft.content, turn=floor.turn)))
 
     def floor_state(self) -> FloorState:
@@ -335,15 +371,48 @@ class Room:
         self.floor.on_model_message(holder)
         self.publish_floor()
 
+    def _listeners(self) -> list[Peer | Spectator]:
+        """Everyone a room-wide frame goes to: the participants, then the spectators."""
+        return [*self.peers.values(), *self.audience]
+
     def broadcast(self, frame: ServerFrame, *, only_extensions: bool = False,
                   exclude: Peer | None = None) -> None:
-        self._send([peer for peer in self.peers.values()
+        self._send([peer for peer in self._listeners()
                     if peer is not exclude and (peer.speaks_extensions or not only_extensions)], encode(frame))
 
-    def deliver(self, peer: Peer, frame: ServerFrame) -> None:
+    def deliver(self, peer: Peer | Spectator, frame: ServerFrame) -> None:
         self._send([peer], encode(frame))
 
-    def refuse(self, peer: Peer, code: ErrorCode, sentence: str) -> None:
+    def _presence(self) -> Presence:
+        return Presence(
+            participants=tuple(
+                {"name": p.name, "role": p.role.value, "moderator": p.is_moderator, "muted": p.muted}
+                for p in self.peers.values()
+            ),
+            spectators=len(self.audience),
+        )
+
+    def publish_presence(self) -> None:
+        """Tell the pages (spectators and streaming humans) who is here, when that changed."""
+        presence = self._presence()
+        if presence == self._last_presence:
+            return
+        self._last_presence = presence
+        if self._count_timer is not None:
+            self._count_timer.cancel()
+            self._count_timer = None
+        self._send([listener for listener in self._listeners() if listener.wants_stream], encode(presence))
+
+    def _count_spectators_soon(self) -> None:
+        """A spectator came or went: say the new count once, a moment later, for every change meanwhile."""
+        if self._count_timer is None and not self.closing:
+            self._count_timer = asyncio.get_running_loop().call_later(SPECTATOR_COUNT_PERIOD, self._count_now)
+
+    def _count_now(self) -> None:
+        self._count_timer = None
+        self.publish_presence()
+
+    def refuse(self, peer: Peer | Spectator, code: ErrorCode, sentence: str) -> None:
         """Tell a peer why something was refused, in the form it understands."""
         frame: ServerFrame = (
             Refusal(code=code.value, content=sentence)
@@ -352,14 +421,14 @@ class Room:
         )
         self.deliver(peer, frame)
 
-    def count_refusal(self, peer: Peer) -> bool:
+    def count_refusal(self, peer: Peer | Spectator) -> bool:
         """Note a bad frame; True once a peer has sent so many in a row that it counts as abuse."""
         peer.refusals_in_a_row += 1
         return peer.refusals_in_a_row > MAX_REFUSALS_IN_A_ROW
 
     # ------------------------------------------------------------ delivery
 
-    def _send(self, recipients: list[Peer], text: str) -> None:
+    def _send(self, recipients: list[Peer | Spectator], text: str) -> None:
         """Write one frame to many peers without waiting; cut off the ones too far behind.
 
         This is websockets' ``broadcast()`` with one step hoisted out of the loop: server frames are
@@ -372,7 +441,7 @@ class Room:
         wire = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
         too_slow = []
         for peer in recipients:
-            if not self.is_present(peer):
+            if not (peer in self.audience if isinstance(peer, Spectator) else self.is_present(peer)):
                 continue
             transport, protocol = peer.ws.transport, peer.ws.protocol
             if transport is None or protocol.state is not State.OPEN:
@@ -388,18 +457,21 @@ class Room:
         for peer, backlog in too_slow:
             self._cut_off(peer, backlog)
 
-    def _cut_off(self, peer: Peer, backlog: int) -> None:
+    def _cut_off(self, peer: Peer | Spectator, backlog: int) -> None:
         log.warning("%s has %d KiB unread; disconnecting it", peer.name, backlog // 1024)
-        self.remove(peer, "was disconnected for reading too slowly")
+        if isinstance(peer, Spectator):
+            self.unwatch(peer)
+        else:
+            self.remove(peer, "was disconnected for reading too slowly")
         self.close_later(peer, CloseCode.TRY_AGAIN_LATER, "too slow: fell too far behind the room")
 
-    def close_later(self, peer: Peer, code: int, reason: str) -> None:
+    def close_later(self, peer: Peer | Spectator, code: int, reason: str) -> None:
         """Close a peer's connection from synchronous code; what it is owed is sent first."""
         task = asyncio.create_task(close_peer(peer.ws, code, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def flush(self, peer: Peer, timeout: float = 2.0) -> None:
+    async def flush(self, peer: Peer | Spectator, timeout: float = 2.0) -> None:
         """Wait (briefly) until a peer has been sent what is buffered for it, e.g. before closing it."""
         deadline = time.monotonic() + timeout
         while (
@@ -409,12 +481,12 @@ class Room:
         ):
             await asyncio.sleep(0.01)
 
-    def _replay_to(self, peer: Peer, last_seq: int | None) -> None:
+    def _replay_to(self, peer: Peer | Spectator, last_seq: int | None) -> None:
         """Late joiners get recent history; a reconnecting client gets exactly what it missed.
 
         Baseline model clients get no replay: they would answer every replayed message.
         """
-        if peer.role is Role.MODEL and not peer.speaks_extensions:
+        if isinstance(peer, Peer) and peer.role is Role.MODEL and not peer.speaks_extensions:
             return
         if last_seq is not None and last_seq > self.seq:
             last_seq = None  # numbers from another conversation (a hub restarted without --resume)
@@ -437,12 +509,14 @@ class Room:
     async def shutdown(self) -> None:
         """Tell everyone the hub is stopping and close every connection."""
         self.closing = True
-        if self._turn_timer is not None:
-            self._turn_timer.cancel()
+        for timer in (self._turn_timer, self._count_timer):
+            if timer is not None:
+                timer.cancel()
         self.announce("shutdown", "The hub is stopping.")
-        peers = list(self.peers.values())
+        peers = [*self.peers.values(), *self.audience]
         await asyncio.gather(*(self.flush(peer, 1.0) for peer in peers))
         self.peers.clear()  # the shutdown record speaks for everyone; no leave records after it
+        self.audience.clear()
         await asyncio.gather(
             *(close_peer(peer.ws, CloseCode.GOING_AWAY, "hub stopping") for peer in peers)
         )

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help=f"largest frame accepted (default: {DEFAULT_MAX_MESSAGE_BYTES})")
     limits.add_argument("--max-clients", type=int, default=64, help="participants allowed at once (default: 64)")
+    limits.add_argument("--max-spectators", type=int, default=1000,
+                        help="people watching (the web page or any spectator client) at once (default: 1000)")
     limits.add_argument("--rate-limit", type=float, default=2.0,
                         help="messages per second one participant may keep up; 0 turns the limit off (default: 2)")
     limits.add_argument("--rate-burst", type=int, default=20,
@@ -63,6 +65,8 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
     for name in ("replay", "max_message_bytes", "max_clients"):
         if getattr(args, name) < (0 if name == "replay" else 1):
             raise SystemExit(f"server.py: --{name.replace('_', '-')} must be a positive number")
+    if args.max_spectators < 0:
+        raise SystemExit("server.py: --max-spectators cannot be negative")
     if args.max_turns is not None and args.max_turns < 0:
         raise SystemExit("server.py: --max-turns cannot be negative")
     for path in (args.resume, args.certfile, args.keyfile):
@@ -76,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
             max_turns=args.max_turns,
             replay=args.replay,
             max_clients=args.max_clients,
+            max_spectators=args.max_spectators,
             rate_per_second=args.rate_limit,
             rate_burst=args.rate_burst,
             turn_timeout=args.turn_timeout,

@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from websockets.sync.client import ClientConnection, connect
@@ -44,11 +46,13 @@ def page_url(hub) -> str:
     return hub.wait_for_output(r"in a browser: (https?://\S+)", timeout=30).group(1)
 
 
-def join(url: str, name: str, kind: str = "human") -> ClientConnection:
-    ws = connect(url)
-    ws.send(json.dumps({"name": name, "type": kind, "protocol": 1}))
-    assert json.loads(ws.recv(timeout=30))["event"] == "welcome"
-    return ws
+@contextmanager
+def joined(url: str, name: str, kind: str = "human", **extra: object) -> Iterator[ClientConnection]:
+    """A participant written in Python, in the room for the length of a ``with`` block."""
+    with connect(url) as ws:
+        ws.send(json.dumps({"name": name, "type": kind, "protocol": 1, **extra}))
+        assert json.loads(ws.recv(timeout=30))["event"] == "welcome"
+        yield ws
 
 
 def say(ws: ClientConnection, text: str) -> None:
@@ -127,12 +131,12 @@ def test_two_personas_in_the_page_stream_then_answer_in_order_and_pause_stops_a_
     participants = watcher.locator("#participants").inner_text()
     assert "Zen Sage" in participants and "model" in participants and "moderator" in participants
     assert "1 watching" in watcher.locator("#spectators").inner_text()
-    keep_screenshot(watcher, tmp_path)
 
     type_line(moderator, SECOND_QUESTION)
     draft = moderator.locator("#log .msg.draft").first
     draft.wait_for(timeout=LONG)
     speaker = draft.get_attribute("data-sender")
+    keep_screenshot(moderator, tmp_path)
     moderator.click("#pause")
     moderator.locator(f'#log .msg.stopped[data-sender="{speaker}"]').wait_for()
     moderator.locator("#floor .paused").wait_for()
@@ -149,8 +153,12 @@ def test_a_spectator_page_has_no_input_and_the_hub_refuses_what_a_script_sends_f
         tmp_path, start_hub, browser):
     transcript = tmp_path / "t.jsonl"
     hub, url = start_hub("--transcript", str(transcript))
-    ada = join(url, "Ada")
-    say(ada, "Welcome, everyone.")
+    with joined(url, "Ada") as ada:
+        say(ada, "Welcome, everyone.")
+        watch_and_try_to_speak(browser, hub, ada, transcript)
+
+
+def watch_and_try_to_speak(browser, hub, ada: ClientConnection, transcript: Path) -> None:
     page = browser.open(page_url(hub))
     page.locator(FINALS).first.wait_for()
     assert page.locator("#say").count() == 0
@@ -179,35 +187,37 @@ def test_a_spectator_page_has_no_input_and_the_hub_refuses_what_a_script_sends_f
     assert roster["floor"]["paused"] is False
     assert transcript.read_text() == before, "nothing a spectator sent reached the room or its transcript"
     assert [m["text"] for m in shown(page)] == ["Welcome, everyone."]
-    ada.close()
 
 
 def test_names_and_messages_full_of_html_show_literally_and_run_nothing(tmp_path, start_hub, browser):
     hub, url = start_hub()
     name = "<img src=x onerror=alert(1)>"
     message = '<script>alert(2)</script><img src=x onerror="alert(3)"><b>bold</b> & <a href="javascript:alert(4)">x</a>'
-    mallory = join(url, name)
-    say(mallory, message)
-    watcher = browser.open(page_url(hub))
-    moderator = browser.open(page_url(hub) + "moderate")
-    join_as_moderator(moderator)
-    for page in (watcher, moderator):
-        page.locator(FINALS).first.wait_for()
-        page.locator("#participants li", has_text=name).wait_for()
-        assert shown(page)[0] == {"sender": name, "text": message, "seq": 1}
-        assert page.locator("#log .msg .who").first.inner_text() == name
-        assert page.locator("#log img, #log script, #log b, #log a, #participants img").count() == 0
-    say(mallory, "<img src=x onerror=alert(5)>")
-    moderator.locator(FINALS).nth(1).wait_for()
+    with joined(url, name) as mallory:
+        say(mallory, message)
+        watcher = browser.open(page_url(hub))
+        moderator = browser.open(page_url(hub) + "moderate")
+        join_as_moderator(moderator)
+        for page in (watcher, moderator):
+            page.locator(FINALS).first.wait_for()
+            page.locator("#participants li", has_text=name).wait_for()
+            assert shown(page)[0] == {"sender": name, "text": message, "seq": 1}
+            assert page.locator("#log .msg .who").first.inner_text() == name
+            assert page.locator("#log img, #log script, #log b, #log a, #participants img").count() == 0
+        say(mallory, "<img src=x onerror=alert(5)>")
+        moderator.locator(FINALS).nth(1).wait_for()
     assert not browser.dialogs, browser.dialogs
     assert not browser.errors
-    mallory.close()
 
 
 def test_the_moderator_page_steers_the_room_like_the_console(tmp_path, start_hub, browser):
     transcript = tmp_path / "t.jsonl"
     hub, url = start_hub("--transcript", str(transcript), "--moderator-token", "chair")
-    echo = join(url, "Echo", "model")
+    with joined(url, "Echo", "model") as echo:
+        steer(browser, hub, echo, transcript)
+
+
+def steer(browser, hub, echo: ClientConnection, transcript: Path) -> None:
     page = browser.open(page_url(hub) + "moderate")
     page.fill("#name", "Chair")
     page.fill("#moderator-token", "chair")
@@ -227,13 +237,13 @@ def test_the_moderator_page_steers_the_room_like_the_console(tmp_path, start_hub
     page.press("#say", "End")
     page.type("#say", "over to you")
     page.press("#say", "Enter")
-    assert frames_until(echo, "turn", speakers=["Echo"])["turns_left"] == 3
+    frames_until(echo, "turn", speakers=["Echo"])
     say(echo, "Thank you, chair.")
     page.locator(FINALS, has_text="Thank you, chair.").wait_for()
     echo_row.locator("button", has_text="Mute").click()
     page.locator("#participants li", has_text="muted").wait_for()
     type_line(page, "/who")
-    page.locator("#log .event", has_text="In the room: Chair").wait_for()
+    page.locator("#log .event", has_text="Chair (human, moderator)").wait_for()
     type_line(page, "/nonsense")
     page.locator("#log .error", has_text="Unknown command /nonsense").wait_for()
 
@@ -269,10 +279,9 @@ def test_a_moderator_token_is_asked_for_and_a_wrong_one_moderates_nothing(tmp_pa
 
 def test_with_a_room_token_the_page_asks_for_it_before_it_shows_anything(tmp_path, start_hub, browser):
     hub, url = start_hub("--token", "s3cret")
-    ada = connect(url)
-    ada.send(json.dumps({"name": "Ada", "type": "human", "token": "s3cret"}))
-    ada.recv(timeout=30)
-    say(ada, "members only")
+    with joined(url, "Ada", token="s3cret") as ada:
+        say(ada, "members only")
+        frames_until(ada, "message", content="members only")
     page = browser.open(page_url(hub))
     page.locator("#token-form").wait_for(state="visible")
     assert page.locator(FINALS).count() == 0
@@ -283,31 +292,28 @@ def test_with_a_room_token_the_page_asks_for_it_before_it_shows_anything(tmp_pat
     page.fill("#token", "s3cret")
     page.click("#token-form button")
     page.locator(FINALS, has_text="members only").wait_for()
-    ada.close()
 
 
 def test_the_page_reconnects_to_a_resumed_hub_and_nothing_is_missed_or_doubled(tmp_path, start_hub, browser):
     transcript = tmp_path / "t.jsonl"
     hub, url = start_hub("--transcript", str(transcript))
     port = url.rsplit(":", 1)[1]
-    ada = join(url, "Ada")
-    for n in (1, 2, 3):
-        say(ada, f"before the restart, {n}")
-    page = browser.open(page_url(hub))
-    page.locator(FINALS).nth(2).wait_for()
-    ada.close()
+    with joined(url, "Ada") as ada:
+        for n in (1, 2, 3):
+            say(ada, f"before the restart, {n}")
+        page = browser.open(page_url(hub))
+        page.locator(FINALS).nth(2).wait_for()
 
     assert hub.interrupt() == 0
     page.locator('#connection[data-state="offline"]').wait_for()
     hub, url = start_hub("--resume", str(transcript), "--port", port)
-    ada = join(url, "Ada")
-    say(ada, "after the restart, 4")  # most likely before the page is back: it must come as missed
-    page.locator('#connection[data-state="online"]').wait_for(timeout=60_000)
-    say(ada, "after the restart, 5")
-    page.locator(FINALS).nth(4).wait_for()
+    with joined(url, "Ada") as ada:
+        say(ada, "after the restart, 4")  # most likely before the page is back: it must come as missed
+        page.locator('#connection[data-state="online"]').wait_for(timeout=60_000)
+        say(ada, "after the restart, 5")
+        page.locator(FINALS).nth(4).wait_for()
     messages = shown(page)
     assert [m["text"] for m in messages] == [f"before the restart, {n}" for n in (1, 2, 3)] + [
         f"after the restart, {n}" for n in (4, 5)]
     assert [m["seq"] for m in messages] == [1, 2, 3, 4, 5]
     assert page.locator("#log .event", has_text="new conversation").count() == 0
-    ada.close()
