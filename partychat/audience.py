@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .members import Peer
 from .protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
 
 
@@ -31,9 +32,9 @@ class Spectator:
     def speaks_extensions(self) -> bool:
         return True
 
-    @property
-    def ws(self) -> Any:  # TEMPORARY until the room split: the old room writes to peer.ws
-        return self.link
+
+Listener = Peer | Spectator
+"""Anyone the room sends frames to."""
 
 
 class Audience:

@@ -17,7 +17,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 from partychat.hub import Hub, HubConfig
-from partychat.room import RoomSettings
+from partychat.settings import RoomSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
