@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -33,10 +34,10 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from hub_load import HubSampler, hub_cpu_seconds, hub_rss_mb, percentiles
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEAKERS = ("Speaker One", "Speaker Two")
@@ -51,33 +52,98 @@ def stamp(kind: str, run_id: str, index: int) -> str:
 # ---------------------------------------------------------------- spectator worker (a separate process)
 
 
-async def watch(url: str, run_id: str, seen: dict[str, list[int]], latencies: list[int],
-                failures: list[str]) -> ClientConnection | None:
-    """One spectator: register, then time every stamped frame it receives."""
-    try:
-        ws = await connect(url, compression=None, ping_interval=None, open_timeout=60, max_size=None)
-        await ws.send(json.dumps({"type": "spectator", "protocol": 1}))
-        first = json.loads(await asyncio.wait_for(ws.recv(), 60))
-        if first.get("event") != "welcome":
-            failures.append(str(first.get("content")))
-            await ws.close()
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked client frame (RFC 6455 §5.2); payloads here are short."""
+    mask = os.urandom(4)
+    head = bytes([0x80 | opcode])
+    size = len(payload)
+    head += bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + size.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class RawSpectator:
+    """A spectator reading the socket directly: a handful of lines instead of a websocket library.
+
+    A thousand library connections in two processes cost more CPU than the hub itself on a small
+    machine, and their queueing would be measured as the hub's latency. Server frames are unmasked
+    and (the hub negotiates no compression) plain text, so reading them is cheap; pings are
+    answered, so the hub keeps the connection.
+    """
+
+    def __init__(self, run_id: str, seen: dict[str, list[int]], latencies: list[int]) -> None:
+        self.marker = re.compile(rb'"content":"(s[bp]) ' + run_id.encode() + rb" (\d+) (\d+) ")
+        self.seen = seen
+        self.latencies = latencies
+        self.buffer = bytearray()
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def join(self, url: str) -> str | None:
+        """Open the websocket and register; None when welcomed, else why not."""
+        parts = urlsplit(url)
+        reader, self.writer = await asyncio.open_connection(parts.hostname, parts.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.writer.write(
+            f"GET / HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        if not head.startswith(b"HTTP/1.1 101"):
+            return head.split(b"\r\n", 1)[0].decode()
+        self.writer.write(client_frame(0x1, json.dumps({"type": "spectator", "protocol": 1}).encode()))
+        self.reader = reader
+        welcome = await asyncio.wait_for(self.next_text(), 60)
+        return None if b'"event":"welcome"' in welcome else welcome.decode(errors="replace")
+
+    async def next_text(self) -> bytes:
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                opcode, payload = frame
+                if opcode == 0x1:
+                    return payload
+                continue
+            chunk = await self.reader.read(65536)
+            if not chunk:
+                raise ConnectionResetError("the hub closed the connection")
+            self.buffer += chunk
+
+    def _frame(self) -> tuple[int, bytes] | None:
+        """Take one whole frame off the buffer, answering pings; None until one is complete."""
+        buffer = self.buffer
+        if len(buffer) < 2:
             return None
-    except (OSError, asyncio.TimeoutError, ConnectionClosed) as error:
-        failures.append(f"{type(error).__name__}: {error}")
-        return None
-    marker = re.compile(rf'"content":"(s[bp]) {run_id} (\d+) (\d+) ')
+        opcode, length, start = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
+        if length == 126:
+            if len(buffer) < 4:
+                return None
+            length, start = int.from_bytes(buffer[2:4], "big"), 4
+        elif length == 127:
+            if len(buffer) < 10:
+                return None
+            length, start = int.from_bytes(buffer[2:10], "big"), 10
+        if len(buffer) < start + length:
+            return None
+        payload = bytes(buffer[start:start + length])
+        del buffer[:start + length]
+        if opcode == 0x9 and self.writer is not None:
+            self.writer.write(client_frame(0xA, payload))
+        return opcode, payload
 
-    async def read() -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for raw in ws:
+    async def read(self) -> None:
+        """Time every stamped frame until the connection ends."""
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                payload = await self.next_text()
                 now = time.monotonic_ns()
-                found = marker.search(raw) if isinstance(raw, str) else None
+                found = self.marker.search(payload)
                 if found:
-                    seen[found.group(1)].append(int(found.group(2)))
-                    latencies.append((now - int(found.group(3))) // 1000)
+                    self.seen[found.group(1).decode()].append(int(found.group(2)))
+                    self.latencies.append((now - int(found.group(3))) // 1000)
 
-    asyncio.get_running_loop().create_task(read())
-    return ws
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.write(client_frame(0x8, (1000).to_bytes(2, "big")))
+            self.writer.close()
 
 
 async def worker_main(args: argparse.Namespace) -> int:
@@ -87,13 +153,26 @@ async def worker_main(args: argparse.Namespace) -> int:
     per_spectator: list[dict[str, list[int]]] = []
     latencies: list[int] = []
 
-    async def one() -> ClientConnection | None:
+    readers: list[asyncio.Task[None]] = []
+
+    async def one() -> RawSpectator | None:
         seen: dict[str, list[int]] = {"sb": [], "sp": []}
         per_spectator.append(seen)
+        spectator = RawSpectator(args.run_id, seen, latencies)
         async with gate:
-            return await watch(args.url, args.run_id, seen, latencies, failures)
+            try:
+                refused = await spectator.join(args.url)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
+                refused = f"{type(error).__name__}: {error}"
+        if refused:
+            failures.append(refused)
+            spectator.close()
+            return None
+        readers.append(asyncio.create_task(spectator.read()))
+        return spectator
 
-    connections = [ws for ws in await asyncio.gather(*(one() for _ in range(args.count))) if ws is not None]
+    connections = [spectator for spectator in await asyncio.gather(*(one() for _ in range(args.count)))
+                   if spectator is not None]
     print(f"READY {len(connections)} {len(failures)}", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     result = {
@@ -106,7 +185,10 @@ async def worker_main(args: argparse.Namespace) -> int:
         "latencies_us": latencies,
     }
     Path(args.result_file).write_text(json.dumps(result))
-    await asyncio.gather(*(ws.close() for ws in connections), return_exceptions=True)
+    for spectator in connections:
+        spectator.close()
+    for task in readers:
+        task.cancel()
     return 0
 
 
@@ -165,7 +247,7 @@ async def start_hub(args: argparse.Namespace, tmp: Path) -> tuple[asyncio.subpro
     hub = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0",
         "--log-level", "WARNING", "--turn-timeout", "0", "--transcript", str(tmp / "transcript.jsonl"),
-        "--max-spectators", str(args.spectators), stdout=asyncio.subprocess.PIPE,
+        "--max-spectators", str(args.spectators + args.probes), stdout=asyncio.subprocess.PIPE,
     )
     assert hub.stdout is not None
     while line := await asyncio.wait_for(hub.stdout.readline(), 60):
@@ -185,52 +267,66 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        hub, url = await start_hub(args, tmp)
-        if len(cpus) >= 2:
-            pin(hub.pid, {cpus[0]})
+        if args.url:
+            hub, url, hub_pid = None, args.url, args.hub_pid
+        else:
+            hub, url = await start_hub(args, tmp)
+            hub_pid = hub.pid
+        if len(cpus) >= 2 and hub_pid:
+            pin(hub_pid, {cpus[0]})
             pin(os.getpid(), set(cpus[1:]))
-        sampler = HubSampler(hub.pid)
+        sampler = HubSampler(hub_pid)
         sampler.start()
         try:
             talkers = [await register(url, "Moderator", "human")]
             talkers += [await register(url, name, "model") for name in SPEAKERS]
             await asyncio.sleep(0.5)
-            rss_before = hub_rss_mb(hub.pid)
+            rss_before = hub_rss_mb(hub_pid)
 
-            cpu_before_storm = hub_cpu_seconds(hub.pid)
+            cpu_before_storm = hub_cpu_seconds(hub_pid)
             storm_started = time.monotonic()
-            workers = []
-            share = [args.spectators // args.workers + (i < args.spectators % args.workers)
-                     for i in range(args.workers)]
-            for index, count in enumerate(share):
-                workers.append(await asyncio.create_subprocess_exec(
+
+            async def spawn(index: int, count: int) -> asyncio.subprocess.Process:
+                return await asyncio.create_subprocess_exec(
                     sys.executable, __file__, "_watch", "--url", url, "--count", str(count), "--run-id", run_id,
                     "--result-file", str(tmp / f"worker-{index}.json"),
                     "--connect-concurrency", str(args.connect_concurrency),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                ))
-            joined = failed = 0
-            for worker in workers:
-                assert worker.stdout is not None
-                ready = (await asyncio.wait_for(worker.stdout.readline(), args.deadline)).split()
-                joined, failed = joined + int(ready[1]), failed + int(ready[2])
+                )
+
+            async def ready(group: list[asyncio.subprocess.Process]) -> tuple[int, int]:
+                joined = failed = 0
+                for worker in group:
+                    assert worker.stdout is not None
+                    words = (await asyncio.wait_for(worker.stdout.readline(), args.deadline)).split()
+                    joined, failed = joined + int(words[1]), failed + int(words[2])
+                return joined, failed
+
+            share = [args.spectators // args.workers + (i < args.spectators % args.workers)
+                     for i in range(args.workers)]
+            workers = [await spawn(index, count) for index, count in enumerate(share)]
+            joined, failed = await ready(workers)
             storm_wall = time.monotonic() - storm_started
-            storm_cpu = hub_cpu_seconds(hub.pid) - cpu_before_storm
-            rss_after_storm = hub_rss_mb(hub.pid)
+            storm_cpu = hub_cpu_seconds(hub_pid) - cpu_before_storm
+            rss_after_storm = hub_rss_mb(hub_pid)
+            # The probes join last, so the hub writes to them last: their latency is the worst a
+            # spectator sees, and their own process is idle enough not to add its queueing to it.
+            probes = await spawn(len(workers), args.probes)
+            probes_joined, probes_failed = await ready([probes])
             await asyncio.sleep(1.5)  # the coalesced spectator count goes out once; not part of the talk
 
             counter, sent = [0], {"sb": 0, "sp": 0}
             speakers = [asyncio.create_task(speak(ws, name, run_id, args.partials, args.pause, counter, sent))
                         for ws, name in zip(talkers[1:], SPEAKERS, strict=True)]
-            cpu_before_talk = hub_cpu_seconds(hub.pid)
+            cpu_before_talk = hub_cpu_seconds(hub_pid)
             talk_started = time.monotonic()
             await asyncio.wait_for(moderate(talkers[0], run_id, args.rounds, args.pause, counter, sent),
                                    args.deadline)
             await asyncio.sleep(args.grace)
             talk_wall = time.monotonic() - talk_started
-            talk_cpu = hub_cpu_seconds(hub.pid) - cpu_before_talk
+            talk_cpu = hub_cpu_seconds(hub_pid) - cpu_before_talk
             results = []
-            for index, worker in enumerate(workers):
+            for index, worker in enumerate([*workers, probes]):
                 assert worker.stdin is not None
                 worker.stdin.write(b"stop\n")
                 await worker.stdin.drain()
@@ -242,17 +338,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await ws.close()
         finally:
             await sampler.stop()
-            if hub.returncode is None:
+            if hub is not None and hub.returncode is None:
                 hub.terminate()
                 await hub.wait()
 
     messages = [n for r in results for n in r["messages"]]
     partials = [n for r in results for n in r["partials"]]
-    latencies = [v for r in results for v in r["latencies_us"]]
     delivered = sum(messages) + sum(partials)
-    expected_messages = sent["sb"] * args.spectators
-    expected_partials = sent["sp"] * args.spectators
-    latency = percentiles(latencies)
+    watching = args.spectators + args.probes
+    expected_messages = sent["sb"] * watching
+    expected_partials = sent["sp"] * watching
+    latency = percentiles(results[-1]["latencies_us"])
     report = {
         "spectators": args.spectators,
         "joined": joined,
@@ -264,13 +360,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "delivery_ratio": round(sum(messages) / expected_messages, 5) if expected_messages else None,
         "partial_delivery_ratio": round(sum(partials) / expected_partials, 5) if expected_partials else None,
         "duplicates": sum(r["duplicates"] for r in results),
+        "probes": probes_joined,
+        "probes_failed": probes_failed,
         "latency_ms": latency,
+        "latency_ms_in_load_workers": percentiles([v for r in results[:-1] for v in r["latencies_us"]]),
         "talk_wall_s": round(talk_wall, 2),
         "hub_cpu_talk_s": round(talk_cpu, 2),
         "hub_cpu_ms_per_delivery": round(talk_cpu * 1000 / delivered, 4) if delivered else None,
         "hub_rss_mb": {"before_storm": rss_before, "after_storm": rss_after_storm,
                        **(sampler.summary(series=False) or {})},
-        "hub_pinned_cpu": cpus[0] if len(cpus) >= 2 else None,
+        "hub_pinned_cpu": cpus[0] if len(cpus) >= 2 and hub_pid else None,
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "errors": [e for r in results for e in r["errors"]][:5],
     }
@@ -292,15 +391,23 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--run-id", required=True)
     worker.add_argument("--result-file", required=True)
     worker.add_argument("--connect-concurrency", type=int, default=200)
+    parser.add_argument("--url", help="measure a hub already running here instead of starting one")
+    parser.add_argument("--hub-pid", type=int, help="with --url: the hub's process id, for its CPU and memory")
     parser.add_argument("--spectators", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=50, help="moderator questions, each answered by both speakers")
+    parser.add_argument("--rounds", type=int, default=30, help="moderator questions, each answered by both speakers")
     parser.add_argument("--partials", type=int, default=3, help="streamed pieces before each speaker's message")
-    parser.add_argument("--pause", type=float, default=0.02, help="seconds between a speaker's pieces, and rounds")
+    parser.add_argument("--pause", type=float, default=0.2,
+                        help="seconds between a speaker's pieces, and between rounds (default 0.2: a sentence "
+                             "every 0.2 s is faster than the embedded model writes them)")
     parser.add_argument("--workers", type=int, default=2, help="processes the spectators are spread over")
+    parser.add_argument("--probes", type=int, default=20,
+                        help="extra spectators in a process of their own, joined last, that time the latency")
     parser.add_argument("--connect-concurrency", type=int, default=200, help="connections a worker opens at once")
     parser.add_argument("--grace", type=float, default=2.0, help="seconds to let the last frames arrive")
     parser.add_argument("--deadline", type=float, default=180.0)
     args = parser.parse_args(argv)
+    if args.command != "_watch" and args.url and not args.hub_pid:
+        parser.error("--url needs --hub-pid, to read the hub's CPU and memory")
     if args.command == "_watch":
         return asyncio.run(worker_main(args))
     print(json.dumps(asyncio.run(run(args))), flush=True)

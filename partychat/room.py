@@ -71,6 +71,7 @@ class Room:
         self.history = ChatHistory(settings.replay)
         self.closing = False
         self._last_floor: FloorState | None = None
+        self._last_floor_text = ""
         self._turn_timer: asyncio.TimerHandle | None = None
         self._last_presence: Presence | None = None
         self._count_timer: asyncio.TimerHandle | None = None
@@ -136,7 +137,8 @@ class Room:
         self.deliver(spectator, Notice("Watching the room", event="welcome", protocol=PROTOCOL_VERSION,
                                        room=self.room_id))
         self._replay_to(spectator, spectate.last_seq)
-        self.deliver(spectator, self.floor_state())
+        state = self.floor_state()  # the same for every spectator of a join storm: encoded once
+        self._send([spectator], self._last_floor_text if state == self._last_floor else encode(state))
         self.deliver(spectator, self._presence())
         self._count_spectators_soon()
         return spectator
@@ -271,9 +273,9 @@ class Room:
         state = self.floor_state()
         if state == self._last_floor:
             return
-        self._last_floor = state
+        self._last_floor, self._last_floor_text = state, encode(state)
         self._time_turn(state)
-        self.broadcast(state, only_extensions=True)
+        self._send([peer for peer in self._audience() if peer.speaks_extensions], self._last_floor_text)
 
     def _pass_turn(self, peer: Peer, frame: Pass) -> None:
         stale = frame.turn is not None and frame.turn != self.floor.turn
