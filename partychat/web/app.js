@@ -205,8 +205,6 @@
     if (pause) pause.textContent = floor.paused ? "Resume" : "Pause";
     const mode = byId("mode");
     if (mode && document.activeElement !== mode) mode.value = floor.mode;
-    const turns = byId("turns");
-    if (turns && document.activeElement !== turns && turns.value === "") turns.value = String(floor.turns_left);
   }
 
   function showParticipants() {
