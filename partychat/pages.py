@@ -32,8 +32,8 @@ CONTENT_SECURITY_POLICY = (
 """No inline script or style, nothing from another origin; the page talks only to its own hub."""
 
 _ASSETS = {
-    "/": ("watch.html", "text/html; charset=utf-8"),
-    "/moderate": ("moderate.html", "text/html; charset=utf-8"),
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/moderate": ("index.html", "text/html; charset=utf-8"),  # the script adds the moderator's tools
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),

@@ -6,13 +6,13 @@ import json
 import re
 import shutil
 import ssl
-import subprocess
 import urllib.error
 import urllib.request
 from html.parser import HTMLParser
 from importlib import resources
 
 import pytest
+from helpers import make_certificate
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -109,10 +109,7 @@ def test_without_a_token_any_page_may_connect(start_hub):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_with_a_certificate_the_page_is_served_over_https(tmp_path, start_hub):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True)
+    cert, key = make_certificate(tmp_path)
     hub, _ = start_hub("--certfile", str(cert), "--keyfile", str(key))
     url = page_url(hub)
     assert re.match(r"https://127\.0\.0\.1:\d+/$", url)

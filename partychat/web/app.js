@@ -5,7 +5,7 @@
 "use strict";
 
 (() => {
-  const view = document.body.dataset.view; // "watch" or "moderate"
+  const view = location.pathname === "/moderate" ? "moderate" : "watch";
   const byId = (id) => document.getElementById(id);
   const logEl = byId("log");
   const PROTOCOL = 1;
@@ -520,7 +520,22 @@
     byId("name").focus();
   }
 
+  // The watching page has no input at all; the moderator's tools come out of their template here.
+  function mountModeratorTools() {
+    byId("token-form").remove();
+    const tools = byId("moderator-tools").content;
+    byId("nav").prepend(tools.getElementById("nav-tools"));
+    byId("side").append(tools.getElementById("controls"));
+    document.body.append(tools.getElementById("say-form"), tools.getElementById("join-form"));
+    const link = byId("switch-view");
+    link.href = "/";
+    link.textContent = "Watch only";
+    document.title = "Party Chat · moderate";
+    setConnection("not joined", "offline");
+  }
+
   function startModerating() {
+    mountModeratorTools();
     state.commands = state.config.commands || {};
     byId("join-form").addEventListener("submit", (event) => {
       event.preventDefault();
