@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -243,18 +244,101 @@ async def moderate(ws: ClientConnection, run_id: str, rounds: int, pause: float,
 # ---------------------------------------------------------------- coordinator
 
 
-async def start_hub(args: argparse.Namespace, tmp: Path) -> tuple[asyncio.subprocess.Process, str]:
-    hub = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0",
+async def bare_main() -> int:
+    """A websockets server that welcomes each connection with one frame and nothing else.
+
+    Served with the hub's own settings, it shows what a join storm costs in the websockets library
+    alone (handshakes, connections, one write each): the floor under the hub's figure.
+    """
+    from websockets.asyncio.server import serve
+
+    async def welcome(ws: Any) -> None:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "system", "event": "welcome", "content": "Watching the room"}))
+        async for _ in ws:
+            pass
+
+    async with serve(welcome, "127.0.0.1", 0, compression=None, max_queue=16, write_limit=64 * 1024,
+                     ping_interval=20, ping_timeout=20, close_timeout=2) as server:
+        print(f"listening on ws://127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
+        await asyncio.Future()
+    return 0
+
+
+async def start_hub(args: argparse.Namespace, tmp: Path, *,
+                    bare: bool = False) -> tuple[asyncio.subprocess.Process, str]:
+    """Our hub (or, with ``bare``, the bare websockets server) on a free port; returns it and its URL."""
+    command = [__file__, "_bare"] if bare else [
+        str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0", "--rate-limit", "0",
         "--log-level", "WARNING", "--turn-timeout", "0", "--transcript", str(tmp / "transcript.jsonl"),
-        "--max-spectators", str(args.spectators + args.probes), stdout=asyncio.subprocess.PIPE,
-    )
+        "--max-spectators", str(args.spectators + args.probes)]
+    hub = await asyncio.create_subprocess_exec(sys.executable, *command, stdout=asyncio.subprocess.PIPE)
     assert hub.stdout is not None
     while line := await asyncio.wait_for(hub.stdout.readline(), 60):
         found = re.search(rb"listening on (ws://\S+)", line)
         if found:
             return hub, found.group(1).decode()
     raise RuntimeError("the hub exited before it listened")
+
+
+@dataclass
+class Worker:
+    """A process holding many spectators; it writes what they saw to ``result`` when stopped."""
+
+    process: asyncio.subprocess.Process
+    result: Path
+
+
+async def spawn(args: argparse.Namespace, url: str, run_id: str, result: Path, count: int) -> Worker:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "_watch", "--url", url, "--count", str(count), "--run-id", run_id,
+        "--result-file", str(result), "--connect-concurrency", str(args.connect_concurrency),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    return Worker(process, result)
+
+
+async def storm(args: argparse.Namespace, url: str, run_id: str, tmp: Path) -> list[Worker]:
+    """All ``--spectators`` connecting at once, spread over ``--workers`` processes."""
+    share = [args.spectators // args.workers + (i < args.spectators % args.workers) for i in range(args.workers)]
+    return [await spawn(args, url, run_id, tmp / f"worker-{index}.json", count) for index, count in enumerate(share)]
+
+
+async def ready(args: argparse.Namespace, group: list[Worker]) -> tuple[int, int]:
+    """Wait until every spectator of these processes is welcomed or refused: (joined, failed)."""
+    joined = failed = 0
+    for worker in group:
+        assert worker.process.stdout is not None
+        words = (await asyncio.wait_for(worker.process.stdout.readline(), args.deadline)).split()
+        joined, failed = joined + int(words[1]), failed + int(words[2])
+    return joined, failed
+
+
+async def stop(worker: Worker) -> dict[str, Any]:
+    assert worker.process.stdin is not None
+    worker.process.stdin.write(b"stop\n")
+    await worker.process.stdin.drain()
+    await asyncio.wait_for(worker.process.wait(), 60)
+    return json.loads(worker.result.read_text())
+
+
+async def bare_storm(args: argparse.Namespace, tmp: Path, cpus: list[int]) -> float:
+    """The hub CPU of the same join storm against a bare websockets server."""
+    server, url = await start_hub(args, tmp, bare=True)
+    try:
+        if len(cpus) >= 2:
+            pin(server.pid, {cpus[0]})
+        await asyncio.sleep(0.5)
+        before = hub_cpu_seconds(server.pid)
+        workers = await storm(args, url, "bare", tmp)
+        await ready(args, workers)
+        cpu = hub_cpu_seconds(server.pid) - before
+        for worker in workers:
+            await stop(worker)
+        return round(cpu, 2)
+    finally:
+        server.terminate()
+        await server.wait()
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -285,34 +369,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
             cpu_before_storm = hub_cpu_seconds(hub_pid)
             storm_started = time.monotonic()
-
-            async def spawn(index: int, count: int) -> asyncio.subprocess.Process:
-                return await asyncio.create_subprocess_exec(
-                    sys.executable, __file__, "_watch", "--url", url, "--count", str(count), "--run-id", run_id,
-                    "--result-file", str(tmp / f"worker-{index}.json"),
-                    "--connect-concurrency", str(args.connect_concurrency),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                )
-
-            async def ready(group: list[asyncio.subprocess.Process]) -> tuple[int, int]:
-                joined = failed = 0
-                for worker in group:
-                    assert worker.stdout is not None
-                    words = (await asyncio.wait_for(worker.stdout.readline(), args.deadline)).split()
-                    joined, failed = joined + int(words[1]), failed + int(words[2])
-                return joined, failed
-
-            share = [args.spectators // args.workers + (i < args.spectators % args.workers)
-                     for i in range(args.workers)]
-            workers = [await spawn(index, count) for index, count in enumerate(share)]
-            joined, failed = await ready(workers)
+            workers = await storm(args, url, run_id, tmp)
+            joined, failed = await ready(args, workers)
             storm_wall = time.monotonic() - storm_started
             storm_cpu = hub_cpu_seconds(hub_pid) - cpu_before_storm
             rss_after_storm = hub_rss_mb(hub_pid)
             # The probes join last, so the hub writes to them last: their latency is the worst a
             # spectator sees, and their own process is idle enough not to add its queueing to it.
-            probes = await spawn(len(workers), args.probes)
-            probes_joined, probes_failed = await ready([probes])
+            probes = await spawn(args, url, run_id, tmp / "probes.json", args.probes)
+            probes_joined, probes_failed = await ready(args, [probes])
             await asyncio.sleep(1.5)  # the coalesced spectator count goes out once; not part of the talk
 
             counter, sent = [0], {"sb": 0, "sp": 0}
@@ -325,13 +390,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(args.grace)
             talk_wall = time.monotonic() - talk_started
             talk_cpu = hub_cpu_seconds(hub_pid) - cpu_before_talk
-            results = []
-            for index, worker in enumerate([*workers, probes]):
-                assert worker.stdin is not None
-                worker.stdin.write(b"stop\n")
-                await worker.stdin.drain()
-                await asyncio.wait_for(worker.wait(), 60)
-                results.append(json.loads((tmp / f"worker-{index}.json").read_text()))
+            results = [await stop(worker) for worker in [*workers, probes]]
             for task in speakers:
                 task.cancel()
             for ws in talkers:
@@ -341,6 +400,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if hub is not None and hub.returncode is None:
                 hub.terminate()
                 await hub.wait()
+        bare_cpu = await bare_storm(args, tmp, cpus) if args.compare_bare else None
 
     messages = [n for r in results for n in r["messages"]]
     partials = [n for r in results for n in r["partials"]]
@@ -353,7 +413,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "spectators": args.spectators,
         "joined": joined,
         "join_failed": failed,
-        "join_storm": {"wall_s": round(storm_wall, 2), "hub_cpu_s": round(storm_cpu, 2)},
+        "join_storm": {"wall_s": round(storm_wall, 2), "hub_cpu_s": round(storm_cpu, 2),
+                       "bare_websockets_cpu_s": bare_cpu},
         "rounds": args.rounds,
         "messages_sent": sent["sb"],
         "partials_sent": sent["sp"],
@@ -391,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--run-id", required=True)
     worker.add_argument("--result-file", required=True)
     worker.add_argument("--connect-concurrency", type=int, default=200)
+    sub.add_parser("_bare", help="(internal) a bare websockets server, for --compare-bare")
+    parser.add_argument("--compare-bare", action="store_true",
+                        help="also time the same join storm against a bare websockets server (the library's floor)")
     parser.add_argument("--url", help="measure a hub already running here instead of starting one")
     parser.add_argument("--hub-pid", type=int, help="with --url: the hub's process id, for its CPU and memory")
     parser.add_argument("--spectators", type=int, default=1000)
@@ -410,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--url needs --hub-pid, to read the hub's CPU and memory")
     if args.command == "_watch":
         return asyncio.run(worker_main(args))
+    if args.command == "_bare":
+        return asyncio.run(bare_main())
     print(json.dumps(asyncio.run(run(args))), flush=True)
     return 0
 
