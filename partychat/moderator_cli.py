@@ -71,6 +71,8 @@ class Moderator:
         self.unreachable = False
         self.idle = asyncio.Event()
         self.idle.set()
+        self.echoes_due = 0
+        """Our messages sent but not yet relayed back: until they are, an empty floor is not their answer."""
         self.last_frame_at = time.monotonic()
         self._quiet_watcher: asyncio.Task[None] | None = None
 
@@ -103,6 +105,10 @@ class Moderator:
         finally:
             reader.cancel()
             talker.cancel()
+
+    @property
+    def _own_name(self) -> str:
+        return " ".join(self.args.name.split()).casefold()
 
     def _on_retry(self, reason: str, delay: float) -> None:
         self.unreachable = True
@@ -193,6 +199,7 @@ class Moderator:
             self.last_seq = None  # another conversation: its numbers start afresh
         self.room_id, self.secret, self.session = session.room, session.secret, session
         self.unreachable = False
+        self.echoes_due = 0
         self.terminal.show(self.view.status(f"Connected to {self.args.server} as {self.args.name}."))
         receiver = asyncio.create_task(self._receive(session))
         try:
@@ -207,6 +214,8 @@ class Moderator:
                         raise HubGone
                     continue
                 item = self.outgoing[0]
+                if isinstance(item, Say) and session.extended:
+                    self.echoes_due += 1  # before the send: the receiver may run while it is under way
                 await session.ws.send(encode(item))
                 self.outgoing.popleft()
                 if isinstance(item, Say) and not session.extended:
@@ -237,8 +246,15 @@ class Moderator:
             if isinstance(frame, Archive) and self.saves:
                 self._save(self.saves.popleft(), frame.messages)
                 continue
-            if isinstance(frame, Refusal) or (isinstance(frame, FloorState) and not frame.speakers):
-                self.idle.set()  # nobody is going to answer that
+            if isinstance(frame, Chat) and not frame.replay and frame.sender.casefold() == self._own_name:
+                self.echoes_due = max(0, self.echoes_due - 1)
+            if isinstance(frame, Refusal):
+                self.echoes_due = 0
+            # Nobody is going to answer: a refusal, or an empty floor once our message is in the room
+            # (the floor a hub shows a newcomer can arrive after a scripted line was already sent).
+            if isinstance(frame, Refusal) or (
+                    isinstance(frame, FloorState) and not frame.speakers and not self.echoes_due):
+                self.idle.set()
             line = self.view.render(frame)
             if line is not None:
                 self.terminal.show(line)
