@@ -23,6 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
 
+def script(name: str) -> str:
+    """The full path of one of our scripts, so a test can start it from its own folder, not the checkout."""
+    return str(ROOT / name)
+
+
 def hub_config(tmp_path: Path, **room: Any) -> HubConfig:
     """A hub on a free loopback port that writes its transcript under tmp_path."""
     return HubConfig(host="127.0.0.1", port=0, room=RoomSettings(**room),
@@ -82,14 +87,18 @@ async def drain(ws: ClientConnection, quiet: float = 0.3) -> list[dict]:
 
 
 class Process:
-    """A script of ours run as a real process, with its output collected in a file."""
+    """A script of ours run as a real process, with its output collected in a file.
+
+    It runs in ``cwd``, by default the folder of its log (the test's tmp_path), so that whatever a
+    script writes to a relative path by default (``logs/``, ``/save``) stays out of the checkout.
+    """
 
     def __init__(self, args: list[str], log: Path, *, stdin: Any = subprocess.DEVNULL,
-                 env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.log = log
         self._out = log.open("wb")
-        self.popen = subprocess.Popen([PYTHON, *args], cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT,
-                                      stdin=stdin, env={**os.environ, **(env or {})})
+        self.popen = subprocess.Popen([PYTHON, *args], cwd=cwd or log.parent, stdout=self._out,
+                                      stderr=subprocess.STDOUT, stdin=stdin, env={**os.environ, **(env or {})})
 
     @property
     def output(self) -> str:
