@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,10 @@ from .hub import HubConfig, run_hub
 from .logs import LEVELS, setup_logging
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .settings import RoomSettings
+
+log = logging.getLogger("partychat.hub")
+FILES_BESIDES_CONNECTIONS = 64
+"""Descriptors the hub needs apart from its connections: the listening sockets, the transcript, logs."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,10 +102,35 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
     )
 
 
+def allow_enough_open_files(connections: int) -> None:
+    """Raise the open-file limit to what the room may hold, as far as the system lets us.
+
+    Every connection is a file descriptor, and many systems start a process with a soft limit of
+    1024: below the default --max-spectators. The hard limit is usually far higher.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows has no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + FILES_BESIDES_CONNECTIONS
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < wanted:
+        log.warning("This system lets the hub open only %d files at once, fewer than --max-clients plus "
+                    "--max-spectators (%d) need; raise it with `ulimit -n` to take them all.", target, connections)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     setup_logging(args.log_level, args.log_file)
+    allow_enough_open_files(config.room.max_clients + config.room.max_spectators)
     try:
         asyncio.run(run_hub(config))
     except OSError as error:

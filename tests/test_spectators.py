@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
-from helpers import close_all, drain, hub_config, join, next_frame, say, with_hub
+import pytest
+from helpers import ROOT, close_all, drain, hub_config, join, next_frame, say, with_hub
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -137,3 +140,17 @@ def test_a_crowd_of_spectators_costs_a_few_count_updates_not_one_per_join(tmp_pa
         await close_all(chair, *(ws for ws, _ in crowd))
 
     with_hub(hub_config(tmp_path), body)
+
+
+def test_the_hub_raises_its_open_file_limit_to_hold_every_spectator():
+    """Many systems start processes with room for 1024 files: fewer than the default --max-spectators."""
+    resource = pytest.importorskip("resource")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this system allows only {hard} open files")
+    check = ("import resource; from partychat.server_cli import allow_enough_open_files; "
+             "allow_enough_open_files(1064); print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) >= 1064
