@@ -36,7 +36,8 @@ def _who(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     participants = tuple(_describe(room, p) for p in room.members)
     floor = room.floor_state().to_wire()
     del floor["type"]
-    room.deliver(peer, Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget}))
+    room.deliver(peer, Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget},
+                              spectators=len(room.audience)))
 
 
 def _describe(room: Room, peer: Peer) -> dict[str, object]:
@@ -157,3 +158,4 @@ def run_command(room: Room, peer: Peer, command: Command) -> None:
         raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"Unknown command /{command.name}; the hub knows {listed}.")
     known.run(room, peer, command.args)
     room.publish_floor()
+    room.publish_presence()

@@ -144,8 +144,9 @@ def describe_roster(roster: Roster) -> str:
     floor = roster.floor
     people = ", ".join(f"{p.get('name')} ({', '.join(_roster_details(p))})" for p in roster.participants)
     speakers = ", ".join(floor.get("speakers") or []) or "nobody"
+    watching = f" {roster.spectators} watching." if roster.spectators else ""
     return (
-        f"In the room: {people or 'nobody'}. Mode {floor.get('mode')}, "
+        f"In the room: {people or 'nobody'}.{watching} Mode {floor.get('mode')}, "
         f"{'paused, ' if floor.get('paused') else ''}turn: {speakers}, "
         f"{floor.get('turns_left')} of {floor.get('max_turns')} model turns left."
     )

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -22,14 +23,16 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 
-from .commands import run_command
-from .members import Peer
+from .audience import Listener, Spectator
+from .commands import COMMANDS, run_command
+from .pages import PageSettings, WebPages
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Command,
     ErrorCode,
     Notice,
     ProtocolError,
+    Spectate,
     encode,
     parse_client_frame,
     parse_hello,
@@ -64,6 +67,8 @@ class HubConfig:
     keyfile: Path | None = None
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
+    web: bool = True
+    """Serve the room's web page on the same port (``--no-web`` turns it off)."""
 
 
 class SocketOutlet:
@@ -78,12 +83,12 @@ class SocketOutlet:
     reader that stops cannot slow the room or grow the hub's memory without bound.
     """
 
-    def __init__(self, max_buffered_bytes: int, cut_off: Callable[[Peer, int], None]) -> None:
+    def __init__(self, max_buffered_bytes: int, cut_off: Callable[[Listener, int], None]) -> None:
         self.max_buffered_bytes = max_buffered_bytes
         self.cut_off = cut_off
         self._closing: set[asyncio.Task[None]] = set()
 
-    def send(self, peers: Sequence[Peer], text: str) -> None:
+    def send(self, peers: Sequence[Listener], text: str) -> None:
         wire = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
         too_slow = []
         for peer in peers:
@@ -102,17 +107,17 @@ class SocketOutlet:
         for peer, backlog in too_slow:
             self.cut_off(peer, backlog)
 
-    def dismiss(self, peer: Peer, reason: str) -> None:
+    def dismiss(self, peer: Listener, reason: str) -> None:
         self.close_later(peer, CloseCode.POLICY_VIOLATION, reason)
 
-    def close_later(self, peer: Peer, code: int, reason: str) -> None:
+    def close_later(self, peer: Listener, code: int, reason: str) -> None:
         """Close a peer's connection from synchronous code; what it is owed is sent first."""
         task = asyncio.create_task(close_peer(_connection(peer), code, reason))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     @staticmethod
-    async def flush(peer: Peer, timeout: float = 2.0) -> None:
+    async def flush(peer: Listener, timeout: float = 2.0) -> None:
         """Wait (briefly) until a peer has been sent what is buffered for it, e.g. before closing it."""
         transport = _connection(peer).transport
         deadline = time.monotonic() + timeout
@@ -130,6 +135,16 @@ class Hub:
         self.room = Room(config.room, Transcript(path, fsync=config.fsync), self.outlet, resume=config.resume)
         self.server: Server | None = None
         self._connections = 0
+        settings = config.room
+        self.pages = WebPages(
+            PageSettings(
+                needs_token=settings.token is not None,
+                needs_moderator_token=settings.moderator_token is not None,
+                commands={name: command.help for name, command in COMMANDS.items() if command.listed},
+                max_message_bytes=config.max_message_bytes,
+            ) if config.web else None,
+            check_origin=settings.token is not None,
+        )
 
     @property
     def url(self) -> str:
@@ -138,6 +153,16 @@ class Hub:
         scheme = "wss" if self.config.certfile else "ws"
         host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{host}:{port}"
+
+    @property
+    def page_url(self) -> str:
+        """Where a browser finds the room; a hub on every interface is named by this machine's name."""
+        assert self.server is not None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            host = socket.gethostname()
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.config.certfile else 'http'}://{host}:{port}/"
 
     async def __aenter__(self) -> Hub:
         config = self.config
@@ -156,9 +181,12 @@ class Hub:
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
             close_timeout=2,
+            process_request=self.pages.process_request,
         )
         log.info("Transcript: %s", self.room.transcript.path)
         print(f"Party Chat hub listening on {self.url}", flush=True)
+        if self.pages.serving:
+            print(f"Watch and moderate in a browser: {self.page_url}", flush=True)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -176,9 +204,12 @@ class Hub:
         )
         self.room.close()
 
-    def _cut_off(self, peer: Peer, backlog: int) -> None:
+    def _cut_off(self, peer: Listener, backlog: int) -> None:
         log.warning("%s has %d KiB unread; disconnecting it", peer.name, backlog // 1024)
-        self.room.remove(peer, "was disconnected for reading too slowly")
+        if isinstance(peer, Spectator):
+            self.room.unwatch(peer)
+        else:
+            self.room.remove(peer, "was disconnected for reading too slowly")
         self.outlet.close_later(peer, CloseCode.TRY_AGAIN_LATER, "too slow: fell too far behind the room")
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -191,7 +222,8 @@ class Hub:
     async def handle(self, ws: ServerConnection) -> None:
         self._connections += 1
         try:
-            if self._connections > self.config.room.max_clients + PENDING_ALLOWANCE:
+            settings = self.config.room
+            if self._connections > settings.max_clients + settings.max_spectators + PENDING_ALLOWANCE:
                 await self._reject(ws, ProtocolError(
                     ErrorCode.ROOM_FULL, "Too many connections are open; try again later.", fatal=True))
                 return
@@ -204,7 +236,10 @@ class Hub:
         try:
             raw = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
             hello = parse_hello(raw, limit)
-            peer = self.room.admit(hello, ws)
+            if isinstance(hello, Spectate):
+                spectator = self.room.watch(hello, ws)
+            else:
+                peer = self.room.admit(hello, ws)
         except asyncio.TimeoutError:
             await self._reject(ws, ProtocolError(
                 ErrorCode.BAD_FRAME, f"No registration frame within {HELLO_TIMEOUT:.0f} seconds.", fatal=True
@@ -215,6 +250,9 @@ class Hub:
             await self._reject(ws, error)
             return
         except ConnectionClosed:
+            return
+        if isinstance(hello, Spectate):
+            await self._serve_spectator(ws, spectator)
             return
         try:
             async for raw in ws:
@@ -238,6 +276,22 @@ class Hub:
         finally:
             self.room.remove(peer)
 
+    async def _serve_spectator(self, ws: ServerConnection, spectator: Spectator) -> None:
+        """A spectator only reads: whatever it sends is refused, and a stream of it closes the connection."""
+        try:
+            async for _ in ws:
+                self.room.refuse(spectator, ErrorCode.WATCH_ONLY,
+                                 "Spectators only watch; join with a name to take part. Nothing was sent.")
+                if self.room.count_refusal(spectator):
+                    await self.outlet.flush(spectator)
+                    self.room.unwatch(spectator)
+                    await close_peer(ws, CloseCode.POLICY_VIOLATION, ErrorCode.WATCH_ONLY.value)
+                    return
+        except ConnectionClosed:
+            pass
+        finally:
+            self.room.unwatch(spectator)
+
     async def _reject(self, ws: ServerConnection, error: ProtocolError) -> None:
         """Say why in a ``system`` frame (every client reads those), then close."""
         with contextlib.suppress(ConnectionClosed):
@@ -245,7 +299,7 @@ class Hub:
         await close_peer(ws, _CLOSE_CODES.get(error.code, CloseCode.POLICY_VIOLATION), error.code.value)
 
 
-def _connection(peer: Peer) -> ServerConnection:
+def _connection(peer: Listener) -> ServerConnection:
     return cast(ServerConnection, peer.link)
 
 

@@ -93,13 +93,7 @@ class Members:
         A name already present is given back only to the client that holds its session secret: that
         is the same client reconnecting before the hub noticed its old connection is dead.
         """
-        settings = self.settings
-        if settings.token and not _same_secret(hello.token, settings.token):
-            raise ProtocolError(
-                ErrorCode.UNAUTHORIZED,
-                "This hub needs an access token: pass the right one with --token.",
-                fatal=True,
-            )
+        self.check_token(hello.token)
         stale = self._peers.get(hello.name.casefold())
         if stale is not None and not (hello.session and _same_secret(hello.session, stale.session)):
             raise ProtocolError(
@@ -108,6 +102,16 @@ class Members:
                 fatal=True,
             )
         return stale
+
+    def check_token(self, offered: str | None) -> None:
+        """Refuse anyone, participant or spectator, who does not present the hub's access token."""
+        token = self.settings.token
+        if token and not _same_secret(offered, token):
+            raise ProtocolError(
+                ErrorCode.UNAUTHORIZED,
+                "This hub needs an access token: pass the right one with --token.",
+                fatal=True,
+            )
 
     def enrol(self, hello: Hello, link: Any) -> Peer:
         """Add a vetted registration as a peer, unless the room is full."""

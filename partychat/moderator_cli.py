@@ -110,6 +110,10 @@ class Moderator:
             reader.cancel()
             talker.cancel()
 
+    @property
+    def _own_name(self) -> str:
+        return " ".join(self.args.name.split()).casefold()
+
     def _on_retry(self, reason: str, delay: float) -> None:
         self.unreachable = True
         self.terminal.show(self.view.status(f"Hub at {self.args.server} not reachable ({reason}); "
@@ -219,10 +223,14 @@ class Moderator:
                         raise HubGone
                     continue
                 item = self.outgoing[0]
-                await session.ws.send(encode(item))
-                self.outgoing.popleft()
                 if isinstance(item, Say) and item.nonce and session.extended:
-                    self.unconfirmed[item.nonce] = item
+                    # Before the send: the echo may arrive while it is under way. A send that fails
+                    # leaves the line here, and the next connection sends it again.
+                    self.unconfirmed[item.nonce] = self.outgoing.popleft()
+                    await session.ws.send(encode(item))
+                else:
+                    await session.ws.send(encode(item))
+                    self.outgoing.popleft()
                 if isinstance(item, Say) and not session.extended:
                     self.last_frame_at = time.monotonic()
                     if self._quiet_watcher is None or self._quiet_watcher.done():
@@ -242,7 +250,7 @@ class Moderator:
         if chat.nonce:
             return self.unconfirmed.pop(chat.nonce, None) is not None
         oldest = next(iter(self.unconfirmed.values()), None)
-        mine = chat.sender.casefold() == " ".join(self.args.name.split()).casefold()
+        mine = chat.sender.casefold() == self._own_name
         if oldest is not None and mine and not chat.replay and chat.content == oldest.content:
             # A hub that does not echo nonces still echoes our lines in the order they were sent.
             return self.unconfirmed.pop(oldest.nonce or "", None) is not None
@@ -264,8 +272,15 @@ class Moderator:
             if isinstance(frame, Archive) and self.saves:
                 self._save(self.saves.popleft(), frame.messages)
                 continue
-            if isinstance(frame, Refusal) or (isinstance(frame, FloorState) and not frame.speakers):
-                self.idle.set()  # nobody is going to answer that
+            if isinstance(frame, Refusal) and self.unconfirmed:
+                # The hub answers frames in order, so a refusal is for the oldest line it has not echoed
+                # (or for a command); the refusal itself is shown below, so the line is not lost silently.
+                del self.unconfirmed[next(iter(self.unconfirmed))]
+            # Nobody is going to answer: a refusal, or an empty floor once our lines are in the room
+            # (the floor a hub shows a newcomer can arrive after a scripted line was already sent).
+            if isinstance(frame, Refusal) or (
+                    isinstance(frame, FloorState) and not frame.speakers and not self.unconfirmed):
+                self.idle.set()
             line = self.view.render(frame)
             if line is not None:
                 self.terminal.show(line)

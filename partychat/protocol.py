@@ -45,6 +45,7 @@ class ErrorCode(str, Enum):
     UNKNOWN_COMMAND = "unknown_command"
     BAD_ARGUMENT = "bad_argument"
     KICKED = "kicked"
+    WATCH_ONLY = "watch_only"
     SHUTTING_DOWN = "shutting_down"
     WITHHELD = "withheld"
     NOTHING_TO_STOP = "nothing_to_stop"
@@ -95,6 +96,22 @@ class Speed:
 
     def to_wire(self) -> dict[str, Any]:
         return _with_set_fields({}, self, "ttft", "tokens_per_second")
+
+
+@dataclass(frozen=True)
+class Spectate:
+    """The registration frame of a spectator: it watches the room and takes no part in it.
+
+    It has no name, because nobody in the room sees it; it always speaks the extensions and
+    streams, because a page that watches wants the replies as they grow.
+    """
+
+    protocol: int = PROTOCOL_VERSION
+    token: str | None = None
+    last_seq: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_set_fields({"type": "spectator", "protocol": self.protocol}, self, "token", "last_seq")
 
 
 @dataclass(frozen=True)
@@ -241,9 +258,12 @@ class Roster:
 
     participants: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     floor: dict[str, Any] = field(default_factory=dict)
+    spectators: int = 0
+    """How many watch; spectators are counted, never named."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "roster", "participants": list(self.participants), "floor": self.floor}
+        return {"type": "roster", "participants": list(self.participants), "floor": self.floor,
+                "spectators": self.spectators}
 
 
 @dataclass(frozen=True)
@@ -256,7 +276,22 @@ class Archive:
         return {"type": "history", "messages": [chat.to_wire() for chat in self.messages]}
 
 
-ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Roster | Archive
+@dataclass(frozen=True)
+class Presence:
+    """Who is in the room and how many watch (extension), for pages that show it.
+
+    Sent to spectators and streaming humans when they join and whenever a participant comes,
+    goes or changes role; a change in the spectator count alone is sent at most once a second.
+    """
+
+    participants: tuple[dict[str, Any], ...] = ()
+    spectators: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "presence", "participants": list(self.participants), "spectators": self.spectators}
+
+
+ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Roster | Archive | Presence
 
 
 def _with_set_fields(frame: dict[str, Any], source: object, *names: str) -> dict[str, Any]:
@@ -268,7 +303,7 @@ def _with_set_fields(frame: dict[str, Any], source: object, *names: str) -> dict
     return frame
 
 
-def encode(frame: ClientFrame | ServerFrame | Hello) -> str:
+def encode(frame: ClientFrame | ServerFrame | Hello | Spectate) -> str:
     """Serialise a frame to the JSON text sent on the socket."""
     return json.dumps(frame.to_wire(), ensure_ascii=False, separators=(",", ":"))
 
@@ -315,10 +350,16 @@ def _optional(data: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> 
     return value
 
 
-def parse_hello(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Hello:
-    """Validate a registration frame. Any problem here is fatal to the connection."""
+def parse_hello(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Hello | Spectate:
+    """Validate a registration frame (a participant's or a spectator's). Any problem here is fatal."""
     try:
         data = _load_object(raw, max_bytes)
+        last_seq = _optional(data, "last_seq", int)
+        if last_seq is not None and last_seq < 0:
+            raise ProtocolError(ErrorCode.BAD_FRAME, '"last_seq" cannot be negative.')
+        if data.get("type") == "spectator":
+            return Spectate(protocol=_optional(data, "protocol", int) or PROTOCOL_VERSION,
+                            token=_optional(data, "token", str), last_seq=last_seq)
         if "name" not in data or "type" not in data:
             raise ProtocolError(
                 ErrorCode.BAD_FRAME, 'The first frame must carry "name" and "type".'
@@ -326,12 +367,9 @@ def parse_hello(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
         try:
             role = Role(data["type"])
         except (ValueError, TypeError):
-            raise ProtocolError(
-                ErrorCode.BAD_FRAME, 'The "type" of the first frame must be "model" or "human".'
-            ) from None
-        last_seq = _optional(data, "last_seq", int)
-        if last_seq is not None and last_seq < 0:
-            raise ProtocolError(ErrorCode.BAD_FRAME, '"last_seq" cannot be negative.')
+            raise ProtocolError(ErrorCode.BAD_FRAME,
+                                'The "type" of the first frame must be "model" or "human" (or "spectator" to watch).'
+                                ) from None
         return Hello(
             name=clean_name(data["name"]),
             role=role,
@@ -451,15 +489,17 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
     if kind == "partial" and isinstance(data.get("from"), str):
         return Stream(sender=data["from"], content=text, turn=_int_or(data.get("turn"), 0))
     if kind == "roster":
-        participants = data.get("participants")
         floor = data.get("floor")
-        return Roster(
-            participants=tuple(p for p in participants if isinstance(p, dict))
-            if isinstance(participants, list)
-            else (),
-            floor=floor if isinstance(floor, dict) else {},
-        )
+        return Roster(participants=_objects(data.get("participants")), floor=floor if isinstance(floor, dict) else {},
+                      spectators=_int_or(data.get("spectators"), 0))
+    if kind == "presence":
+        return Presence(participants=_objects(data.get("participants")),
+                        spectators=_int_or(data.get("spectators"), 0))
     return None
+
+
+def _objects(items: Any) -> tuple[dict[str, Any], ...]:
+    return tuple(item for item in items if isinstance(item, dict)) if isinstance(items, list) else ()
 
 
 def _chat(data: dict[str, Any]) -> Chat | None:

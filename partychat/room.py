@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from .audience import Audience, Listener, Spectator
 from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
 from .guards import REPEAT_WINDOW, Earlier, Verdict, check_reply
 from .history import ChatHistory
@@ -29,11 +30,13 @@ from .protocol import (
     Hello,
     Notice,
     Pass,
+    Presence,
     ProtocolError,
     Refusal,
     Role,
     Say,
     ServerFrame,
+    Spectate,
     Stream,
     encode,
 )
@@ -44,15 +47,17 @@ log = logging.getLogger("partychat.hub")
 
 DRAFT_BYTES_PER_TURN = 64 * 1024
 """Streamed text relayed per model turn; past it the partials stop (the final message still goes)."""
+SPECTATOR_COUNT_PERIOD = 1.0
+"""Seconds between presence frames that only change the spectator count, so a join storm costs a few frames, not n²."""
 
 
 class Outlet(Protocol):
     """What the room asks of the network layer. Neither call may wait on a peer."""
 
-    def send(self, peers: Sequence[Peer], text: str) -> None:
+    def send(self, peers: Sequence[Listener], text: str) -> None:
         """Write one encoded frame to each of these peers."""
 
-    def dismiss(self, peer: Peer, reason: str) -> None:
+    def dismiss(self, peer: Listener, reason: str) -> None:
         """Close a peer's connection (the room has already removed it), once what it is owed is sent."""
 
 
@@ -70,10 +75,14 @@ class Room:
         self.outlet = outlet
         self.floor = Floor(mode=settings.mode, max_turns=settings.max_turns, seed=settings.seed)
         self.members = Members(settings)
+        self.audience = Audience(settings.max_spectators)
         self.history = ChatHistory(settings.replay)
         self.closing = False
         self._last_floor: FloorState | None = None
+        self._last_floor_text = ""
         self._turn_timers: list[asyncio.TimerHandle] = []
+        self._last_presence: Presence | None = None
+        self._count_timer: asyncio.TimerHandle | None = None
         room_id = None
         if resume is not None:
             earlier = load_history(resume)
@@ -112,7 +121,10 @@ class Room:
             self.announce("join", f"{peer.name} joined the chat", name=peer.name, role=peer.role.value,
                           exclude=peer)
         self._replay_to(peer, hello.last_seq)
+        if peer.wants_stream:
+            self.deliver(peer, self.floor_state())  # the room as it stands; presence follows below
         self.publish_floor()
+        self.publish_presence()
         return peer
 
     def remove(self, peer: Peer, reason: str = "left the chat", *, announce: bool = True) -> None:
@@ -126,6 +138,26 @@ class Room:
         if held:
             self.announce("skip", f"{peer.name} left while holding the turn; the turn moves on.", name=peer.name)
         self.publish_floor()
+        self.publish_presence()
+
+    def watch(self, spectate: Spectate, link: Any) -> Spectator:
+        """Seat a spectator: welcome it and show it the room, announcing nothing to anyone."""
+        if self.closing:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "The hub is stopping; try again later.", fatal=True)
+        self.members.check_token(spectate.token)
+        spectator = self.audience.seat(link)
+        self.deliver(spectator, Notice("Watching the room", event="welcome", protocol=PROTOCOL_VERSION,
+                                       room=self.room_id))
+        self._replay_to(spectator, spectate.last_seq)
+        state = self.floor_state()  # the same for every spectator of a join storm: encoded once
+        self._send([spectator], self._last_floor_text if state == self._last_floor else encode(state))
+        self.deliver(spectator, self._presence())
+        self._count_spectators_soon()
+        return spectator
+
+    def unwatch(self, spectator: Spectator) -> None:
+        if self.audience.leave(spectator):
+            self._count_spectators_soon()
 
     def dismiss(self, peer: Peer, reason: str) -> None:
         """Close a removed peer's connection, after what it is owed has been sent."""
@@ -145,13 +177,13 @@ class Room:
         """Charge a message or command to a peer's rate limit, or raise why it was dropped."""
         self.members.meter(peer)
 
-    def count_refusal(self, peer: Peer) -> bool:
+    def count_refusal(self, peer: Listener) -> bool:
         """Note a bad frame; True once a peer has sent so many in a row that it counts as abuse."""
         return self.members.count_refusal(peer)
 
-    def _audience(self) -> list[Peer]:
-        """Everyone a room-wide frame goes to."""
-        return list(self.members)
+    def _audience(self) -> list[Listener]:
+        """Everyone a room-wide frame goes to: the participants, then the spectators."""
+        return [*self.members, *self.audience]
 
     # ------------------------------------------------------------ routing and history
 
@@ -294,12 +326,12 @@ class Room:
         self._send([other for other in self._audience() if other.wants_stream and other is not peer],
                    encode(Stream(sender=peer.name, content=draft.content, turn=floor.turn)))
 
-    def _replay_to(self, peer: Peer, last_seq: int | None) -> None:
+    def _replay_to(self, peer: Listener, last_seq: int | None) -> None:
         """Late joiners get recent history; a reconnecting client gets exactly what it missed.
 
         Baseline model clients get no replay: they would answer every replayed message.
         """
-        if peer.role is Role.MODEL and not peer.speaks_extensions:
+        if isinstance(peer, Peer) and peer.role is Role.MODEL and not peer.speaks_extensions:
             return
         if last_seq is not None and last_seq > self.history.seq:
             last_seq = None  # numbers from another conversation (a hub restarted without --resume)
@@ -336,9 +368,9 @@ class Room:
         state = self.floor_state()
         if state == self._last_floor:
             return
-        self._last_floor = state
+        self._last_floor, self._last_floor_text = state, encode(state)
         self._time_turn(state)
-        self.broadcast(state, only_extensions=True)
+        self._send([peer for peer in self._audience() if peer.speaks_extensions], self._last_floor_text)
 
     def _pass_turn(self, peer: Peer, frame: Pass) -> None:
         stale = frame.turn is not None and frame.turn != self.floor.turn
@@ -389,10 +421,39 @@ class Room:
         self._send([peer for peer in self._audience()
                     if peer is not exclude and (peer.speaks_extensions or not only_extensions)], encode(frame))
 
-    def deliver(self, peer: Peer, frame: ServerFrame) -> None:
+    def deliver(self, peer: Listener, frame: ServerFrame) -> None:
         self._send([peer], encode(frame))
 
-    def refuse(self, peer: Peer, code: ErrorCode, sentence: str) -> None:
+    def _presence(self) -> Presence:
+        return Presence(
+            participants=tuple(
+                {"name": p.name, "role": p.role.value, "moderator": p.is_moderator, "muted": p.muted}
+                for p in self.members
+            ),
+            spectators=len(self.audience),
+        )
+
+    def publish_presence(self) -> None:
+        """Tell the pages (spectators and streaming humans) who is here, when that changed."""
+        presence = self._presence()
+        if presence == self._last_presence:
+            return
+        self._last_presence = presence
+        if self._count_timer is not None:
+            self._count_timer.cancel()
+            self._count_timer = None
+        self._send([listener for listener in self._audience() if listener.wants_stream], encode(presence))
+
+    def _count_spectators_soon(self) -> None:
+        """A spectator came or went: say the new count once, a moment later, for every change meanwhile."""
+        if self._count_timer is None and not self.closing:
+            self._count_timer = asyncio.get_running_loop().call_later(SPECTATOR_COUNT_PERIOD, self._count_now)
+
+    def _count_now(self) -> None:
+        self._count_timer = None
+        self.publish_presence()
+
+    def refuse(self, peer: Listener, code: ErrorCode, sentence: str) -> None:
         """Tell a peer why something was refused, in the form it understands."""
         frame: ServerFrame = (
             Refusal(code=code.value, content=sentence)
@@ -406,19 +467,22 @@ class Room:
         log.info("%s", sentence, extra={"speaker": fields.get("name")})
         self.broadcast(Notice(sentence, event=event, reason=fields.get("reason")), exclude=exclude)
 
-    def _send(self, recipients: Iterable[Peer], text: str) -> None:
+    def _send(self, recipients: Iterable[Listener], text: str) -> None:
         """Hand one encoded frame to the outlet for the recipients still in the room."""
-        present = [peer for peer in recipients if self.is_present(peer)]
+        present = [peer for peer in recipients
+                   if (peer in self.audience if isinstance(peer, Spectator) else self.is_present(peer))]
         if present:
             self.outlet.send(present, text)
 
-    def stop(self) -> list[Peer]:
-        """Say the hub is stopping and empty the room; returns the peers whose connections must close."""
+    def stop(self) -> list[Listener]:
+        """Say the hub is stopping and empty the room; returns the connections that must close."""
         self.closing = True
-        for timer in self._turn_timers:
-            timer.cancel()
+        for timer in (*self._turn_timers, self._count_timer):
+            if timer is not None:
+                timer.cancel()
         self.announce("shutdown", "The hub is stopping.")
-        return self.members.clear()  # the shutdown record speaks for everyone; no leave records after it
+        # The shutdown record speaks for everyone; no leave records after it.
+        return [*self.members.clear(), *self.audience.clear()]
 
     def close(self) -> None:
         """Write the transcript out; call after the peers' connections are closed."""

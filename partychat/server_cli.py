@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,10 @@ from .hub import HubConfig, run_hub
 from .logs import LEVELS, setup_logging
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .settings import RoomSettings
+
+log = logging.getLogger("partychat.hub")
+FILES_BESIDES_CONNECTIONS = 64
+"""Descriptors the hub needs apart from its connections: the listening sockets, the transcript, logs."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help=f"largest frame accepted (default: {DEFAULT_MAX_MESSAGE_BYTES})")
     limits.add_argument("--max-clients", type=int, default=64, help="participants allowed at once (default: 64)")
+    limits.add_argument("--max-spectators", type=int, default=1000,
+                        help="people watching (the web page or any spectator client) at once (default: 1000)")
     limits.add_argument("--rate-limit", type=float, default=2.0,
                         help="messages per second one participant may keep up; 0 turns the limit off (default: 2)")
     limits.add_argument("--rate-burst", type=int, default=20,
@@ -59,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="secret a human must present to be a moderator (or set PARTYCHAT_MODERATOR_TOKEN)")
     limits.add_argument("--certfile", type=Path, help="TLS certificate: serve wss:// instead of ws://")
     limits.add_argument("--keyfile", type=Path, help="TLS private key (if not inside --certfile)")
+    parser.add_argument("--no-web", action="store_true",
+                        help="serve no web page; only websocket clients can join")
     return parser
 
 
@@ -70,6 +79,8 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
             raise SystemExit(f"server.py: --{name.replace('_', '-')} must be a positive number")
     if args.turn_timeout < 0 or args.first_token_timeout < 0:
         raise SystemExit("server.py: --turn-timeout and --first-token-timeout cannot be negative")
+    if args.max_spectators < 0:
+        raise SystemExit("server.py: --max-spectators cannot be negative")
     if args.max_turns is not None and args.max_turns < 0:
         raise SystemExit("server.py: --max-turns cannot be negative")
     for path in (args.resume, args.certfile, args.keyfile):
@@ -83,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
             max_turns=args.max_turns,
             replay=args.replay,
             max_clients=args.max_clients,
+            max_spectators=args.max_spectators,
             rate_per_second=args.rate_limit,
             rate_burst=args.rate_burst,
             turn_timeout=args.turn_timeout,
@@ -98,13 +110,39 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
         max_message_bytes=args.max_message_bytes,
         certfile=args.certfile,
         keyfile=args.keyfile,
+        web=not args.no_web,
     )
+
+
+def allow_enough_open_files(connections: int) -> None:
+    """Raise the open-file limit to what the room may hold, as far as the system lets us.
+
+    Every connection is a file descriptor, and many systems start a process with a soft limit of
+    1024: below the default --max-spectators. The hard limit is usually far higher.
+    """
+    try:
+        import resource
+    except ImportError:  # Windows has no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + FILES_BESIDES_CONNECTIONS
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < wanted:
+        log.warning("This system lets the hub open only %d files at once, fewer than --max-clients plus "
+                    "--max-spectators (%d) need; raise it with `ulimit -n` to take them all.", target, connections)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     setup_logging(args.log_level, args.log_file)
+    allow_enough_open_files(config.room.max_clients + config.room.max_spectators)
     try:
         asyncio.run(run_hub(config))
     except OSError as error:

@@ -27,3 +27,5 @@ class RoomSettings:
     """Seeds natural mode's draws."""
     guards: bool = True
     """Check every model reply for repeats, emptiness and lines written as someone else."""
+    max_spectators: int = 1000
+    """Connections watching without taking part (the web page); apart from ``max_clients``."""

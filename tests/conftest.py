@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from browser import Browser, chromium
 from helpers import ROOT, Process, script
 from hypothesis.configuration import set_hypothesis_home_dir
 
@@ -100,3 +101,10 @@ def start_client(tmp_path: Path, processes: list[Process]) -> Callable[..., Proc
         return client
 
     return start
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    """Headless Chromium with a fresh profile under tmp_path; skips the test when there is none."""
+    with chromium(tmp_path / "chromium-profile") as opened:
+        yield opened

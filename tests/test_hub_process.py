@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import hub_config, join, next_frame, say, script, speaker_and_listener, with_hub
+from helpers import hub_config, join, make_certificate, next_frame, say, script, speaker_and_listener, with_hub
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
@@ -58,10 +58,7 @@ def test_sigterm_tells_the_room_flushes_and_exits_zero(tmp_path, start_hub):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 def test_tls_hub_serves_wss_and_clients_trust_a_given_ca(tmp_path, start_hub):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True)
+    cert, key = make_certificate(tmp_path)
     _, url = start_hub("--certfile", str(cert), "--keyfile", str(key))
     assert url.startswith("wss://")
 
