@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,25 +88,27 @@ async def persona_turn(model: ChatModel, persona: str, name: str, chats: list[Ch
 
 def persona_runs(model: ChatModel, count_tokens: Callable[[str], int], args: argparse.Namespace,
                  forget: Callable[[], None]) -> dict[str, Any]:
-    """Every persona's first turn timed; then a two-turn conversation, its second turn warm and cold."""
+    """Each persona's first turn, cold; then its second turn (the first turn's prompt, the reply and a
+    new message) warm, right after the first, and cold, after ``forget`` empties the prompt cache.
+
+    The second turn needs only its first token, so it generates one.
+    """
     settings = settings_for(args)
+    one_token = replace(settings, max_new_tokens=1)
 
     async def main() -> dict[str, Any]:
         await persona_turn(model, *personas(args)[0], history(), settings)  # warm-up
-        turns = []
-        for persona, name in personas(args):
-            turn = await persona_turn(model, persona, name, history(), settings)
-            turns.append(summary(turn, count_tokens(turn["text"])))
-        warm, cold = [], []
+        turns, warm, cold = [], [], []
         for persona, name in personas(args):
             forget()
             first = await persona_turn(model, persona, name, history(), settings)
+            turns.append(summary(first, count_tokens(first["text"])))
             grown = [*history(), Chat(sender=name, content=first["text"].strip() or "I agree."),
                      Chat(sender="Moderator", content=FOLLOW_UP)]
-            second = await persona_turn(model, persona, name, grown, settings)
+            second = await persona_turn(model, persona, name, grown, one_token)
             warm.append(second["first"] - second["start"])
             forget()
-            again = await persona_turn(model, persona, name, grown, settings)
+            again = await persona_turn(model, persona, name, grown, one_token)
             cold.append(again["first"] - again["start"])
         return {"turns": turns, "warm_ttft": warm, "cold_ttft": cold}
 
@@ -137,6 +140,7 @@ def llama_raw(args: argparse.Namespace) -> dict[str, Any]:
                for persona, name in personas(args)]
 
     def run(ids: list[int]) -> dict[str, Any]:
+        llama.reset()  # a cold prompt, as the persona's first turns are
         start, first, produced = time.perf_counter(), None, 0
         for token in llama.generate(ids, temp=0.0, repeat_penalty=1.0):
             if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
