@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 from .connection import HubRefused
+from .engines.base import ChatModel, EngineError, ModelError
+from .engines.choice import BACKENDS, EngineOptions, open_chat_model, pick_backend
 from .generation import GenerationSettings
 from .logs import LEVELS, honour_ctrl_c, setup_logging
-from .models import DTYPES, ModelError, load, resolve
+from .models import DTYPES
 from .participant import ModelParticipant, ParticipantConfig
 
 log = logging.getLogger("partychat.client")
@@ -25,7 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="the persona's name in the room (must be unique)")
     parser.add_argument("--model", default="",
                         help="a .gguf file, a local model folder or a cached Hugging Face id "
-                             "(default: the embedded SmolLM2-135M-Instruct)")
+                             "(default: the embedded SmolLM2-135M-Instruct); with --api-base, the server's "
+                             "model name")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="the engine that runs the model (default: auto: openai with --api-base, llama.cpp "
+                             "for a .gguf when llama-cpp-python is installed, else transformers)")
+    parser.add_argument("--api-base", help="an OpenAI-compatible server's URL, e.g. http://localhost:11434/v1")
+    parser.add_argument("--api-key", default=os.environ.get("PARTYCHAT_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                        help="the server's API key (or set PARTYCHAT_API_KEY or OPENAI_API_KEY)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for an in-process engine (default: llama.cpp one per core, "
+                             "transformers torch's own choice)")
     parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="cpu")
     parser.add_argument("--gpu-id", type=int, default=0, help="which GPU with --device gpu (default: 0)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -91,6 +103,12 @@ def _check_numbers(args: argparse.Namespace) -> None:
         problems.append("--talkativeness must be a number from 0 to 1")
     if args.delay < 0:
         problems.append("--delay cannot be negative")
+    if args.threads is not None and args.threads < 1:
+        problems.append("--threads must be at least 1")
+    if args.backend == "openai" and not args.api_base:
+        problems.append("--backend openai needs --api-base, the server's URL")
+    if args.api_base and not args.api_base.startswith(("http://", "https://")):
+        problems.append("--api-base must start with http:// or https://")
     if not args.server.startswith(("ws://", "wss://")):
         problems.append("--server must start with ws:// or wss://")
     if problems:
@@ -106,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_numbers(args)
         persona = read_persona(args.prompt_file, args.name)
-        source = resolve(args.model)
-        log.info("Loading %s on %s", source.label, args.device)
-        loaded = load(source, device=args.device, gpu_id=args.gpu_id, dtype=args.dtype,
-                      speedups=not args.no_speedups)
-    except ModelError as error:
+        options = EngineOptions(backend=args.backend, model=args.model, device=args.device, gpu_id=args.gpu_id,
+                                dtype=args.dtype, speedups=not args.no_speedups, threads=args.threads,
+                                context_tokens=args.max_context_tokens, api_base=args.api_base,
+                                api_key=args.api_key)
+        engine, reason = pick_backend(options)
+        log.info("Loading the model on the %s engine, because %s", engine, reason)
+        model = open_chat_model(engine, options)
+    except EngineError as error:
         print(f"client.py: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -134,12 +155,18 @@ def main(argv: list[str] | None = None) -> int:
         stream=not args.no_stream,
         talkativeness=args.talkativeness,
     )
-    participant = ModelParticipant(config, loaded, settings)
     try:
-        asyncio.run(participant.run())
+        asyncio.run(_take_part(ModelParticipant(config, model, settings), model))
     except HubRefused as error:
         print(f"client.py: the hub refused {args.name!r}: {error}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         log.info("%s is leaving", args.name)
     return 0
+
+
+async def _take_part(participant: ModelParticipant, model: ChatModel) -> None:
+    try:
+        await participant.run()
+    finally:
+        await model.aclose()

@@ -1,0 +1,87 @@
+"""The transformers engine: a model loaded in this process by ``partychat.models.load``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..models import LoadedModel
+from .base import ChatRequest, ModelError, SystemRoleUnsupported, ThreadedChatModel, plain_transcript
+
+
+class TransformersChatModel(ThreadedChatModel):
+    engine = "transformers"
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__(loaded.source.label)
+        self.loaded = loaded
+
+    def prompt_tokens(self, request: ChatRequest) -> list[int]:
+        """By the model's own chat template when it has one, else a plain transcript."""
+        tokenizer = self.loaded.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            return list(tokenizer(plain_transcript(request))["input_ids"])
+        messages = list(request.messages)
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as error:
+            if messages[0]["role"] == "system" and "system" in str(error).lower():
+                raise SystemRoleUnsupported(f"The chat template of {self.label} has no system role.") from error
+            raise ModelError(f"The chat template of {self.label} cannot render this chat: {error}") from error
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def generate(self, request: ChatRequest, should_stop: Callable[[], bool], emit: Callable[[str], None]) -> None:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        def stop_when_told(input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
+
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        input_ids = torch.tensor([self.prompt_tokens(request)], device=model.device)
+        sampling: dict[str, Any] = (
+            {"do_sample": True, "temperature": request.temperature, "top_p": 0.9, "repetition_penalty": 1.1}
+            if request.temperature > 0
+            else {"do_sample": False}
+        )
+        with torch.inference_mode():
+            model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=request.max_tokens,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                stopping_criteria=StoppingCriteriaList([stop_when_told]),
+                streamer=_TokenByToken(tokenizer, emit),
+                **sampling,
+            )
+
+
+class _TokenByToken:
+    """A generate() streamer that emits the text of each new token as it comes, as the other engines do.
+
+    (transformers' TextStreamer holds text back to whole words.) A token that ends inside a multi-byte
+    character waits for the next one, so no piece carries half a character.
+    """
+
+    def __init__(self, tokenizer: Any, emit: Callable[[str], None]) -> None:
+        self.tokenizer, self.emit = tokenizer, emit
+        self.ids: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(token) for token in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent and not text.endswith("\ufffd"):
+            self.emit(text[self.sent:])
+            self.sent = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent:
+            self.emit(text[self.sent:])
