@@ -67,8 +67,7 @@ def open_chat_model(engine: str, options: EngineOptions) -> ChatModel:
             raise EngineNotInstalled(OPENAI_HINT)
         from .openai_engine import OpenAIChatModel
 
-        return OpenAIChatModel(base_url=options.api_base or "", model=options.model, api_key=options.api_key,
-                               context_tokens=options.context_tokens)
+        return OpenAIChatModel(base_url=options.api_base or "", model=options.model, api_key=options.api_key)
     source = models.resolve(options.model)
     if engine == "llama.cpp":
         if not llama_cpp_installed():
