@@ -7,7 +7,7 @@ import json
 import socket
 import time
 
-from helpers import Process, build_tiny_model, drain, join, next_frame, say
+from helpers import Process, build_tiny_model, drain, join, next_frame, say, script
 
 from partychat.transcript import read_records
 
@@ -83,8 +83,8 @@ def test_a_client_reconnects_after_a_hub_restart_with_its_model_still_loaded(tmp
     transcript = tmp_path / "t.jsonl"
 
     def hub(*extra: str) -> Process:
-        process = Process(["server.py", "--host", "127.0.0.1", "--port", str(port), "--transcript", str(transcript),
-                           *extra], tmp_path / f"hub-{len(processes)}.out")
+        process = Process([script("server.py"), "--host", "127.0.0.1", "--port", str(port),
+                           "--transcript", str(transcript), *extra], tmp_path / f"hub-{len(processes)}.out")
         processes.append(process)
         process.wait_for_output("listening on", 30)
         return process
@@ -112,3 +112,21 @@ def test_a_client_reconnects_after_a_hub_restart_with_its_model_still_loaded(tmp
     asyncio.run(scenario())
     said = [r.data["content"] for r in read_records(transcript) if r.kind == "message" and r.data["from"] == "Zen Sage"]
     assert said.count("Greetings, friends.") == 1
+
+
+def test_a_persona_whose_prompt_cannot_fit_passes_its_turn_and_says_why(start_hub, start_client):
+    _, url = start_hub()
+    client = start_client("--name", "Verbose", "--prompt-file", "sage.txt", "--server", url, "--no-auto-truncate",
+                          "--max-context-tokens", "120", "--max-generation-tokens", "100")
+    client.wait_for_output("joined ws://", 180)
+
+    async def scenario() -> None:
+        watcher, _ = await join(url, "Watcher", "human", protocol=1)
+        await say(watcher, "Hello there, what do you think?")
+        passed = await next_frame(watcher, "system", event="pass", timeout=120)
+        assert "Verbose passed its turn" in passed["content"]
+        assert "The prompt needs" in passed["content"] and "--no-auto-truncate" in passed["content"]
+        await watcher.close()
+
+    asyncio.run(scenario())
+    assert "Traceback" not in client.output

@@ -325,7 +325,7 @@ def test_an_unknown_model_stops_the_client_listing_the_offered_ones(server_name,
 def test_the_openai_backend_without_an_address_is_one_sentence(start_client):
     client = start_client("--name", "Sage", "--backend", "openai")
     assert client.popen.wait(timeout=60) == 2
-    assert "pass --api-base" in client.output and "Traceback" not in client.output
+    assert "needs --api-base" in client.output and "Traceback" not in client.output
 
 
 def test_prompt_sizes_come_from_llama_cpp_servers_tokenizer_and_err_high(llama_server):
