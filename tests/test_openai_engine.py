@@ -26,7 +26,7 @@ from partychat.client_cli import read_persona
 from partychat.engines.base import ChatRequest
 from partychat.engines.choice import EngineOptions, open_chat_model
 from partychat.engines.llama_cpp_engine import LlamaCppChatModel
-from partychat.engines.openai_engine import OpenAIChatModel, estimate_tokens
+from partychat.engines.openai_engine import OpenAIChatModel, estimate_tokens, match_model, server_root
 from partychat.generation import GenerationSettings
 from partychat.hub import Hub
 from partychat.models import converted_folder, embedded_gguf
@@ -402,3 +402,11 @@ def test_the_log_says_which_server_model_a_persona_uses(llama_server, tmp_path, 
     client.wait_for_output(r"offers smollm2; this persona uses smollm2", 120)
     assert re.search(r"on the openai engine, because --api-base was given", client.output)
     assert "Traceback" not in client.output
+
+
+def test_model_names_match_as_servers_list_them():
+    assert match_model("llama3.2", ["llama3.2:latest", "qwen2.5:7b"]) == "llama3.2:latest"  # Ollama's tags
+    assert match_model("qwen2.5:7b", ["llama3.2:latest", "qwen2.5:7b"]) == "qwen2.5:7b"
+    assert match_model("qwen2.5", ["qwen2.5:7b"]) is None, "a tag other than latest is not guessed"
+    assert server_root("http://gpu:8000/v1/") == "http://gpu:8000"
+    assert server_root("http://gpu:8000") == "http://gpu:8000"
