@@ -7,6 +7,11 @@ prompts (bench/generation.py's), greedily, up to ``--max-new-tokens`` tokens eac
     llama-persona   our persona on the llama.cpp engine: build_request, stream, reply cleaning, under asyncio
     hf-raw          plain transformers model.generate (float32, no speedups), as a user would call it
     hf-persona      our persona on the transformers engine, loaded as client.py loads it
+    server-raw      a bare openai client streaming from ``python -m llama_cpp.server`` (the server's own rate)
+    server-persona  our persona on the openai engine, against the same server
+
+For the server configurations the parent starts one llama_cpp.server on the embedded GGUF (with
+--threads threads) and both talk to it; their RSS is the client's, not the server's.
 
 Reported per configuration: decode tok/s (tokens after the first, over the time after the first),
 time to first token (a persona's includes building its prompt), peak and steady (after the runs)
@@ -18,8 +23,7 @@ emptied first. The closing lines give the ratios the engines are held to.
     python bench/engines.py --only llama-raw --only llama-persona --rounds 3
 
 Another engine is one more entry in RUNNERS: a function taking the parsed arguments and returning
-{"turns": [...], "warm_ttft": [...], "cold_ttft": [...]} (the last two may be empty); for example
-our openai persona against ``python -m llama_cpp.server``, which this file leaves to that engine.
+{"turns": [...], "warm_ttft": [...], "cold_ttft": [...]} (the last two may be empty).
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -198,11 +205,93 @@ def hf_persona(args: argparse.Namespace) -> dict[str, Any]:
                         forget=lambda: None)  # transformers keeps no prompt cache between turns
 
 
+# ------------------------------------------------------------------------------------------------ openai
+
+
+SERVER_MODEL = "smollm2"
+
+
+def start_server(threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    """python -m llama_cpp.server on the embedded GGUF and a free loopback port; returns it and its /v1 URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_gguf()),
+                               "--model_alias", SERVER_MODEL, "--host", "127.0.0.1", "--port", str(port),
+                               "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=5).close()
+            return server, url
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    raise RuntimeError("llama_cpp.server did not start within 120 s")
+
+
+def open_server_model(args: argparse.Namespace) -> tuple[Any, Callable[[str], int]]:
+    """Our openai engine on the server, and a token counter (the GGUF's vocabulary, loaded alone)."""
+    from llama_cpp import Llama
+
+    from partychat.engines.openai_engine import OpenAIChatModel
+
+    vocab = Llama(model_path=str(embedded_gguf()), vocab_only=True, verbose=False)
+    return (OpenAIChatModel(args.api_base, SERVER_MODEL),
+            lambda text: len(vocab.tokenize(text.encode(), add_bos=False)))
+
+
+def server_turns(args: argparse.Namespace, turn: Callable[..., Any]) -> dict[str, Any]:
+    """A warm-up, then every persona's first turn through ``turn(model, persona, name, chats, settings)``."""
+    model, count_tokens = open_server_model(args)
+    settings = settings_for(args)
+
+    async def main() -> list[dict[str, Any]]:
+        try:
+            await turn(model, *personas(args)[0], history(), settings)
+            timed = [await turn(model, persona, name, history(), settings) for persona, name in personas(args)]
+        finally:
+            await model.aclose()
+        return [summary(result, count_tokens(result["text"])) for result in timed]
+
+    return {"turns": asyncio.run(main()), "warm_ttft": [], "cold_ttft": []}
+
+
+async def bare_client_turn(model: Any, persona: str, name: str, chats: list[Chat],
+                           settings: GenerationSettings) -> dict[str, Any]:
+    """The messages our persona would send, streamed by a plain AsyncOpenAI client: the server's own rate."""
+    import openai
+
+    request = await build_request(model, persona, name, chats, settings)
+    async with openai.AsyncOpenAI(base_url=model.base_url, api_key="none") as client:
+        start, first, pieces = time.perf_counter(), None, []
+        stream = await client.chat.completions.create(model=SERVER_MODEL, messages=list(request.messages),
+                                                      stream=True, temperature=0, max_tokens=settings.max_new_tokens)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter()
+                pieces.append(chunk.choices[0].delta.content)
+        end = time.perf_counter()
+    return {"start": start, "first": first or end, "end": end, "text": "".join(pieces)}
+
+
+def server_raw(args: argparse.Namespace) -> dict[str, Any]:
+    return server_turns(args, bare_client_turn)
+
+
+def server_persona(args: argparse.Namespace) -> dict[str, Any]:
+    return server_turns(args, persona_turn)
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "llama-raw": llama_raw,
     "llama-persona": llama_persona,
     "hf-raw": hf_raw,
     "hf-persona": hf_persona,
+    "server-raw": server_raw,
+    "server-persona": server_persona,
 }
 
 
@@ -211,7 +300,8 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
 
 def spawn(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return run_child(str(Path(__file__).resolve()), name, ["--child", name, "--threads", str(args.threads),
-                     "--max-new-tokens", str(args.max_new_tokens), "--prompts", str(args.prompts)])
+                     "--max-new-tokens", str(args.max_new_tokens), "--prompts", str(args.prompts),
+                     *(["--api-base", args.api_base] if args.api_base else [])])
 
 
 def median(values: list[float | None]) -> float | None:
@@ -228,6 +318,7 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=len(PERSONAS), choices=range(1, len(PERSONAS) + 1),
                         help="personas, each one prompt (default: all)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--api-base", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         result = RUNNERS[args.child](args)
@@ -236,9 +327,17 @@ def main() -> int:
         return 0
     names = args.only or list(RUNNERS)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    for _ in range(args.rounds):
-        for name in names:
-            rounds[name].append(spawn(name, args))
+    server = None
+    if any(name.startswith("server-") for name in names):
+        server, args.api_base = start_server(args.threads)
+    try:
+        for _ in range(args.rounds):
+            for name in names:
+                rounds[name].append(spawn(name, args))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
     table: dict[str, dict[str, Any]] = {}
     for name, results in rounds.items():
         turns = [turn for result in results for turn in result["turns"]]
@@ -255,7 +354,7 @@ def main() -> int:
         print(json.dumps(table[name]), flush=True)
     ratios: dict[str, Any] = {"threads": args.threads, "rounds": args.rounds, "prompts": args.prompts,
                               "loadavg_end": round(os.getloadavg()[0], 2)}
-    for engine in ("llama", "hf"):
+    for engine in ("llama", "hf", "server"):
         raw, ours = table.get(f"{engine}-raw"), table.get(f"{engine}-persona")
         if raw and ours and raw["decode_tps"] and ours["decode_tps"]:
             ratios[f"{engine}_persona_over_raw_decode"] = round(ours["decode_tps"] / raw["decode_tps"], 3)

@@ -5,7 +5,7 @@ file when llama-cpp-python is installed (it runs GGUF as is, and faster on a CPU
 transformers otherwise.
 
 The OpenAI-compatible engine lives in ``openai_engine.py`` as ``OpenAIChatModel(base_url=...,
-model=..., api_key=..., context_tokens=...)``; importing that module imports the openai package.
+model=..., api_key=...)``; importing that module imports the openai package.
 """
 
 from __future__ import annotations
@@ -70,8 +70,7 @@ def open_chat_model(engine: str, options: EngineOptions) -> ChatModel:
             from .openai_engine import OpenAIChatModel
         except ImportError as error:
             raise EngineNotInstalled(OPENAI_HINT) from error
-        return OpenAIChatModel(base_url=options.api_base or "", model=options.model, api_key=options.api_key,
-                               context_tokens=options.context_tokens)
+        return OpenAIChatModel(base_url=options.api_base or "", model=options.model, api_key=options.api_key)
     source = models.resolve(options.model)
     if engine == "llama.cpp":
         if not llama_cpp_installed():

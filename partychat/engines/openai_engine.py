@@ -1,0 +1,314 @@
+"""The OpenAI-compatible engine: a model that runs on a server (Ollama, llama.cpp, vLLM, LM Studio, ...).
+
+Every such server speaks the chat-completions API with streaming, so one engine reaches them all
+through the official ``openai`` package. Stopping a turn closes the HTTP stream, which is how these
+servers learn to stop generating.
+
+The history budget needs the prompt's size in tokens, and the chat API does not say it before
+generating. Servers that can count are asked (the first way that works is remembered):
+
+- vLLM: ``POST /tokenize`` with the messages, counted by the model's own chat template;
+- llama.cpp's ``llama-server``: ``POST /apply-template`` then ``POST /tokenize``, also exact;
+- llama-cpp-python's server: ``POST /extras/tokenize/count`` on the text, plus the template's
+  tokens per message estimated as below.
+
+Others (Ollama, LM Studio, transformers serve) get an estimate that errs high, so that a prompt
+never overflows the server's context: one token per 3 characters of text (English runs at about
+4) plus 6 tokens per message for the chat template's markers and 4 for the reply's opening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import openai
+
+from .base import ChatModel, ChatRequest, EngineError, EngineUnavailable, ModelError, StopFlag, SystemRoleUnsupported
+
+log = logging.getLogger("partychat.client")
+
+CHARS_PER_TOKEN = 3
+TEMPLATE_TOKENS_PER_MESSAGE = 6
+REPLY_OPENING_TOKENS = 4
+NO_KEY = "none"
+"""Sent when no key is given: local servers ignore it, and the openai client refuses to send none."""
+RETRIES = 3
+"""Retries, with the openai client's exponential back-off (about 0.5, 1 and 2 s), before a turn passes."""
+START_TIMEOUT = 10.0
+"""Seconds the start-up check waits for the server to list its models."""
+
+Counter = Callable[[ChatRequest], Awaitable[int]]
+
+
+def estimate_tokens(request: ChatRequest) -> int:
+    """A prompt's size for a server that cannot count it: on the high side, as the module doc explains."""
+    text = sum(math.ceil(len(message["content"]) / CHARS_PER_TOKEN) for message in request.messages)
+    return text + TEMPLATE_TOKENS_PER_MESSAGE * len(request.messages) + REPLY_OPENING_TOKENS
+
+
+def server_root(base_url: str) -> str:
+    """The server's own address: tokenizer endpoints live beside /v1, not under it."""
+    base = base_url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def _cause(error: BaseException) -> str:
+    """The lowest-level reason in a chain of exceptions, in a few words."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error) or type(error).__name__
+
+
+def _server_detail(error: openai.APIStatusError) -> str:
+    """The server's own explanation of a refused request, whatever shape its error body has."""
+    body = error.body
+    if isinstance(body, dict):
+        for key in ("message", "detail", "error"):
+            value = body.get(key)
+            if isinstance(value, str) and value:
+                return value
+            if isinstance(value, dict) and isinstance(value.get("message"), str):
+                return value["message"]
+    return error.message
+
+
+def match_model(name: str, offered: list[str]) -> str | None:
+    """The offered model ``name`` means: the same id, or Ollama's ``name:latest``."""
+    for candidate in (name, f"{name}:latest"):
+        if candidate in offered:
+            return candidate
+    return None
+
+
+class OpenAIChatModel(ChatModel):
+    """A model on an OpenAI-compatible server, reached at ``base_url`` (which usually ends in /v1).
+
+    Creating one checks, before the persona joins, that the key is accepted and the model is one
+    the server offers; a server that does not answer yet is no reason to stay out of the room.
+    """
+
+    engine = "openai"
+
+    def __init__(self, base_url: str, model: str = "", api_key: str | None = None) -> None:
+        if not base_url:
+            raise ModelError("The openai engine needs the server's address: pass --api-base, "
+                             "e.g. http://localhost:11434/v1 for Ollama.")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key = api_key or NO_KEY
+        super().__init__(model or self.base_url)
+        self._client: openai.AsyncOpenAI | None = None
+        self._counter: Counter | None = None
+        self._check_at_start()
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def _check_at_start(self) -> None:
+        """Refuse a wrong key or an unknown model now, with the server's list; a silent server only warns."""
+        try:
+            with openai.OpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=1,
+                               timeout=START_TIMEOUT) as client:
+                offered: list[str] | None = [model.id for model in client.models.list()]
+        except openai.NotFoundError:
+            offered = None  # a server without /v1/models: the first reply will tell
+        except openai.OpenAIError as error:
+            problem = self._explain(error, "listing its models", retries=1)
+            if not isinstance(problem, EngineUnavailable):
+                raise problem from error
+            log.warning("%s Joining anyway: the persona passes its turns until the server answers.", problem)
+            return
+        if offered is not None:
+            self.model = self._choose(offered)
+            self.label = self.model
+            log.info("The server at %s offers %s; this persona uses %s", self.base_url, ", ".join(offered),
+                     self.model)
+
+    def _choose(self, offered: list[str]) -> str:
+        """The model to ask for, given what the server offers. Raises ModelError naming the choices."""
+        if not self.model:
+            if len(offered) == 1:
+                return offered[0]
+            choices = ", ".join(offered) if offered else "none"
+            raise ModelError(f"The server at {self.base_url} offers several models or none ({choices}); "
+                             "choose one with --model.")
+        chosen = match_model(self.model, offered)
+        if chosen is None:
+            raise ModelError(self._unknown_model(offered))
+        return chosen
+
+    def _unknown_model(self, offered: list[str] | None) -> str:
+        if offered is None:
+            return (f"The server at {self.base_url} has no model {self.model!r}, and does not list the ones it "
+                    "has (is --api-base right? it usually ends in /v1).")
+        return (f"The server at {self.base_url} has no model {self.model!r}; it offers: "
+                f"{', '.join(offered) or 'none'}. Pass one of them with --model.")
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def _explain(self, error: openai.OpenAIError, doing: str, retries: int = RETRIES) -> EngineError:
+        """One sentence for the user about what went wrong talking to the server."""
+        where = f"the model server at {self.base_url}"
+        if isinstance(error, openai.APIConnectionError):
+            tries = f", even after {retries} retries" if retries else ""
+            return EngineUnavailable(f"Cannot reach {where} while {doing} ({_cause(error)}){tries}; is it running?")
+        if isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError):
+            return ModelError(f"{where[0].upper()}{where[1:]} refused the API key ({_server_detail(error)}); "
+                              "pass the right one with --api-key or PARTYCHAT_API_KEY.")
+        if isinstance(error, openai.RateLimitError | openai.InternalServerError):
+            return EngineUnavailable(f"{where[0].upper()}{where[1:]} failed while {doing} "
+                                     f"({error.status_code}: {_server_detail(error)}).")
+        if isinstance(error, openai.APIStatusError):
+            return EngineError(f"{where[0].upper()}{where[1:]} refused the request while {doing} "
+                               f"({error.status_code}: {_server_detail(error)}).")
+        return EngineUnavailable(f"Lost {where} while {doing} ({_cause(error)}).")
+
+    # -- the async client ------------------------------------------------------------------------
+
+    def _connection(self) -> openai.AsyncOpenAI:
+        """The client, made in the event loop that uses it (its connections belong to that loop)."""
+        if self._client is None:
+            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=RETRIES)
+        return self._client
+
+    async def _offered_models(self) -> list[str] | None:
+        """What /v1/models lists, or None for a server that does not list."""
+        try:
+            return [model.id async for model in self._connection().models.list()]
+        except openai.NotFoundError:
+            return None
+
+    async def _model_name(self) -> str:
+        """The model to ask for; found on first use when the server was silent at start-up."""
+        if not self.model:
+            try:
+                offered = await self._offered_models()
+            except openai.OpenAIError as error:
+                raise self._explain(error, "listing its models") from error
+            self.model = self._choose(offered or [])
+            self.label = self.model
+        return self.model
+
+    # -- counting ------------------------------------------------------------------------------
+
+    async def count_tokens(self, request: ChatRequest) -> int:
+        if self._counter is not None:
+            return await self._counter(request)
+        for counter in (self._count_by_vllm, self._count_by_llama_server, self._count_by_llama_cpp_python):
+            try:
+                size = await counter(request)
+            except SystemRoleUnsupported:
+                raise
+            except (openai.APIStatusError, KeyError, TypeError, ValueError):
+                continue  # not this kind of server
+            except openai.OpenAIError:
+                return estimate_tokens(request)  # the server is away: ask again next time
+            self._counter = counter
+            log.info("Counting prompt tokens with the server's tokenizer (%s)", counter.__name__)
+            return size
+        log.info("The server at %s cannot count tokens; prompt sizes are estimated (see README)", self.base_url)
+        self._counter = self._estimate
+        return estimate_tokens(request)
+
+    async def _estimate(self, request: ChatRequest) -> int:
+        return estimate_tokens(request)
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A JSON request beside the chat API, through the same client (key, pool, timeouts); no retries."""
+        answer = await self._connection().post(f"{server_root(self.base_url)}{path}", body=body, cast_to=object,
+                                               options={"max_retries": 0})
+        if not isinstance(answer, dict):
+            raise TypeError(f"{path} answered {type(answer).__name__}, not an object")
+        return answer
+
+    async def _count_by_vllm(self, request: ChatRequest) -> int:
+        body = {"model": await self._model_name(), "messages": list(request.messages), "add_generation_prompt": True}
+        try:
+            answer = await self._post("/tokenize", body)
+        except openai.BadRequestError as error:
+            if request.messages[0]["role"] == "system" and "system" in _server_detail(error).lower():
+                raise SystemRoleUnsupported(f"The chat template of {self.model} has no system role.") from error
+            raise
+        return int(answer["count"])  # llama-server's /tokenize answers too, but with no count
+
+    async def _count_by_llama_server(self, request: ChatRequest) -> int:
+        prompt = (await self._post("/apply-template", {"messages": list(request.messages)}))["prompt"]
+        return len((await self._post("/tokenize", {"content": prompt, "add_special": True}))["tokens"])
+
+    async def _count_by_llama_cpp_python(self, request: ChatRequest) -> int:
+        text = "\n".join(message["content"] for message in request.messages)
+        answer = await self._post("/extras/tokenize/count", {"input": text, "model": self.model or None})
+        return int(answer["count"]) + TEMPLATE_TOKENS_PER_MESSAGE * len(request.messages) + REPLY_OPENING_TOKENS
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    async def stream(self, request: ChatRequest, stop: StopFlag) -> AsyncIterator[str]:
+        model = await self._model_name()
+        opening = asyncio.ensure_future(self._connection().chat.completions.create(
+            model=model, messages=list(request.messages), stream=True,  # type: ignore[arg-type]
+            temperature=request.temperature, max_tokens=request.max_tokens))
+        try:
+            chunks = await _unless_stopped(opening, stop)
+        except openai.NotFoundError as error:
+            raise ModelError(self._unknown_model(await self._offered_models_or_none())) from error
+        except openai.OpenAIError as error:
+            raise self._explain(error, "starting a reply") from error
+        if chunks is None:
+            return
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for chunk in chunks:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        pieces.put_nowait(chunk.choices[0].delta.content)
+            finally:
+                pieces.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        watcher = asyncio.ensure_future(stop.wait())
+        watcher.add_done_callback(lambda _: reader.cancel())  # a pause ends the read at once, mid-wait
+        try:
+            while (piece := await pieces.get()) is not None:
+                yield piece
+            (outcome,) = await asyncio.gather(reader, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                raise self._explain_midway(outcome) from outcome
+        finally:
+            watcher.cancel()
+            reader.cancel()
+            await asyncio.gather(reader, watcher, return_exceptions=True)
+            await chunks.close()  # closing the HTTP stream is what stops the server generating
+
+    def _explain_midway(self, error: BaseException) -> EngineError:
+        if isinstance(error, openai.OpenAIError) and not isinstance(error, openai.APIConnectionError):
+            return self._explain(error, "streaming a reply")
+        return EngineUnavailable(f"The model server at {self.base_url} broke off in the middle of the reply "
+                                 f"({_cause(error)}).")
+
+    async def _offered_models_or_none(self) -> list[str] | None:
+        try:
+            return await self._offered_models()
+        except openai.OpenAIError:
+            return None
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+async def _unless_stopped(opening: asyncio.Future[Any], stop: StopFlag) -> Any:
+    """The opening request's result, or None (request cancelled) if the turn ends before the server answers."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({opening, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not opening.done():
+            opening.cancel()  # closes the half-open request, so the server drops it too
+            await asyncio.gather(opening, return_exceptions=True)
+    return None if opening.cancelled() else opening.result()
