@@ -6,13 +6,16 @@ import argparse
 import asyncio
 import logging
 import os
+import queue
 import sys
+import threading
 from pathlib import Path
 
 from .connection import HubRefused
+from .downloads import fetch, hub_offline
 from .generation import GenerationSettings
 from .logs import LEVELS, honour_ctrl_c, setup_logging
-from .models import DTYPES, ModelError, load, resolve
+from .models import DTYPES, ModelError, ModelSource, load, resolve
 from .participant import ModelParticipant, ParticipantConfig
 
 log = logging.getLogger("partychat.client")
@@ -24,8 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="client.py", description="Join a Party Chat room as a model persona.")
     parser.add_argument("--name", required=True, help="the persona's name in the room (must be unique)")
     parser.add_argument("--model", default="",
-                        help="a .gguf file, a local model folder or a cached Hugging Face id "
+                        help="a .gguf file, a local model folder or a Hugging Face id, downloaded on first use "
                              "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--offline", action="store_true",
+                        help="never touch the network: a Hugging Face id must already be in the cache "
+                             "(as with HF_HUB_OFFLINE=1)")
     parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="cpu")
     parser.add_argument("--gpu-id", type=int, default=0, help="which GPU with --device gpu (default: 0)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -92,16 +98,46 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ModelError("; ".join(problems))
 
 
+def fetch_or_exit(source: ModelSource) -> ModelSource:
+    """Download a Hugging Face model if needed; Ctrl+C ends the process at once, keeping finished files.
+
+    huggingface_hub downloads in worker threads that cannot be interrupted and waits for them before
+    it lets a KeyboardInterrupt through, so the download runs in a daemon thread of its own: after a
+    Ctrl+C nobody wants to wait for the rest of a multi-gigabyte file.
+    """
+    outcome: queue.Queue[tuple[ModelSource | None, BaseException | None]] = queue.Queue(maxsize=1)
+
+    def download() -> None:
+        try:
+            outcome.put((fetch(source, offline=hub_offline()), None))
+        except BaseException as error:
+            outcome.put((None, error))
+
+    threading.Thread(target=download, name="download", daemon=True).start()
+    try:
+        fetched, error = outcome.get()
+    except KeyboardInterrupt:
+        print("client.py: download interrupted; the files already finished stay in the cache for next time",
+              file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(130)
+    if error is not None:
+        raise error
+    assert fetched is not None
+    return fetched
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     honour_ctrl_c()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported: it reads this once
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     setup_logging(args.log_level, args.log_file)
     try:
         _check_numbers(args)
         persona = read_persona(args.prompt_file, args.name)
-        source = resolve(args.model)
+        source = fetch_or_exit(resolve(args.model))
         log.info("Loading %s on %s", source.label, args.device)
         loaded = load(source, device=args.device, gpu_id=args.gpu_id, dtype=args.dtype,
                       speedups=not args.no_speedups)
@@ -109,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"client.py: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("client.py: interrupted while loading the model", file=sys.stderr)
+        print("client.py: interrupted while fetching or loading the model", file=sys.stderr)
         return 130
     settings = GenerationSettings(
         temperature=args.temperature,

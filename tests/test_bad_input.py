@@ -45,11 +45,6 @@ def test_prompt_file_is_found_in_prompts_folder_by_bare_name():
     assert find_prompt_file("inventor") == ROOT / "prompts" / "inventor.txt"
 
 
-def test_unknown_model_id_says_no_download_is_possible():
-    result = run_script("client.py", "--name", "X", "--model", "nobody/no-such-model-anywhere")
-    assert_clean_failure(result, "not in the local Hugging Face cache", "cannot download", "--model")
-
-
 def test_missing_model_path():
     result = run_script("client.py", "--name", "X", "--model", "./models/missing-folder")
     assert_clean_failure(result, "No such model file or folder: ./models/missing-folder")
