@@ -100,8 +100,8 @@ def test_a_transfer_cut_off_midway_resumes_from_where_it_stopped(tmp_path, stand
     assert standin.sent[WEIGHTS] < size + cut - 10 * 1024 * 1024 + 1, "only the missing part is fetched again"
 
 
-def test_ctrl_c_midway_stops_at_once_and_the_next_start_keeps_the_finished_files_on_the_next_start(tmp_path, standin, start_hub,
-                                                                           start_client):
+def test_ctrl_c_midway_stops_at_once_and_the_next_start_keeps_finished_files(tmp_path, standin, start_hub,
+                                                                             start_client):
     standin.hold_at[WEIGHTS] = 1024 * 1024
     _, url = start_hub()
     env = hub_env(tmp_path, standin.url)
