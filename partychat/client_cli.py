@@ -1,4 +1,8 @@
-"""Command line of client.py: check every input, load the model, then join the room."""
+"""Command line of client.py: check every input, fetch and load each model once, then join the room.
+
+One process plays one persona (``--name``), or a cast (``--persona`` flags, a ``--cast`` file, or
+both): each persona is its own participant, and personas naming the same model share one load.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,30 @@ import os
 import queue
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
+from .cast import CastError, Persona, from_flag, read_cast_file, read_persona
+from .cast_runner import run_cast
 from .connection import HubRefused
 from .downloads import fetch, hub_offline
 from .generation import GenerationSettings
 from .logs import LEVELS, honour_ctrl_c, setup_logging
-from .models import DTYPES, ModelError, ModelSource, load, resolve
+from .models import DTYPES, LoadedModel, ModelError, ModelSource, load, resolve
 from .participant import ModelParticipant, ParticipantConfig
+from .shared_models import load_once
+
+ENGINES = ("auto", "transformers")
 
 log = logging.getLogger("partychat.client")
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="client.py", description="Join a Party Chat room as a model persona.")
-    parser.add_argument("--name", required=True, help="the persona's name in the room (must be unique)")
+    parser = argparse.ArgumentParser(prog="client.py", description="Join a Party Chat room as one model persona "
+                                     "(--name) or several (--persona, --cast) in one process.")
+    parser.add_argument("--name", help="the persona's name in the room (must be unique)")
+    parser.add_argument("--persona", action="append", default=[], metavar="NAME=PROMPT_FILE",
+                        help="another persona in this process, sharing its model; repeatable")
+    parser.add_argument("--cast", type=Path, help="a TOML cast file of personas (see casts/)")
     parser.add_argument("--model", default="",
                         help="a .gguf file, a local model folder or a Hugging Face id, downloaded on first use "
                              "(default: the embedded SmolLM2-135M-Instruct)")
@@ -43,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-auto-truncate", action="store_true",
                         help="refuse a turn whose prompt is too long instead of dropping old history")
     parser.add_argument("--history-length", type=int, default=5, help="recent room messages in the prompt")
-    parser.add_argument("--prompt-file", help="persona file; a bare name is also looked up in prompts/")
-    parser.add_argument("--initial-prompt", help="a message the persona says once on joining")
+    parser.add_argument("--prompt-file", help="--name's persona file; a bare name is also looked up in prompts/")
+    parser.add_argument("--initial-prompt", help="a message the --name persona says once on joining")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before sending each reply")
     parser.add_argument("--server", default="ws://localhost:8765", help="hub URL, ws:// or wss://")
     parser.add_argument("--token", default=os.environ.get("PARTYCHAT_TOKEN"),
@@ -56,28 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=LEVELS, type=str.upper)
     parser.add_argument("--log-file", type=Path, help="also write the log, without colours, to this file")
     return parser
-
-
-def find_prompt_file(value: str) -> Path:
-    """The path as given, else the same name inside prompts/ (with or without .txt)."""
-    given = Path(value).expanduser()
-    for candidate in (given, PROMPTS_DIR / value, PROMPTS_DIR / f"{value}.txt"):
-        if candidate.is_file():
-            return candidate
-    raise ModelError(f"Prompt file not found: {value} (looked here and in {PROMPTS_DIR})")
-
-
-def read_persona(value: str | None, name: str) -> str:
-    if not value:
-        return f"You are {name}, a friendly and thoughtful conversationalist."
-    path = find_prompt_file(value)
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ModelError(f"Cannot read prompt file {path}: {error}") from error
-    if not text:
-        raise ModelError(f"Prompt file {path} is empty.")
-    return text
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -127,6 +116,32 @@ def fetch_or_exit(source: ModelSource) -> ModelSource:
     return fetched
 
 
+def build_cast(args: argparse.Namespace) -> list[Persona]:
+    """Every persona this process plays, in the order they join: --name, then --persona flags, then --cast."""
+    if not (args.name or args.persona or args.cast):
+        raise CastError("Say who to play: --name NAME (one persona), --persona \"NAME=PROMPT_FILE\" "
+                        "(repeatable) or --cast FILE.")
+    if not args.name and (args.prompt_file or args.initial_prompt):
+        raise CastError("--prompt-file and --initial-prompt describe the --name persona; with --persona, "
+                        "give NAME=PROMPT_FILE, and use a --cast file for an opening line.")
+    base = Persona(name="", persona="", temperature=args.temperature, delay=args.delay,
+                   max_tokens=args.max_generation_tokens, model=args.model)
+    cast = []
+    if args.name:
+        cast.append(replace(base, name=args.name, persona=read_persona(args.prompt_file, args.name),
+                            initial_prompt=args.initial_prompt))
+    cast += [from_flag(value, base) for value in args.persona]
+    if args.cast:
+        cast += read_cast_file(args.cast, base, ENGINES)
+    seen: dict[str, str] = {}
+    for persona in cast:
+        if persona.name.casefold() in seen:
+            raise CastError(f"The name {persona.name!r} is given twice (as {seen[persona.name.casefold()]!r} too); "
+                            "each persona needs its own name.")
+        seen[persona.name.casefold()] = persona.name
+    return cast
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     honour_ctrl_c()
@@ -136,40 +151,39 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_file)
     try:
         _check_numbers(args)
-        persona = read_persona(args.prompt_file, args.name)
-        source = fetch_or_exit(resolve(args.model))
-        log.info("Loading %s on %s", source.label, args.device)
-        loaded = load(source, device=args.device, gpu_id=args.gpu_id, dtype=args.dtype,
-                      speedups=not args.no_speedups)
-    except ModelError as error:
+        cast = build_cast(args)
+        models = load_once(cast, lambda persona: fetch_or_exit(resolve(persona.model)),
+                           lambda source, names: _load(source, names, args))
+    except (ModelError, CastError) as error:
         print(f"client.py: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("client.py: interrupted while fetching or loading the model", file=sys.stderr)
         return 130
-    settings = GenerationSettings(
-        temperature=args.temperature,
-        max_new_tokens=args.max_generation_tokens,
-        max_context_tokens=args.max_context_tokens,
-        auto_truncate=not args.no_auto_truncate,
-        history_length=args.history_length,
-    )
-    config = ParticipantConfig(
-        name=args.name,
-        persona=persona,
-        server=args.server,
-        delay=args.delay,
-        initial_prompt=args.initial_prompt,
-        token=args.token,
-        ca_file=args.ca_file,
-        stream=not args.no_stream,
-    )
-    participant = ModelParticipant(config, loaded, settings)
+    participants = [
+        ModelParticipant(
+            ParticipantConfig(name=persona.name, persona=persona.persona, server=args.server, delay=persona.delay,
+                              initial_prompt=persona.initial_prompt, token=args.token, ca_file=args.ca_file,
+                              stream=not args.no_stream, echo_room=index == 0,
+                              castmates=frozenset(p.name for p in cast) - {persona.name}),
+            models[persona.name],
+            GenerationSettings(temperature=persona.temperature, max_new_tokens=persona.max_tokens,
+                               max_context_tokens=args.max_context_tokens, auto_truncate=not args.no_auto_truncate,
+                               history_length=args.history_length),
+        )
+        for index, persona in enumerate(cast)
+    ]
     try:
-        asyncio.run(participant.run())
-    except HubRefused as error:
-        print(f"client.py: the hub refused {args.name!r}: {error}", file=sys.stderr)
-        return 3
+        ended = asyncio.run(run_cast(participants))
     except KeyboardInterrupt:
-        log.info("%s is leaving", args.name)
-    return 0
+        log.info("%s %s leaving", " and ".join(p.name for p in participants), "are" if len(cast) > 1 else "is")
+        return 0
+    for name, error in ended:
+        if isinstance(error, HubRefused):
+            print(f"client.py: the hub refused {name!r}: {error}", file=sys.stderr)
+    return 0 if not ended else 3 if all(isinstance(e, HubRefused) for _, e in ended) else 1
+
+
+def _load(source: ModelSource, names: list[str], args: argparse.Namespace) -> LoadedModel:
+    log.info("Loading %s for %s on %s", source.label, ", ".join(names), args.device)
+    return load(source, device=args.device, gpu_id=args.gpu_id, dtype=args.dtype, speedups=not args.no_speedups)

@@ -56,6 +56,10 @@ class ParticipantConfig:
     token: str | None = None
     ca_file: Path | None = None
     stream: bool = True
+    echo_room: bool = True
+    """Log what others say; in a cast only the first persona does, so each line is logged once."""
+    castmates: frozenset[str] = frozenset()
+    """Other personas of this process: they log their own lines."""
 
 
 class ModelParticipant:
@@ -75,6 +79,8 @@ class ModelParticipant:
         self._stop = threading.Event()
         self._session: Session | None = None
         self._names: set[str] = set()
+        self.joined = asyncio.Event()
+        """Set once the hub has first let this participant in."""
 
     @property
     def name(self) -> str:
@@ -103,6 +109,7 @@ class ModelParticipant:
             self.last_seq = None  # another conversation: its numbers start afresh
         self.room_id, self.secret = session.room, session.secret
         self._session = session
+        self.joined.set()
         log.info("%s joined %s%s", self.name, self.config.server,
                  "" if session.extended else " (a baseline hub: no turn-taking)")
         try:
@@ -135,7 +142,8 @@ class ModelParticipant:
             self.last_seq = chat.seq
         self._names.add(chat.sender)
         self.history.append(chat)
-        if chat.sender != self.name and not chat.replay:
+        if (self.config.echo_room and not chat.replay and chat.sender != self.name
+                and chat.sender not in self.config.castmates):
             log.info("%s: %s", chat.sender, chat.content, extra={"speaker": chat.sender})
         baseline = self._session is not None and not self._session.extended
         busy = self._reply_task is not None and not self._reply_task.done()

@@ -39,7 +39,7 @@ def test_unreadable_prompt_file(tmp_path):
 
 
 def test_prompt_file_is_found_in_prompts_folder_by_bare_name():
-    from partychat.client_cli import find_prompt_file
+    from partychat.cast import find_prompt_file
 
     assert find_prompt_file("sage.txt") == ROOT / "prompts" / "sage.txt"
     assert find_prompt_file("inventor") == ROOT / "prompts" / "inventor.txt"
