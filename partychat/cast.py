@@ -8,7 +8,6 @@ six of a seven-persona panel is found without guessing.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+ENGINES = ("auto", "transformers")
 
 
 class CastError(Exception):
@@ -80,7 +80,7 @@ def from_flag(value: str, base: Persona) -> Persona:
         raise CastError(f"--persona {value!r}: {error}") from None
 
 
-def read_cast_file(path: Path, base: Persona, engines: Sequence[str]) -> list[Persona]:
+def read_cast_file(path: Path, base: Persona) -> list[Persona]:
     """Every persona of a cast file; fields left out take ``base``'s values. Raises CastError."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -98,7 +98,7 @@ def read_cast_file(path: Path, base: Persona, engines: Sequence[str]) -> list[Pe
         raise CastError(f"{path} has no [[persona]] tables.")
     cast: list[Persona] = []
     for number, entry in enumerate(entries, start=1):
-        persona = _entry(path, number, entry, base, engines)
+        persona = _entry(path, number, entry, base)
         clash = next((i for i, other in enumerate(cast, 1) if other.name.casefold() == persona.name.casefold()), None)
         if clash is not None:
             raise CastError(f"{path}: persona {number} ({persona.name!r}), field 'name': "
@@ -107,7 +107,7 @@ def read_cast_file(path: Path, base: Persona, engines: Sequence[str]) -> list[Pe
     return cast
 
 
-def _entry(path: Path, number: int, entry: Any, base: Persona, engines: Sequence[str]) -> Persona:
+def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
     where = f"{path}: persona {number}"
     if not isinstance(entry, dict):
         raise CastError(f"{where} is not a table; write it as [[persona]] with name = \"...\" below.")
@@ -148,5 +148,5 @@ def _entry(path: Path, number: int, entry: Any, base: Persona, engines: Sequence
         max_tokens=field("max_tokens", int, lambda v: v >= 1, "must be a whole number, at least 1"),
         initial_prompt=field("initial_prompt", str) or None,
         model=model,
-        engine=field("engine", str, lambda v: v in engines, f"must be one of {', '.join(engines)}"),
+        engine=field("engine", str, lambda v: v in ENGINES, f"must be one of {', '.join(ENGINES)}"),
     )

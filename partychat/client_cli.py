@@ -26,8 +26,6 @@ from .models import DTYPES, LoadedModel, ModelError, ModelSource, load, resolve
 from .participant import ModelParticipant, ParticipantConfig
 from .shared_models import load_once
 
-ENGINES = ("auto", "transformers")
-
 log = logging.getLogger("partychat.client")
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +130,7 @@ def build_cast(args: argparse.Namespace) -> list[Persona]:
                             initial_prompt=args.initial_prompt))
     cast += [from_flag(value, base) for value in args.persona]
     if args.cast:
-        cast += read_cast_file(args.cast, base, ENGINES)
+        cast += read_cast_file(args.cast, base)
     seen: dict[str, str] = {}
     for persona in cast:
         if persona.name.casefold() in seen:

@@ -131,8 +131,10 @@ class ModelParticipant:
             self.floor = frame
             self._on_floor(frame)
         elif isinstance(frame, Refusal):
-            log.warning("The hub refused: %s", frame.content)
-        elif isinstance(frame, Notice):
+            log.warning("The hub refused %s: %s", self.name, frame.content)
+        elif isinstance(frame, Notice) and frame.code:  # about this persona alone
+            log.info("%s%s", f"To {self.name}: " if self.config.castmates else "", frame.content)
+        elif isinstance(frame, Notice) and self.config.echo_room:
             log.info("%s", frame.content)
 
     def _on_chat(self, chat: Chat) -> None:

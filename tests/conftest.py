@@ -23,6 +23,8 @@ def start_hub(tmp_path: Path, processes: list[Process]) -> Callable[..., tuple[P
     """Start server.py on a free port; returns the process and its URL."""
 
     def start(*args: str, env: dict[str, str] | None = None) -> tuple[Process, str]:
+        if "--transcript" not in args and "--resume" not in args:  # never into the checkout's logs/
+            args = (*args, "--transcript", str(tmp_path / f"transcript-{len(processes)}.jsonl"))
         hub = Process(["server.py", "--port", "0", "--host", "127.0.0.1", *args],
                       tmp_path / f"hub-{len(processes)}.out", env=env)
         processes.append(hub)

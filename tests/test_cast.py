@@ -14,7 +14,6 @@ from helpers import ROOT, build_tiny_model, command, join, model_messages, next_
 from partychat.cast import CastError, Persona, read_cast_file
 
 BASE = Persona(name="", persona="")
-ENGINES = ("auto", "transformers")
 TRIO = (("Zen Sage", "sage.txt"), ("TinkerBot", "inventor.txt"), ("Historian", "historian.txt"))
 
 
@@ -86,9 +85,9 @@ prompt_file = "inventor.txt"
 
 
 def test_the_shipped_casts_are_valid():
-    demo = read_cast_file(ROOT / "casts" / "demo.toml", BASE, ENGINES)
+    demo = read_cast_file(ROOT / "casts" / "demo.toml", BASE)
     assert [p.name for p in demo] == ["Zen Sage", "TinkerBot"]
-    panel = read_cast_file(ROOT / "casts" / "panel.toml", BASE, ENGINES)
+    panel = read_cast_file(ROOT / "casts" / "panel.toml", BASE)
     assert len(panel) == 7 and len({p.name for p in panel}) == 7
     assert all(p.persona.startswith(f"You are {p.name}") for p in panel)
 
@@ -108,7 +107,7 @@ def test_the_shipped_casts_are_valid():
 def test_bad_cast_entries_name_the_file_the_entry_and_the_field(tmp_path, text, phrases):
     path = cast_file(tmp_path, text)
     with pytest.raises(CastError) as caught:
-        read_cast_file(path, BASE, ENGINES)
+        read_cast_file(path, BASE)
     message = str(caught.value)
     assert str(path) in message
     for phrase in phrases:
@@ -118,7 +117,7 @@ def test_bad_cast_entries_name_the_file_the_entry_and_the_field(tmp_path, text, 
 def test_prompt_files_are_found_next_to_the_cast_file_first(tmp_path):
     (tmp_path / "sage.txt").write_text("You are a local sage.", encoding="utf-8")
     path = cast_file(tmp_path, "[[persona]]\nname = 'A'\nprompt_file = 'sage.txt'\ntemperature = 0\n")
-    [persona] = read_cast_file(path, BASE, ENGINES)
+    [persona] = read_cast_file(path, BASE)
     assert persona.persona == "You are a local sage." and persona.temperature == 0.0
 
 
