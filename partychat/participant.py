@@ -1,4 +1,6 @@
-"""A model persona in the room: listens, waits for its turn, generates off the event loop, replies.
+"""A model persona in the room: listens, waits for its turn, streams a reply from its ChatModel, replies.
+
+The participant never knows which engine speaks; several participants may share one ChatModel.
 
 On our hub the participant generates only when a ``turn`` frame names it, and stops at once when
 the turn is withdrawn. On a baseline hub (no turn frames) it answers each message from someone
@@ -9,25 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections import deque
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from websockets.exceptions import ConnectionClosed
 
 from .connection import HubGone, Session, check_refusal, keep_trying
-from .generation import (
-    GenerationSettings,
-    PromptTooLong,
-    ReplyStream,
-    build_prompt,
-    clean_reply,
-    generate_reply,
-)
-from .models import LoadedModel
+from .engines.base import ChatModel, EngineError, StopFlag
+from .generation import GenerationSettings, ReplyStream, build_request, clean_reply
 from .protocol import (
     PROTOCOL_VERSION,
     Chat,
@@ -63,9 +56,9 @@ class ParticipantConfig:
 
 
 class ModelParticipant:
-    def __init__(self, config: ParticipantConfig, loaded: LoadedModel, settings: GenerationSettings) -> None:
+    def __init__(self, config: ParticipantConfig, model: ChatModel, settings: GenerationSettings) -> None:
         self.config = config
-        self.loaded = loaded
+        self.model = model
         self.settings = settings
         self.history: deque[Chat] = deque(maxlen=max(settings.history_length, 1) * 4 + 50)
         self.last_seq: int | None = None
@@ -73,10 +66,9 @@ class ModelParticipant:
         self.secret: str | None = None
         self.opening_sent = False
         self.floor: FloorState | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._reply_task: asyncio.Task[None] | None = None
         self._reply_turn: int | None = None
-        self._stop = threading.Event()
+        self._stop = StopFlag()
         self._session: Session | None = None
         self._names: set[str] = set()
         self.joined = asyncio.Event()
@@ -97,12 +89,16 @@ class ModelParticipant:
         )
 
     async def run(self) -> None:
-        """Stay in the room until cancelled, reconnecting (model kept loaded) when the hub goes away."""
+        """Stay in the room until cancelled, reconnecting (model kept loaded) when the hub goes away.
+
+        The model belongs to whoever opened it, and stays open when the participant leaves.
+        """
         try:
             await keep_trying(self.config.server, self.hello, self._converse, ca_file=self.config.ca_file)
         finally:
             self._stop.set()
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            if self._reply_task is not None and not self._reply_task.done():
+                await asyncio.wait({self._reply_task})  # the generation ends within a token of the stop
 
     async def _converse(self, session: Session) -> None:
         if session.room != self.room_id:
@@ -166,8 +162,8 @@ class ModelParticipant:
         else:
             self._start(self._reply(floor.turn, self._fresh_stop()))
 
-    def _fresh_stop(self) -> threading.Event:
-        self._stop = threading.Event()
+    def _fresh_stop(self) -> StopFlag:
+        self._stop = StopFlag()
         return self._stop
 
     def _start(self, work: Coroutine[None, None, None]) -> None:
@@ -178,7 +174,7 @@ class ModelParticipant:
         self._stop.set()
         self._reply_turn = None
 
-    def _still_mine(self, turn: int | None, stop: threading.Event) -> bool:
+    def _still_mine(self, turn: int | None, stop: StopFlag) -> bool:
         if stop.is_set():
             return False
         if turn is None or self.floor is None:
@@ -196,34 +192,38 @@ class ModelParticipant:
             return False
         return True
 
-    async def _reply(self, turn: int | None, stop: threading.Event) -> None:
+    async def _reply(self, turn: int | None, stop: StopFlag) -> None:
         session = self._session
         if session is None:
             return
         streaming = session.extended and self.config.stream
         reply, stream = "", None
         # A greedy reply that cleans to nothing is retried once with sampling before giving up the turn.
-        for settings in (self.settings, replace(self.settings, temperature=max(self.settings.temperature, 0.8))):
-            stream = ReplyStream(self.name, sorted(self._names))
-            raw = await self._generate(stop, settings, stream if streaming else None)
-            if raw is None:
-                break
-            reply = clean_reply(raw, self.name, sorted(self._names))
-            if reply or not self._still_mine(turn, stop):
-                break
-            log.warning("The model produced an empty reply; trying once more")
+        try:
+            for settings in (self.settings, replace(self.settings, temperature=max(self.settings.temperature, 0.8))):
+                stream = ReplyStream(self.name, sorted(self._names))
+                raw = await self._generate(stop, settings, stream if streaming else None)
+                reply = clean_reply(raw, self.name, sorted(self._names))
+                if reply or not self._still_mine(turn, stop):
+                    break
+                log.warning("The model gave %s an empty reply; trying once more", self.name)
+        except EngineError as error:
+            log.error("%s passes this turn: %s", self.name, error)
+            if session.extended and self._still_mine(turn, stop):
+                await self._send(Pass(str(error), turn=turn))
+            return
         if not self._still_mine(turn, stop):
-            log.info("Turn withdrawn; dropped a reply of %d characters", len(reply))
+            log.info("Turn withdrawn from %s; dropped a reply of %d characters", self.name, len(reply))
             return
         if not reply:
-            log.warning("No usable reply; passing the turn")
+            log.warning("No usable reply for %s; passing the turn", self.name)
             if session.extended:
                 await self._send(Pass("no usable reply", turn=turn))
             return
         if self.config.delay > 0:
             await asyncio.sleep(self.config.delay)
             if not self._still_mine(turn, stop):
-                log.info("Turn withdrawn during --delay; reply not sent")
+                log.info("Turn withdrawn from %s during --delay; reply not sent", self.name)
                 return
         rest = stream.rest(reply) if streaming and stream is not None else None
         if rest:
@@ -234,42 +234,16 @@ class ModelParticipant:
             self.history.append(Chat(sender=self.name, content=reply))
         log.info("%s: %s", self.name, reply, extra={"speaker": self.name})
 
-    async def _generate(self, stop: threading.Event, settings: GenerationSettings,
-                        stream: ReplyStream | None) -> str | None:
-        """Build the prompt and generate in the worker thread; None if the prompt cannot fit.
-
-        With a stream, clean whole sentences are sent as partial frames while the model writes.
-        """
-        loop = asyncio.get_running_loop()
-        drafts: asyncio.Queue[str | None] = asyncio.Queue()
-
-        def on_text(text: str) -> None:  # runs in the worker thread
-            piece = stream.feed(text) if stream is not None else ""
-            if piece:
-                loop.call_soon_threadsafe(drafts.put_nowait, piece)
-
-        forward = asyncio.create_task(self._forward_drafts(drafts)) if stream is not None else None
-        try:
-            prompt = await loop.run_in_executor(
-                self._executor,
-                build_prompt, self.loaded.tokenizer, self.config.persona, self.name, list(self.history), settings,
-            )
-            return await loop.run_in_executor(
-                self._executor,
-                lambda: generate_reply(self.loaded, prompt, settings, stop=stop,
-                                       on_text=on_text if stream is not None else None),
-            )
-        except PromptTooLong as error:
-            log.error("Skipping this turn: %s", error)
-            return None
-        finally:
-            if forward is not None:
-                drafts.put_nowait(None)  # what was generated goes out before the final message
-                await asyncio.wait({forward})
-
-    async def _forward_drafts(self, drafts: asyncio.Queue[str | None]) -> None:
-        while (text := await drafts.get()) is not None:
-            await self._send(Draft(text))
+    async def _generate(self, stop: StopFlag, settings: GenerationSettings, stream: ReplyStream | None) -> str:
+        """Build the request and stream the raw reply; with a stream, whole clean sentences go out as partials."""
+        request = await build_request(self.model, self.config.persona, self.name, list(self.history), settings)
+        raw: list[str] = []
+        async for piece in self.model.stream(request, stop):
+            raw.append(piece)
+            clean = stream.feed(piece) if stream is not None else ""
+            if clean and not stop.is_set():
+                await self._send(Draft(clean))
+        return "".join(raw)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

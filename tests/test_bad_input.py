@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -13,9 +14,9 @@ from helpers import ROOT, join, say
 PYTHON = sys.executable
 
 
-def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_script(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
@@ -56,8 +57,42 @@ def test_gpu_without_cuda_is_a_clear_error():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = run_script("client.py", "--name", "X", "--device", "gpu")
+    result = run_script("client.py", "--name", "X", "--device", "gpu", "--backend", "transformers")
     assert_clean_failure(result, "--device gpu", "no CUDA GPU")
+
+
+def test_gpu_on_a_cpu_only_llama_cpp_build_is_a_clear_error():
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python build can offload to a GPU")
+    result = run_script("client.py", "--name", "X", "--device", "gpu", "--backend", "llama.cpp")
+    assert_clean_failure(result, "--device gpu", "cannot offload to a GPU")
+
+
+def test_llama_cpp_with_a_model_folder_is_one_sentence(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    result = run_script("client.py", "--name", "X", "--backend", "llama.cpp", "--model", str(tmp_path))
+    assert result.returncode == 2
+    assert_clean_failure(result, "runs .gguf files", "--backend transformers")
+
+
+def test_an_engine_that_is_not_installed_says_how_to_install_it(tmp_path):
+    (tmp_path / "llama_cpp.py").write_text("raise ImportError('hidden by the test')\n")
+    result = run_script("client.py", "--name", "X", "--backend", "llama.cpp", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert_clean_failure(result, "pip install llama-cpp-python==0.3.36")
+
+
+def test_auto_picks_the_engine_by_server_model_kind_and_what_is_installed(tmp_path):
+    from partychat.engines.choice import EngineOptions, pick_backend
+
+    (tmp_path / "config.json").write_text("{}")
+    assert pick_backend(EngineOptions(api_base="http://127.0.0.1:1/v1", model="anything"))[0] == "openai"
+    assert pick_backend(EngineOptions(model=str(tmp_path)))[0] == "transformers"
+    engine, reason = pick_backend(EngineOptions())
+    assert engine == "llama.cpp" and "GGUF" in reason
+    assert pick_backend(EngineOptions(backend="transformers"))[0] == "transformers"
 
 
 def test_bad_numbers_are_refused_up_front():

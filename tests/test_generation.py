@@ -1,21 +1,22 @@
-"""Prompt building, streaming and stopping, on a tiny model the tests build and the real tokenizer."""
+"""Prompt building, streaming and stopping, on every in-process engine.
+
+The transformers engine runs a tiny model the tests build (it never stops by itself); the
+llama.cpp engine runs the embedded GGUF. Both use the embedded model's tokenizer and chat template.
+"""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 from pathlib import Path
 
 import pytest
 from helpers import build_tiny_model
 
-from partychat.generation import (
-    GenerationSettings,
-    PromptTooLong,
-    build_messages,
-    build_prompt,
-    clean_reply,
-    generate_reply,
-)
+from partychat.engines.base import ChatRequest, PromptTooLong, StopFlag
+from partychat.engines.choice import EngineOptions, open_chat_model
+from partychat.engines.llama_cpp_engine import LlamaCppChatModel
+from partychat.engines.transformers_engine import TransformersChatModel
+from partychat.generation import GenerationSettings, build_messages, build_request, clean_reply
 from partychat.models import ModelError, ModelSource, converted_folder, embedded_gguf, load, resolve
 from partychat.protocol import Chat
 
@@ -24,18 +25,66 @@ NO_SYSTEM_TEMPLATE = (
     "{% endif %}<turn>{{ m['role'] }}\n{{ m['content'] }}</turn>\n{% endfor %}"
     "{% if add_generation_prompt %}<turn>model\n{% endif %}"
 )
+ENGINES = ("transformers", "llama.cpp")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(converted_folder(embedded_gguf()))
+def tiny_folder(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return load(ModelSource("folder", str(build_tiny_model(tmp_path_factory.mktemp("tiny")))))
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request, tiny_folder):
+    if request.param == "transformers":
+        model = TransformersChatModel(load(ModelSource("folder", str(tiny_folder))))
+    else:
+        model = LlamaCppChatModel(embedded_gguf(), context_tokens=4096, threads=2)
+    yield model
+    asyncio.run(model.aclose())
+
+
+def decode(model, ids: list[int]) -> str:
+    if isinstance(model, TransformersChatModel):
+        return model.loaded.tokenizer.decode(ids)
+    return model.llama.detokenize(ids, special=True).decode()
+
+
+def text_tokens(model, text: str) -> int:
+    if isinstance(model, TransformersChatModel):
+        return len(model.loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(model.llama.tokenize(text.encode(), add_bos=False))
+
+
+def set_template(model, template: str | None, monkeypatch) -> None:
+    """Give the model another chat template (None: none at all) for one test."""
+    if isinstance(model, TransformersChatModel):
+        monkeypatch.setattr(model.loaded.tokenizer, "chat_template", template)
+        return
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template=template, eos_token="", bos_token="") if template else None
+    monkeypatch.setattr(model, "chat_formatter", formatter)
+
+
+def prompt_text(model, persona: str, name: str, history: list[Chat],
+                settings: GenerationSettings | None = None) -> tuple[list[int], str]:
+    request = asyncio.run(build_request(model, persona, name, history, settings or GenerationSettings()))
+    ids = model.prompt_tokens(request)
+    return ids, decode(model, ids)
+
+
+def stream_pieces(model, request: ChatRequest, stop_after: int = 0) -> list[str]:
+    """Every piece the model streams; with ``stop_after``, the stop flag is set once that many arrived."""
+
+    async def main() -> list[str]:
+        stop, pieces = StopFlag(), []
+        async for piece in model.stream(request, stop):
+            pieces.append(piece)
+            if len(pieces) == stop_after:
+                stop.set()
+        return pieces
+
+    return asyncio.run(main())
 
 
 def chats(*pairs: tuple[str, str]) -> list[Chat]:
@@ -51,65 +100,58 @@ def test_own_lines_are_assistant_turns_and_others_are_named_user_turns():
     assert messages[3]["content"] == "Tinker: Yo\nBob: Hey"
 
 
-def test_the_prompt_uses_the_models_chat_template(tokenizer):
-    ids = build_prompt(tokenizer, "You are Sage.", "Sage", chats(("Moderator", "Hi")), GenerationSettings())
-    text = tokenizer.decode(ids)
+def test_the_prompt_uses_the_models_chat_template(engine):
+    _, text = prompt_text(engine, "You are Sage.", "Sage", chats(("Moderator", "Hi")))
     assert "<|im_start|>system\nYou are Sage." in text
     assert text.rstrip().endswith("<|im_start|>assistant")
 
 
-def test_a_model_without_a_template_gets_a_plain_transcript_prompt(tokenizer):
-    plain = tokenizer.__class__.from_pretrained(converted_folder(embedded_gguf()))
-    plain.chat_template = None
-    ids = build_prompt(plain, "You are Sage.", "Sage", chats(("Moderator", "Hi")), GenerationSettings())
-    text = plain.decode(ids)
-    assert text.startswith("You are Sage.")
+def test_a_model_without_a_template_gets_a_plain_transcript_prompt(engine, monkeypatch):
+    set_template(engine, None, monkeypatch)
+    _, text = prompt_text(engine, "You are Sage.", "Sage", chats(("Moderator", "Hi")))
+    assert text.lstrip().startswith("You are Sage.")
     assert "Moderator: Hi" in text and text.endswith("Sage:")
 
 
-def test_a_template_without_a_system_role_gets_the_persona_in_the_first_user_turn(tokenizer):
-    gemma_like = tokenizer.__class__.from_pretrained(converted_folder(embedded_gguf()))
-    gemma_like.chat_template = NO_SYSTEM_TEMPLATE
-    ids = build_prompt(gemma_like, "You are Sage.", "Sage", chats(("Moderator", "Hi")), GenerationSettings())
-    text = gemma_like.decode(ids)
+def test_a_template_without_a_system_role_gets_the_persona_in_the_first_user_turn(engine, monkeypatch):
+    set_template(engine, NO_SYSTEM_TEMPLATE, monkeypatch)
+    _, text = prompt_text(engine, "You are Sage.", "Sage", chats(("Moderator", "Hi")))
     assert "system" not in text
     assert "<turn>user\nYou are Sage." in text and "Moderator: Hi" in text
 
 
-def test_long_histories_drop_the_oldest_turns_first_but_never_the_persona(tokenizer):
+def test_long_histories_drop_the_oldest_turns_first_but_never_the_persona(engine):
     history = chats(*[("Moderator", f"message number {n} " + "words " * 40) for n in range(30)])
     settings = GenerationSettings(max_context_tokens=400, max_new_tokens=100, history_length=30)
-    ids = build_prompt(tokenizer, "You are Sage, keeper of the persona.", "Sage", history, settings)
-    text = tokenizer.decode(ids)
+    ids, text = prompt_text(engine, "You are Sage, keeper of the persona.", "Sage", history, settings)
     assert len(ids) <= 300
     assert "keeper of the persona" in text
     assert "message number 29" in text and "message number 0 " not in text
 
 
-def test_history_length_limits_the_turns_seen(tokenizer):
+def test_history_length_limits_the_turns_seen(engine):
     history = chats(*[("Moderator", f"line {n}") for n in range(10)])
-    ids = build_prompt(tokenizer, "Persona.", "Sage", history, GenerationSettings(history_length=2))
-    text = tokenizer.decode(ids)
+    _, text = prompt_text(engine, "Persona.", "Sage", history, GenerationSettings(history_length=2))
     assert "line 9" in text and "line 8" in text and "line 7" not in text
 
 
-def test_a_single_huge_message_is_cut_to_fit(tokenizer):
+def test_a_single_huge_message_is_cut_to_fit(engine):
     history = chats(("Moderator", "start " + "blah " * 3000 + "the end"))
-    ids = build_prompt(tokenizer, "Persona.", "Sage", history, GenerationSettings(max_context_tokens=300))
+    ids, text = prompt_text(engine, "Persona.", "Sage", history, GenerationSettings(max_context_tokens=300))
     assert len(ids) <= 200
-    assert "the end" in tokenizer.decode(ids)
+    assert "the end" in text
 
 
-def test_without_auto_truncate_a_long_prompt_is_a_clear_error(tokenizer):
+def test_without_auto_truncate_a_long_prompt_is_a_clear_error(engine):
     history = chats(*[("Moderator", "words " * 100) for _ in range(5)])
     settings = GenerationSettings(max_context_tokens=300, max_new_tokens=100, auto_truncate=False)
     with pytest.raises(PromptTooLong, match="--no-auto-truncate"):
-        build_prompt(tokenizer, "Persona.", "Sage", history, settings)
+        prompt_text(engine, "Persona.", "Sage", history, settings)
 
 
-def test_a_persona_that_cannot_fit_is_an_error_not_a_silent_drop(tokenizer):
+def test_a_persona_that_cannot_fit_is_an_error_not_a_silent_drop(engine):
     with pytest.raises(PromptTooLong, match="persona alone"):
-        build_prompt(tokenizer, "persona " * 500, "Sage", [], GenerationSettings(max_context_tokens=200))
+        prompt_text(engine, "persona " * 500, "Sage", [], GenerationSettings(max_context_tokens=200))
 
 
 @pytest.mark.parametrize(
@@ -128,29 +170,73 @@ def test_replies_are_cleaned(raw, expected):
     assert clean_reply(raw, "Sage", ["Tinker", "Sage"]) == expected
 
 
-def test_streamed_pieces_add_up_to_the_reply(tiny_model):
-    pieces: list[str] = []
-    prompt = tiny_model.tokenizer("Hello there", add_special_tokens=False)["input_ids"]
-    text = generate_reply(tiny_model, prompt, GenerationSettings(max_new_tokens=40, temperature=0),
-                          stop=threading.Event(), on_text=pieces.append)
+STORY = ChatRequest(
+    ({"role": "system", "content": "You are a storyteller."},
+     {"role": "user", "content": "Count from 1 to 300, separated by commas."}),
+    speaker="Teller", temperature=0, max_tokens=40,
+)
+
+
+def greedy_reference(model, request: ChatRequest) -> str:
+    """The same reply computed by the engine's library directly, without streaming."""
+    ids = model.prompt_tokens(request)
+    if isinstance(model, TransformersChatModel):
+        import torch
+
+        output = model.loaded.model.generate(torch.tensor([ids]), max_new_tokens=request.max_tokens, do_sample=False)
+        return model.loaded.tokenizer.decode(output[0][len(ids):], skip_special_tokens=True)
+    completion = model.llama.create_completion(ids, max_tokens=request.max_tokens, temperature=0,
+                                               repeat_penalty=1.0)
+    return completion["choices"][0]["text"]
+
+
+def test_streamed_pieces_add_up_to_the_libraries_own_reply(engine):
+    pieces = stream_pieces(engine, STORY)
     assert len(pieces) > 1
-    assert "".join(pieces) == text
+    assert "".join(pieces) == greedy_reference(engine, STORY)
 
 
-def test_a_set_stop_flag_ends_generation_within_a_few_tokens(tiny_model):
-    stop = threading.Event()
-    pieces: list[str] = []
-
-    def on_text(piece: str) -> None:
-        pieces.append(piece)
-        if len(pieces) == 5:
-            stop.set()
-
-    prompt = tiny_model.tokenizer("Hello there", add_special_tokens=False)["input_ids"]
-    text = generate_reply(tiny_model, prompt, GenerationSettings(max_new_tokens=500, temperature=0),
-                          stop=stop, on_text=on_text)
-    generated = len(tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"])
+def test_a_set_stop_flag_ends_generation_within_a_few_tokens(engine):
+    long_story = ChatRequest(STORY.messages, STORY.speaker, temperature=0, max_tokens=200)
+    assert text_tokens(engine, "".join(stream_pieces(engine, long_story))) > 60, "the check needs a reply that goes on"
+    generated = text_tokens(engine, "".join(stream_pieces(engine, long_story, stop_after=5)))
     assert generated < 20, f"generation went on for {generated} tokens after the stop"
+
+
+def test_leaving_the_stream_early_frees_the_model_for_the_next_reply(engine):
+    async def main() -> list[str]:
+        async for _ in engine.stream(ChatRequest(STORY.messages, STORY.speaker, 0, 500), StopFlag()):
+            break
+        return [piece async for piece in engine.stream(STORY, StopFlag())]
+
+    assert "".join(asyncio.run(main())) == "".join(stream_pieces(engine, STORY))
+
+
+def test_llama_cpp_reuses_the_prompt_cache_for_a_growing_conversation():
+    """The second turn evaluates only what its prompt adds to the first, not the whole prompt again."""
+    import llama_cpp
+
+    model = LlamaCppChatModel(embedded_gguf(), context_tokens=2048, threads=2)
+    try:
+        history = chats(("Moderator", "Tell me about gardens. " * 20))
+        first = asyncio.run(build_request(model, "You are Sage.", "Sage", history, GenerationSettings()))
+        reply = "".join(stream_pieces(model, first))
+        history += chats(("Sage", reply), ("Moderator", "And what about deserts?"))
+        second = asyncio.run(build_request(model, "You are Sage.", "Sage", history, GenerationSettings()))
+        context = model.llama._ctx.ctx
+        llama_cpp.llama_perf_context_reset(context)
+        stream_pieces(model, ChatRequest(second.messages, second.speaker, 0, 1))
+        evaluated = llama_cpp.llama_perf_context(context).n_p_eval
+        prompt = len(model.prompt_tokens(second))
+        new = prompt - len(model.prompt_tokens(first))
+        assert evaluated <= new + len(reply) // 2 + 8, f"{evaluated} of {prompt} prompt tokens evaluated again"
+    finally:
+        asyncio.run(model.aclose())
+
+
+def test_llama_cpp_refuses_a_model_folder_in_one_sentence(tiny_folder):
+    with pytest.raises(ModelError, match=r"runs \.gguf files.*--backend transformers"):
+        open_chat_model("llama.cpp", EngineOptions(backend="llama.cpp", model=str(tiny_folder)))
 
 
 def test_model_sources_are_resolved_without_loading(tmp_path):

@@ -1,0 +1,175 @@
+"""The persona's view of a model: a ``ChatModel`` streams a reply to chat messages and stops when told.
+
+Engines differ in how they run a model (in this process, or on a server); everything a persona does
+with the text (prompt budget, persona merging, cleaning, partials, passing) lives in shared code
+and sees only this interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+Message = dict[str, str]
+
+
+class EngineError(Exception):
+    """Anything an engine cannot do, in a sentence written for the person running the persona."""
+
+
+class ModelError(EngineError):
+    """A model that cannot be used (missing, unreadable, wrong format for the engine), with what to do instead."""
+
+
+class EngineNotInstalled(ModelError):
+    """The engine asked for needs a package that is not installed; the message says how to install it."""
+
+
+class PromptTooLong(EngineError):
+    """The prompt does not fit the context window and truncation is off."""
+
+
+class SystemRoleUnsupported(EngineError):
+    """The model's chat template has no system role; prompt building then folds the persona into a user turn."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot answer right now (a server down or overloaded); the persona passes and tries next turn."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One reply to generate: the chat so far, who is to speak, and how.
+
+    ``speaker`` is the persona's name; models with no chat template get a plain transcript that
+    ends with it, so they know whose line to write.
+    """
+
+    messages: tuple[Message, ...]
+    speaker: str
+    temperature: float = 0.7
+    max_tokens: int = 100
+
+
+class StopFlag:
+    """Set on the event loop when a turn ends; read between tokens by worker threads, awaited by async engines."""
+
+    def __init__(self) -> None:
+        self._flag = threading.Event()
+        self._awaitable = asyncio.Event()
+
+    def set(self) -> None:
+        """Call from the event loop's thread."""
+        self._flag.set()
+        self._awaitable.set()
+
+    def is_set(self) -> bool:
+        return self._flag.is_set()
+
+    async def wait(self) -> None:
+        await self._awaitable.wait()
+
+
+class ChatModel(ABC):
+    """A loaded model a persona talks through. One instance may serve several personas in one process.
+
+    An instance keeps no per-persona state, only caches (such as a prompt cache), and runs one
+    generation at a time: requests from several personas queue up.
+    """
+
+    engine: str = ""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    @abstractmethod
+    async def count_tokens(self, request: ChatRequest) -> int:
+        """Tokens the prompt for ``request`` takes, generation prompt included.
+
+        Raises SystemRoleUnsupported when the chat template refuses a system message.
+        """
+
+    @abstractmethod
+    def stream(self, request: ChatRequest, stop: StopFlag) -> AsyncIterator[str]:
+        """Yield the reply's text piece by piece; ends early, between two tokens, once ``stop`` is set.
+
+        The pieces joined are the raw reply. Breaking out of the iteration also stops generation.
+        Raises EngineError subclasses with a user-facing message.
+        """
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Free the model (threads, memory, connections)."""
+
+
+def plain_transcript(request: ChatRequest) -> str:
+    """A prompt for models with no chat template: the chat as lines, ending where the speaker writes."""
+    system, *turns = request.messages
+    lines = [system["content"], ""]
+    for message in turns:
+        own = message["role"] == "assistant"
+        lines.append(f"{request.speaker}: {message['content']}" if own else message["content"])
+    lines.append(f"{request.speaker}:")
+    return "\n".join(lines)
+
+
+_END = object()
+
+
+class ThreadedChatModel(ChatModel):
+    """Base for engines that compute in this process: blocking work runs in the model's own worker thread.
+
+    The single worker thread keeps the event loop free while tokens are computed, and serialises
+    generations when several personas share the model.
+    """
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.engine or 'model'}")
+
+    @abstractmethod
+    def prompt_tokens(self, request: ChatRequest) -> list[int]:
+        """Blocking: the prompt as token ids."""
+
+    @abstractmethod
+    def generate(self, request: ChatRequest, should_stop: Callable[[], bool], emit: Callable[[str], None]) -> None:
+        """Blocking: generate, calling ``emit`` with each new piece of text; check ``should_stop`` every token."""
+
+    async def count_tokens(self, request: ChatRequest) -> int:
+        loop = asyncio.get_running_loop()
+        return len(await loop.run_in_executor(self._worker, self.prompt_tokens, request))
+
+    async def stream(self, request: ChatRequest, stop: StopFlag) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[object] = asyncio.Queue()
+        abandoned = threading.Event()
+
+        def emit(piece: str) -> None:
+            try:
+                loop.call_soon_threadsafe(pieces.put_nowait, piece)
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                abandoned.set()
+
+        def work() -> None:
+            try:
+                self.generate(request, lambda: stop.is_set() or abandoned.is_set(), emit)
+            finally:
+                emit(_END)  # type: ignore[arg-type]
+
+        job = loop.run_in_executor(self._worker, work)
+        try:
+            while (piece := await pieces.get()) is not _END:
+                yield piece  # type: ignore[misc]
+            await job  # raises what the generation raised
+        finally:
+            abandoned.set()
+            if not job.done():
+                await asyncio.wait({job})  # the worker stops within a token; never leave it running unseen
+
+    async def aclose(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+

@@ -1,0 +1,134 @@
+"""The llama.cpp engine: a GGUF file run in this process by llama-cpp-python, with no conversion.
+
+The chat template comes from the GGUF's own metadata. Between turns llama.cpp keeps the last
+prompt's KV cache, and ``Llama.generate`` evaluates only the tokens after the longest prefix the
+new prompt shares with it, so a growing conversation pays for its new lines only. Several
+personas sharing one instance share that one cache: each turn reuses what its prompt has in common
+with the previous speaker's.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    ChatRequest,
+    EngineNotInstalled,
+    ModelError,
+    PromptTooLong,
+    SystemRoleUnsupported,
+    ThreadedChatModel,
+    plain_transcript,
+)
+
+INSTALL_HINT = (
+    "The llama.cpp engine needs llama-cpp-python: install it with "
+    "'pip install llama-cpp-python==0.3.36' (it builds from source in a few minutes and needs cmake and a "
+    "C++ compiler), or choose --backend transformers."
+)
+
+
+def llama_cpp_installed() -> bool:
+    """True when llama_cpp imports: a broken install (say, its shared library missing) counts as none."""
+    try:
+        import llama_cpp  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def gpu_layers(device: str) -> int:
+    """n_gpu_layers for --device: every layer on the GPU for gpu/auto where the build can offload, else none."""
+    if device == "cpu":
+        return 0
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        return -1
+    if device == "auto":
+        return 0
+    raise ModelError(
+        "--device gpu was asked for, but this llama-cpp-python build cannot offload to a GPU. Use --device cpu, "
+        "or reinstall it with GPU support (for CUDA: CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install llama-cpp-python)."
+    )
+
+
+class LlamaCppChatModel(ThreadedChatModel):
+    engine = "llama.cpp"
+
+    def __init__(self, path: Path, *, context_tokens: int, threads: int | None = None, device: str = "cpu",
+                 gpu_id: int = 0) -> None:
+        try:
+            from llama_cpp import Llama
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        except ImportError as error:
+            raise EngineNotInstalled(INSTALL_HINT) from error
+        if path.suffix.lower() != ".gguf" or not path.is_file():
+            raise ModelError(
+                f"The llama.cpp engine runs .gguf files, and {path} is not one; "
+                "pass a .gguf file with --model, or choose --backend transformers for a model folder."
+            )
+        super().__init__(path.name)
+        try:
+            self.llama = Llama(model_path=str(path), n_ctx=context_tokens, n_threads=threads,
+                               n_threads_batch=threads, n_gpu_layers=gpu_layers(device), main_gpu=gpu_id, verbose=False)
+        except (ValueError, RuntimeError) as error:
+            raise ModelError(f"llama.cpp could not load {path.name}: {error}") from error
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        # None: the model has no chat template and gets a plain transcript.
+        self.chat_formatter: Any = None
+        if template:
+            self.chat_formatter = Jinja2ChatFormatter(template=template,
+                                                      eos_token=self._token_text(self.llama.token_eos()),
+                                                      bos_token=self._token_text(self.llama.token_bos()))
+        self._vocab = self.llama._model.vocab  # for llama_vocab_is_eog: the public API has no wrapper for it
+
+    def _token_text(self, token: int) -> str:
+        return self.llama.detokenize([token], special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+    def prompt_tokens(self, request: ChatRequest) -> list[int]:
+        """By the GGUF's chat template when it has one (it writes its own BOS), else a plain transcript."""
+        if self.chat_formatter is None:
+            return self.llama.tokenize(plain_transcript(request).encode(), add_bos=True, special=False)
+        messages = list(request.messages)
+        try:
+            text = self.chat_formatter(messages=messages).prompt
+        except Exception as error:
+            if messages[0]["role"] == "system" and "system" in str(error).lower():
+                raise SystemRoleUnsupported(f"The chat template of {self.label} has no system role.") from error
+            raise ModelError(f"The chat template of {self.label} cannot render this chat: {error}") from error
+        return self.llama.tokenize(text.encode(), add_bos=False, special=True)
+
+    def generate(self, request: ChatRequest, should_stop: Callable[[], bool], emit: Callable[[str], None]) -> None:
+        import llama_cpp
+
+        tokens = self.prompt_tokens(request)
+        room = self.llama.n_ctx() - len(tokens)
+        if room < 1:
+            raise PromptTooLong(f"The prompt needs {len(tokens)} tokens, more than the {self.llama.n_ctx()} "
+                                "this llama.cpp context holds.")
+        sampling: dict[str, Any] = (
+            {"temp": request.temperature, "top_k": 50, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
+            if request.temperature > 0
+            else {"temp": 0.0, "repeat_penalty": 1.0}
+        )
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two tokens
+        limit = min(request.max_tokens, room)
+        for produced, token in enumerate(self.llama.generate(tokens, reset=True, **sampling), start=1):
+            if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                break
+            text = decoder.decode(self.llama.detokenize([token]))
+            if text:
+                emit(text)
+            if produced >= limit or should_stop():
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            emit(tail)
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        self.llama.close()
