@@ -138,3 +138,22 @@ def test_persona_flags_need_a_name_and_no_duplicates():
                                 timeout=120, stdin=subprocess.DEVNULL)
         assert result.returncode == 2, result.stderr
         assert phrase in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_personas_on_one_model_generate_one_at_a_time_and_say_when_they_wait(tmp_path, start_hub, start_client):
+    """In free mode both personas get the turn at once: the second waits for the first, and logs it."""
+    tiny = build_tiny_model(tmp_path / "tiny")  # never stops on its own: each reply runs to max tokens
+    _, url = start_hub("--mode", "free")
+    client = start_client("--persona", "Alpha", "--persona", "Beta", "--model", str(tiny), "--server", url,
+                          "--max-generation-tokens", "300", "--no-stream")
+    client.wait_for_output("Beta joined ws://", 240)
+
+    async def scenario() -> None:
+        ws, _ = await join(url, "Moderator", "human", protocol=1)
+        await say(ws, "Both of you, talk.")
+        await next_frame(ws, "turn", timeout=60, speakers=["Alpha", "Beta"])
+        await asyncio.to_thread(client.wait_for_output, r"(Alpha waits: Beta|Beta waits: Alpha) is still writing", 120)
+        await ws.close()
+
+    asyncio.run(scenario())
+    assert client.output.count("Loading ") == 1
