@@ -77,8 +77,9 @@ async def watch(url: str, names: list[str], launch: Callable[[], list[subprocess
                 frame = json.loads(await asyncio.wait_for(ws.recv(), max(deadline - time.monotonic(), 0.1)))
             except asyncio.TimeoutError:
                 raise RuntimeError(f"timed out: joined {sorted(joined)}, replied {sorted(replied)}") from None
-            if frame.get("type") == "system" and frame.get("event") == "join" and frame.get("name") in names:
-                joined.add(frame["name"])
+            who = frame.get("content", "").removesuffix(" joined the chat")
+            if frame.get("type") == "system" and frame.get("event") == "join" and who in names:
+                joined.add(who)
                 if joined == set(names):
                     timings["join_s"] = time.monotonic() - started
                     await ws.send(json.dumps({"type": "message", "content": "Say hello in one short sentence."}))
