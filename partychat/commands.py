@@ -1,20 +1,20 @@
-"""Moderator commands, carried out by the hub. Only moderators may use them."""
+"""Moderator commands. Only moderators may use them.
+
+The hub dispatches a command frame here with the room; a command changes the room only through
+what ``Room`` exposes, so the import arrow runs one way: commands -> room.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from websockets.frames import CloseCode
 
 from .floor import Mode
+from .members import Peer
 from .protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster
+from .room import Room
 
-if TYPE_CHECKING:
-    from .room import Peer, Room
-
-Handler = Callable[["Room", "Peer", tuple[str, ...]], None]
+Handler = Callable[[Room, Peer, tuple[str, ...]], None]
 MAX_TURNS = 1000
 
 
@@ -35,7 +35,7 @@ def _one_name(room: Room, args: tuple[str, ...], usage: str) -> Peer:
 def _who(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     participants = tuple(
         {"name": p.name, "role": p.role.value, "moderator": p.is_moderator, "muted": p.muted, "protocol": p.protocol}
-        for p in room.peers.values()
+        for p in room.members
     )
     floor = room.floor_state().to_wire()
     del floor["type"]
@@ -106,7 +106,7 @@ def _kick(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
         raise _bad("You cannot kick yourself; use /quit to leave.")
     room.refuse(target, ErrorCode.KICKED, f"You were removed from the room by {peer.name}.")
     room.remove(target, f"was removed by {peer.name}")
-    room.close_later(target, CloseCode.POLICY_VIOLATION, ErrorCode.KICKED.value)
+    room.dismiss(target, ErrorCode.KICKED.value)
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,9 @@ COMMANDS: dict[str, HubCommand] = {
 
 def run_command(room: Room, peer: Peer, command: Command) -> None:
     """Carry out a command or raise a ProtocolError that says why not."""
+    if not room.hears(peer):
+        return  # removed (kicked, cut off) or the hub is stopping: nothing it sends counts any more
+    room.meter(peer)
     if peer.role is not Role.HUMAN or not peer.is_moderator:
         raise ProtocolError(ErrorCode.NOT_MODERATOR, "Only a moderator may use commands.")
     known = COMMANDS.get(command.name)

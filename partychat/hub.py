@@ -1,4 +1,8 @@
-"""The websocket side of the hub: one handler per connection, the server, and a clean shutdown."""
+"""The websocket side of the hub: one handler per connection, the writes, the server, a clean shutdown.
+
+This is the only server-side module that touches sockets. The room decides what is said and to
+whom; ``SocketOutlet`` writes it, and the handler turns received frames into calls on the room.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,22 @@ import contextlib
 import logging
 import signal
 import ssl
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
-from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
+from websockets.frames import CloseCode, Frame, Opcode
+from websockets.protocol import State
 
+from .commands import run_command
+from .members import Peer
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    Command,
     ErrorCode,
     Notice,
     ProtocolError,
@@ -23,7 +34,8 @@ from .protocol import (
     parse_client_frame,
     parse_hello,
 )
-from .room import Room, RoomSettings, close_peer
+from .room import Room
+from .settings import RoomSettings
 from .transcript import Transcript, default_path
 
 log = logging.getLogger("partychat.hub")
@@ -54,13 +66,68 @@ class HubConfig:
     ping_timeout: float | None = 20.0
 
 
+class SocketOutlet:
+    """Writes the room's frames to websockets, never waiting on a peer; cuts off peers far behind.
+
+    This is websockets' ``broadcast()`` with one step hoisted out of the loop: server frames are
+    unmasked and the hub negotiates no extensions (it serves with compression off), so every
+    recipient gets the same bytes and the frame is serialised once instead of once per peer.
+    Every write happens on the event loop between whole frames, so a connection's own frames
+    (pings, close) never interleave with these. What a peer has not read stays in its own write
+    buffer; once that passes ``max_buffered_bytes`` the peer is handed to ``cut_off``, so one
+    reader that stops cannot slow the room or grow the hub's memory without bound.
+    """
+
+    def __init__(self, max_buffered_bytes: int, cut_off: Callable[[Peer, int], None]) -> None:
+        self.max_buffered_bytes = max_buffered_bytes
+        self.cut_off = cut_off
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def send(self, peers: Sequence[Peer], text: str) -> None:
+        wire = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+        too_slow = []
+        for peer in peers:
+            ws = _connection(peer)
+            transport, protocol = ws.transport, ws.protocol
+            if transport is None or protocol.state is not State.OPEN:
+                continue
+            backlog = transport.get_write_buffer_size()
+            if backlog > self.max_buffered_bytes:
+                too_slow.append((peer, backlog))
+            elif protocol.extensions:
+                broadcast([ws], text)  # a peer with an extension needs its own encoding
+            else:
+                transport.write(wire)
+        # Cutting off announces a leave, which sends frames itself: only once this frame has gone to all.
+        for peer, backlog in too_slow:
+            self.cut_off(peer, backlog)
+
+    def dismiss(self, peer: Peer, reason: str) -> None:
+        self.close_later(peer, CloseCode.POLICY_VIOLATION, reason)
+
+    def close_later(self, peer: Peer, code: int, reason: str) -> None:
+        """Close a peer's connection from synchronous code; what it is owed is sent first."""
+        task = asyncio.create_task(close_peer(_connection(peer), code, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def flush(peer: Peer, timeout: float = 2.0) -> None:
+        """Wait (briefly) until a peer has been sent what is buffered for it, e.g. before closing it."""
+        transport = _connection(peer).transport
+        deadline = time.monotonic() + timeout
+        while transport is not None and transport.get_write_buffer_size() > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+
 class Hub:
     """Owns the room and serves it; ``async with Hub(config) as hub`` runs it until exit."""
 
     def __init__(self, config: HubConfig) -> None:
         self.config = config
         path = config.transcript or config.resume or default_path(config.logs_dir)
-        self.room = Room(config.room, Transcript(path, fsync=config.fsync), resume=config.resume)
+        self.outlet = SocketOutlet(config.room.max_buffered_bytes, self._cut_off)
+        self.room = Room(config.room, Transcript(path, fsync=config.fsync), self.outlet, resume=config.resume)
         self.server: Server | None = None
         self._connections = 0
 
@@ -97,8 +164,22 @@ class Hub:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self.server is not None
         self.server.close(close_connections=False)  # no new connections while the room says goodbye
-        await self.room.shutdown()
+        await self._shutdown()
         await self.server.wait_closed()
+
+    async def _shutdown(self) -> None:
+        """Tell everyone the hub is stopping, close every connection, then close the transcript."""
+        peers = self.room.stop()
+        await asyncio.gather(*(self.outlet.flush(peer, 1.0) for peer in peers))
+        await asyncio.gather(
+            *(close_peer(_connection(peer), CloseCode.GOING_AWAY, "hub stopping") for peer in peers)
+        )
+        self.room.close()
+
+    def _cut_off(self, peer: Peer, backlog: int) -> None:
+        log.warning("%s has %d KiB unread; disconnecting it", peer.name, backlog // 1024)
+        self.room.remove(peer, "was disconnected for reading too slowly")
+        self.outlet.close_later(peer, CloseCode.TRY_AGAIN_LATER, "too slow: fell too far behind the room")
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         if not self.config.certfile:
@@ -123,7 +204,7 @@ class Hub:
         try:
             raw = await asyncio.wait_for(ws.recv(), HELLO_TIMEOUT)
             hello = parse_hello(raw, limit)
-            peer = self.room.admit(ws, hello)
+            peer = self.room.admit(hello, ws)
         except asyncio.TimeoutError:
             await self._reject(ws, ProtocolError(
                 ErrorCode.BAD_FRAME, f"No registration frame within {HELLO_TIMEOUT:.0f} seconds.", fatal=True
@@ -138,12 +219,16 @@ class Hub:
         try:
             async for raw in ws:
                 try:
-                    self.room.receive(peer, parse_client_frame(raw, limit))
+                    frame = parse_client_frame(raw, limit)
+                    if isinstance(frame, Command):
+                        run_command(self.room, peer, frame)
+                    else:
+                        self.room.receive(peer, frame)
                 except ProtocolError as error:
                     log.debug("%s sent a bad frame: %s", peer.name, error.message)
                     self.room.refuse(peer, error.code, error.message)
                     if error.fatal or self.room.count_refusal(peer):
-                        await self.room.flush(peer)
+                        await self.outlet.flush(peer)
                         self.room.remove(peer, "was disconnected for abuse")
                         await close_peer(ws, _CLOSE_CODES.get(error.code, CloseCode.POLICY_VIOLATION),
                                          error.code.value)
@@ -158,6 +243,19 @@ class Hub:
         with contextlib.suppress(ConnectionClosed):
             await ws.send(encode(Notice(error.message, event="error", code=error.code.value)))
         await close_peer(ws, _CLOSE_CODES.get(error.code, CloseCode.POLICY_VIOLATION), error.code.value)
+
+
+def _connection(peer: Peer) -> ServerConnection:
+    return cast(ServerConnection, peer.link)
+
+
+async def close_peer(ws: ServerConnection, code: int, reason: str, timeout: float = 2.0) -> None:
+    """Close a connection, dropping it outright if the peer does not answer in time."""
+    try:
+        await asyncio.wait_for(ws.close(code, reason), timeout)
+    except (asyncio.TimeoutError, ConnectionClosed, OSError):
+        if ws.transport is not None:
+            ws.transport.abort()
 
 
 def _address(ws: ServerConnection) -> str:

@@ -1,35 +1,26 @@
-"""The room: who is in it, what was said, and where each frame goes.
+"""The room: who is in it, what was said, and which frame goes to whom. No network I/O.
 
-Every chat message is stored (transcript first), numbered, and then written to every recipient at
-once, in the manner of websockets' ``broadcast()``, never waiting on a peer. What a peer has not read yet
-stays in its own write buffer; a peer whose buffer passes ``max_buffered_bytes`` is disconnected,
-so one reader that stops cannot slow the room or grow the hub's memory without bound.
+Every chat message is stored (transcript first), numbered, and then handed to the room's
+``Outlet`` once, with the list of its recipients. The hub implements the outlet over websockets
+(serialise once, write to every recipient without waiting on any); the room only decides what is
+said and who hears it, so its rules can be read, and tested, apart from the sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import secrets
-import time
 import uuid
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, Protocol
 
-from websockets.asyncio.server import ServerConnection, broadcast
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode, Frame, Opcode
-from websockets.protocol import State
-
-from .commands import run_command
-from .floor import Floor, Mode
+from .floor import Floor
+from .history import ChatHistory
+from .members import Members, Peer
 from .protocol import (
     PROTOCOL_VERSION,
-    Chat,
-    Command,
     Draft,
     ErrorCode,
     FloorState,
@@ -44,145 +35,69 @@ from .protocol import (
     Stream,
     encode,
 )
+from .settings import RoomSettings
 from .transcript import Transcript, load_history
 
 log = logging.getLogger("partychat.hub")
 
-HISTORY_KEPT = 1000
-"""Recent messages held in memory for replay and for clients that reconnect."""
 DRAFT_BYTES_PER_TURN = 64 * 1024
 """Streamed text relayed per model turn; past it the partials stop (the final message still goes)."""
-MAX_REFUSALS_IN_A_ROW = 50
-"""Bad frames a peer may send in a row before the hub treats it as abuse and closes it."""
 
 
-@dataclass
-class RoomSettings:
-    mode: Mode = Mode.ROUND_ROBIN
-    max_turns: int | None = None
-    replay: int = 20
-    max_clients: int = 64
-    max_buffered_bytes: int = 1024 * 1024
-    rate_per_second: float = 2.0
-    rate_burst: int = 20
-    token: str | None = None
-    moderator_token: str | None = None
-    turn_timeout: float = 180.0
-    """Seconds a model may hold the turn without answering before the hub passes it on."""
+class Outlet(Protocol):
+    """What the room asks of the network layer. Neither call may wait on a peer."""
 
+    def send(self, peers: Sequence[Peer], text: str) -> None:
+        """Write one encoded frame to each of these peers."""
 
-class RateLimiter:
-    """A token bucket: short bursts pass, sustained floods are refused."""
-
-    def __init__(self, per_second: float, burst: int) -> None:
-        self.per_second = per_second
-        self.burst = burst
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def allow(self) -> bool:
-        if self.per_second <= 0:
-            return True
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.per_second)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
-@dataclass(eq=False)
-class Peer:
-    ws: ServerConnection
-    name: str
-    role: Role
-    protocol: int | None
-    wants_stream: bool
-    is_moderator: bool
-    limiter: RateLimiter
-    session: str
-    muted: bool = False
-    refusals_in_a_row: int = 0
-    draft_bytes: int = 0
-    draft_turn: int = -1
-
-    @property
-    def speaks_extensions(self) -> bool:
-        return self.protocol is not None
-
-    def __post_init__(self) -> None:
-        self.key = self.name.casefold()
-        """Names are unique regardless of case; the room is keyed by this."""
+    def dismiss(self, peer: Peer, reason: str) -> None:
+        """Close a peer's connection (the room has already removed it), once what it is owed is sent."""
 
 
 class Room:
-    def __init__(self, settings: RoomSettings, transcript: Transcript, resume: Path | None = None) -> None:
+    """One conversation: the hub feeds it validated frames, and it answers through its outlet.
+
+    Membership lives in ``Members``, the numbered messages in ``ChatHistory`` and the turn-taking
+    rules in ``Floor``; the room ties them together and decides what every peer hears.
+    """
+
+    def __init__(self, settings: RoomSettings, transcript: Transcript, outlet: Outlet,
+                 resume: Path | None = None) -> None:
         self.settings = settings
         self.transcript = transcript
+        self.outlet = outlet
         self.floor = Floor(mode=settings.mode, max_turns=settings.max_turns)
-        self.peers: dict[str, Peer] = {}
-        self.history: deque[Chat] = deque(maxlen=max(settings.replay, HISTORY_KEPT))
-        self.seq = 0
+        self.members = Members(settings)
+        self.history = ChatHistory(settings.replay)
         self.closing = False
         self._last_floor: FloorState | None = None
-        self._closing: set[asyncio.Task[None]] = set()
         self._turn_timer: asyncio.TimerHandle | None = None
         room_id = None
         if resume is not None:
             earlier = load_history(resume)
             room_id = earlier.room_id
             self.history.extend(earlier.messages)
-            self.seq = max((chat.seq for chat in earlier.messages), default=0)
             log.info("Resumed %d messages from %s; the next sequence number is %d",
-                     len(earlier.messages), resume, self.seq + 1)
+                     len(earlier.messages), resume, self.history.seq + 1)
         self.room_id = room_id or uuid.uuid4().hex[:12]
         """Names this conversation; it survives --resume, so clients know their sequence numbers still hold."""
         transcript.start(self.room_id)
 
     # ------------------------------------------------------------ membership
 
-    def admit(self, ws: ServerConnection, hello: Hello) -> Peer:
-        """Check a registration against the room's rules and add the peer, or raise why not."""
-        settings = self.settings
+    def admit(self, hello: Hello, link: Any) -> Peer:
+        """Check a registration against the room's rules and add the peer, or raise why not.
+
+        ``link`` is the network layer's handle on the connection, handed back to it with every send.
+        """
         if self.closing:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "The hub is stopping; try again later.", fatal=True)
-        if settings.token and not _same_secret(hello.token, settings.token):
-            raise ProtocolError(
-                ErrorCode.UNAUTHORIZED,
-                "This hub needs an access token: pass the right one with --token.",
-                fatal=True,
-            )
-        stale = self.peers.get(hello.name.casefold())
+        stale = self.members.vet(hello)
         if stale is not None:
-            if not (hello.session and _same_secret(hello.session, stale.session)):
-                raise ProtocolError(
-                    ErrorCode.NAME_TAKEN,
-                    f"The name {hello.name!r} is already taken in this room; choose another.",
-                    fatal=True,
-                )
             # The same client again, after a connection the hub has not noticed is dead yet.
             self.remove(stale, "reconnected", announce=False)
-            self.close_later(stale, CloseCode.POLICY_VIOLATION, "replaced by a new connection")
-        if len(self.peers) >= settings.max_clients:
-            raise ProtocolError(
-                ErrorCode.ROOM_FULL, f"The room is full ({settings.max_clients} participants).", fatal=True
-            )
-        is_moderator = hello.role is Role.HUMAN and (
-            settings.moderator_token is None
-            or _same_secret(hello.moderator_token, settings.moderator_token)
-        )
-        peer = Peer(
-            ws=ws,
-            name=hello.name,
-            role=hello.role,
-            protocol=hello.protocol,
-            wants_stream=hello.stream and hello.protocol is not None and hello.role is Role.HUMAN,
-            is_moderator=is_moderator,
-            limiter=RateLimiter(settings.rate_per_second, settings.rate_burst),
-            session=secrets.token_urlsafe(16),
-        )
-        self.peers[peer.key] = peer
+            self.outlet.dismiss(stale, "replaced by a new connection")
+        peer = self.members.enrol(hello, link)
         extended = peer.speaks_extensions
         self.deliver(peer, Notice(
             f"Connected as {peer.name}", event="welcome", protocol=PROTOCOL_VERSION,
@@ -198,64 +113,70 @@ class Room:
         return peer
 
     def remove(self, peer: Peer, reason: str = "left the chat", *, announce: bool = True) -> None:
-        if self.peers.get(peer.key) is not peer:
+        if not self.members.discharge(peer):
             return
-        del self.peers[peer.key]
         if peer.role is Role.MODEL:
             self.floor.remove_model(peer.name)
         if announce:
             self.announce("leave", f"{peer.name} {reason}", name=peer.name)
         self.publish_floor()
 
+    def dismiss(self, peer: Peer, reason: str) -> None:
+        """Close a removed peer's connection, after what it is owed has been sent."""
+        self.outlet.dismiss(peer, reason)
+
     def find(self, name: str) -> Peer | None:
-        return self.peers.get(name.casefold().strip())
+        return self.members.find(name)
 
     def is_present(self, peer: Peer) -> bool:
-        return self.peers.get(peer.key) is peer
+        return self.members.is_present(peer)
 
-    # ------------------------------------------------------------ routing
+    def hears(self, peer: Peer) -> bool:
+        """Whether frames from a peer still count: not once it was removed (kicked, cut off) or the hub stops."""
+        return not self.closing and self.is_present(peer)
 
-    def receive(self, peer: Peer, frame: Say | Draft | Pass | Command) -> None:
-        """Route one validated frame from a peer still in the room."""
-        if self.closing or not self.is_present(peer):
-            return  # removed (kicked, cut off) or stopping: nothing it sends counts any more
+    def meter(self, peer: Peer) -> None:
+        """Charge a message or command to a peer's rate limit, or raise why it was dropped."""
+        self.members.meter(peer)
+
+    def count_refusal(self, peer: Peer) -> bool:
+        """Note a bad frame; True once a peer has sent so many in a row that it counts as abuse."""
+        return self.members.count_refusal(peer)
+
+    def _audience(self) -> list[Peer]:
+        """Everyone a room-wide frame goes to."""
+        return list(self.members)
+
+    # ------------------------------------------------------------ routing and history
+
+    def receive(self, peer: Peer, frame: Say | Draft | Pass) -> None:
+        """Route one validated frame from a peer. Commands go to ``commands.run_command`` instead."""
+        if not self.hears(peer):
+            return
         if isinstance(frame, Draft):
             self._relay_draft(peer, frame)
             return
         if isinstance(frame, Pass):
             self._pass_turn(peer, frame)
             return
-        if not peer.limiter.allow():
-            raise ProtocolError(ErrorCode.RATE_LIMITED, "You are sending too fast; that frame was dropped. Slow down.")
-        peer.refusals_in_a_row = 0
-        if isinstance(frame, Command):
-            run_command(self, peer, frame)
-            return
+        self.meter(peer)
         self.post(peer, frame.content, opening=frame.opening, turn=frame.turn)
 
     def post(self, peer: Peer, content: str, *, opening: bool = False, turn: int | None = None,
              addressed: str | None = None) -> None:
-        """Accept a chat message: check the floor, store it, then relay it."""
-        refusal = self._why_withheld(peer, opening, turn)
+        """Accept a chat message: check it, store it, then relay it."""
+        refusal = self._why_withheld(peer, content, opening, turn)
         if refusal is not None:
             code, sentence = refusal
             self.transcript.withheld(peer.name, peer.role.value, content, code.value)
             log.info("withheld from %s (%s): %s", peer.name, code.value, content)
             self.refuse(peer, code, sentence)
             return
-        chat = Chat(
-            sender=peer.name,
-            content=content,
-            seq=self.seq + 1,
-            id=uuid.uuid4().hex[:12],
-            ts=round(time.time(), 3),
-            role=peer.role.value,
-        )
+        chat = self.history.draft(peer.name, content, peer.role.value)
         self.transcript.message(chat)
-        self.seq = chat.seq
-        self.history.append(chat)
+        self.history.keep(chat)
         log.info("%s: %s", peer.name, content, extra={"speaker": peer.name})
-        self._send([other for other in self.peers.values() if other is not peer or peer.speaks_extensions],
+        self._send([other for other in self._audience() if other is not peer or peer.speaks_extensions],
                    encode(chat))
         if peer.role is Role.MODEL:
             self.floor.on_model_message(peer.name, content)
@@ -263,7 +184,9 @@ class Room:
             self.floor.on_moderator_message(content, addressed)
         self.publish_floor()
 
-    def _why_withheld(self, peer: Peer, opening: bool, turn: int | None) -> tuple[ErrorCode, str] | None:
+    def _why_withheld(self, peer: Peer, content: str, opening: bool,
+                      turn: int | None) -> tuple[ErrorCode, str] | None:
+        """Why a message must be kept out of the room, or None to relay it. Every check of a reply goes here."""
         if peer.muted:
             return ErrorCode.MUTED, "You are muted by the moderator; your message was kept but not relayed."
         if peer.role is not Role.MODEL:
@@ -276,15 +199,6 @@ class Room:
             return ErrorCode.NOT_YOUR_TURN, "That reply was for an earlier turn; it was kept but not relayed."
         return None
 
-    def _pass_turn(self, peer: Peer, frame: Pass) -> None:
-        stale = frame.turn is not None and frame.turn != self.floor.turn
-        if peer.role is not Role.MODEL or peer.name not in self.floor.speakers() or stale:
-            return
-        reason = f" ({frame.reason[:200]})" if frame.reason else ""
-        self.announce("pass", f"{peer.name} passed its turn{reason}", name=peer.name)
-        self.floor.on_model_message(peer.name)
-        self.publish_floor()
-
     def _relay_draft(self, peer: Peer, draft: Draft) -> None:
         floor = self.floor
         if peer.role is not Role.MODEL or peer.name not in floor.speakers() or peer.muted:
@@ -294,8 +208,29 @@ class Room:
         peer.draft_bytes += len(draft.content)
         if peer.draft_bytes > DRAFT_BYTES_PER_TURN:
             return  # a reply that long streams no further; its final message still goes out whole
-        self._send([other for other in self.peers.values() if other.wants_stream and other is not peer],
+        self._send([other for other in self._audience() if other.wants_stream and other is not peer],
                    encode(Stream(sender=peer.name, content=draft.content, turn=floor.turn)))
+
+    def _replay_to(self, peer: Peer, last_seq: int | None) -> None:
+        """Late joiners get recent history; a reconnecting client gets exactly what it missed.
+
+        Baseline model clients get no replay: they would answer every replayed message.
+        """
+        if peer.role is Role.MODEL and not peer.speaks_extensions:
+            return
+        if last_seq is not None and last_seq > self.history.seq:
+            last_seq = None  # numbers from another conversation (a hub restarted without --resume)
+        if last_seq is not None:
+            missed, lost = self.history.since(last_seq)
+            if lost:
+                self.deliver(peer, Notice(f"{lost} older messages are no longer held in memory; "
+                                          f"they are in the transcript {self.transcript.path}.", event="gap"))
+        else:
+            missed = self.history.recent(self.settings.replay)
+        for chat in missed:
+            self.deliver(peer, replace(chat, replay=True))
+
+    # ------------------------------------------------------------ the floor and the turn timer
 
     def floor_state(self) -> FloorState:
         floor = self.floor
@@ -316,6 +251,15 @@ class Room:
         self._time_turn(state)
         self.broadcast(state, only_extensions=True)
 
+    def _pass_turn(self, peer: Peer, frame: Pass) -> None:
+        stale = frame.turn is not None and frame.turn != self.floor.turn
+        if peer.role is not Role.MODEL or peer.name not in self.floor.speakers() or stale:
+            return
+        reason = f" ({frame.reason[:200]})" if frame.reason else ""
+        self.announce("pass", f"{peer.name} passed its turn{reason}", name=peer.name)
+        self.floor.on_model_message(peer.name)
+        self.publish_floor()
+
     def _time_turn(self, state: FloorState) -> None:
         """A model that holds the turn and neither answers nor passes must not stall the room."""
         if self._turn_timer is not None:
@@ -335,9 +279,11 @@ class Room:
         self.floor.on_model_message(holder)
         self.publish_floor()
 
+    # ------------------------------------------------------------ what goes to whom
+
     def broadcast(self, frame: ServerFrame, *, only_extensions: bool = False,
                   exclude: Peer | None = None) -> None:
-        self._send([peer for peer in self.peers.values()
+        self._send([peer for peer in self._audience()
                     if peer is not exclude and (peer.speaks_extensions or not only_extensions)], encode(frame))
 
     def deliver(self, peer: Peer, frame: ServerFrame) -> None:
@@ -352,111 +298,25 @@ class Room:
         )
         self.deliver(peer, frame)
 
-    def count_refusal(self, peer: Peer) -> bool:
-        """Note a bad frame; True once a peer has sent so many in a row that it counts as abuse."""
-        peer.refusals_in_a_row += 1
-        return peer.refusals_in_a_row > MAX_REFUSALS_IN_A_ROW
-
-    # ------------------------------------------------------------ delivery
-
-    def _send(self, recipients: list[Peer], text: str) -> None:
-        """Write one frame to many peers without waiting; cut off the ones too far behind.
-
-        This is websockets' ``broadcast()`` with one step hoisted out of the loop: server frames are
-        unmasked and the hub negotiates no extensions (it serves with compression off), so every
-        recipient gets the same bytes and the frame is serialised once instead of once per peer.
-        Every write happens on the event loop between whole frames, so the connection's own frames
-        (pings, close) never interleave with these.
-        """
-        limit = self.settings.max_buffered_bytes
-        wire = Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
-        too_slow = []
-        for peer in recipients:
-            if not self.is_present(peer):
-                continue
-            transport, protocol = peer.ws.transport, peer.ws.protocol
-            if transport is None or protocol.state is not State.OPEN:
-                continue
-            backlog = transport.get_write_buffer_size()
-            if backlog > limit:
-                too_slow.append((peer, backlog))
-            elif protocol.extensions:
-                broadcast([peer.ws], text)  # a peer with an extension needs its own encoding
-            else:
-                transport.write(wire)
-        # Removing announces a leave, which sends frames itself: only once this frame has gone to all.
-        for peer, backlog in too_slow:
-            self._cut_off(peer, backlog)
-
-    def _cut_off(self, peer: Peer, backlog: int) -> None:
-        log.warning("%s has %d KiB unread; disconnecting it", peer.name, backlog // 1024)
-        self.remove(peer, "was disconnected for reading too slowly")
-        self.close_later(peer, CloseCode.TRY_AGAIN_LATER, "too slow: fell too far behind the room")
-
-    def close_later(self, peer: Peer, code: int, reason: str) -> None:
-        """Close a peer's connection from synchronous code; what it is owed is sent first."""
-        task = asyncio.create_task(close_peer(peer.ws, code, reason))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-    async def flush(self, peer: Peer, timeout: float = 2.0) -> None:
-        """Wait (briefly) until a peer has been sent what is buffered for it, e.g. before closing it."""
-        deadline = time.monotonic() + timeout
-        while (
-            peer.ws.transport is not None
-            and peer.ws.transport.get_write_buffer_size() > 0
-            and time.monotonic() < deadline
-        ):
-            await asyncio.sleep(0.01)
-
-    def _replay_to(self, peer: Peer, last_seq: int | None) -> None:
-        """Late joiners get recent history; a reconnecting client gets exactly what it missed.
-
-        Baseline model clients get no replay: they would answer every replayed message.
-        """
-        if peer.role is Role.MODEL and not peer.speaks_extensions:
-            return
-        if last_seq is not None and last_seq > self.seq:
-            last_seq = None  # numbers from another conversation (a hub restarted without --resume)
-        if last_seq is not None:
-            missed: Iterable[Chat] = [chat for chat in self.history if chat.seq > last_seq]
-            if self.history and self.history[0].seq > last_seq + 1:
-                lost = self.history[0].seq - last_seq - 1
-                self.deliver(peer, Notice(f"{lost} older messages are no longer held in memory; "
-                                          f"they are in the transcript {self.transcript.path}.", event="gap"))
-        else:
-            missed = list(self.history)[-self.settings.replay:] if self.settings.replay else []
-        for chat in missed:
-            self.deliver(peer, replace(chat, replay=True))
-
     def announce(self, event: str, sentence: str, *, exclude: Peer | None = None, **fields: str) -> None:
         self.transcript.event(event, sentence, **fields)
         log.info("%s", sentence, extra={"speaker": fields.get("name")})
         self.broadcast(Notice(sentence, event=event), exclude=exclude)
 
-    async def shutdown(self) -> None:
-        """Tell everyone the hub is stopping and close every connection."""
+    def _send(self, recipients: Iterable[Peer], text: str) -> None:
+        """Hand one encoded frame to the outlet for the recipients still in the room."""
+        present = [peer for peer in recipients if self.is_present(peer)]
+        if present:
+            self.outlet.send(present, text)
+
+    def stop(self) -> list[Peer]:
+        """Say the hub is stopping and empty the room; returns the peers whose connections must close."""
         self.closing = True
         if self._turn_timer is not None:
             self._turn_timer.cancel()
         self.announce("shutdown", "The hub is stopping.")
-        peers = list(self.peers.values())
-        await asyncio.gather(*(self.flush(peer, 1.0) for peer in peers))
-        self.peers.clear()  # the shutdown record speaks for everyone; no leave records after it
-        await asyncio.gather(
-            *(close_peer(peer.ws, CloseCode.GOING_AWAY, "hub stopping") for peer in peers)
-        )
+        return self.members.clear()  # the shutdown record speaks for everyone; no leave records after it
+
+    def close(self) -> None:
+        """Write the transcript out; call after the peers' connections are closed."""
         self.transcript.close()
-
-
-async def close_peer(ws: ServerConnection, code: int, reason: str, timeout: float = 2.0) -> None:
-    """Close a connection, dropping it outright if the peer does not answer in time."""
-    try:
-        await asyncio.wait_for(ws.close(code, reason), timeout)
-    except (asyncio.TimeoutError, ConnectionClosed, OSError):
-        if ws.transport is not None:
-            ws.transport.abort()
-
-
-def _same_secret(offered: str | None, expected: str) -> bool:
-    return offered is not None and hmac.compare_digest(offered.encode(), expected.encode())

@@ -12,7 +12,7 @@ from .floor import Mode
 from .hub import HubConfig, run_hub
 from .logs import LEVELS, setup_logging
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES
-from .room import RoomSettings
+from .settings import RoomSettings
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,10 +17,15 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 
 from partychat.hub import Hub, HubConfig
-from partychat.room import RoomSettings
+from partychat.settings import RoomSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+
+
+def script(name: str) -> str:
+    """The full path of one of our scripts, so a test can start it from its own folder, not the checkout."""
+    return str(ROOT / name)
 
 
 def hub_config(tmp_path: Path, **room: Any) -> HubConfig:
@@ -109,14 +114,18 @@ async def silence(ws: ClientConnection, seconds: float) -> list[dict]:
 
 
 class Process:
-    """A script of ours run as a real process, with its output collected in a file."""
+    """A script of ours run as a real process, with its output collected in a file.
+
+    It runs in ``cwd``, by default the folder of its log (the test's tmp_path), so that whatever a
+    script writes to a relative path by default (``logs/``, ``/save``) stays out of the checkout.
+    """
 
     def __init__(self, args: list[str], log: Path, *, stdin: Any = subprocess.DEVNULL,
-                 env: dict[str, str] | None = None, cwd: Path = ROOT) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.log = log
         self._out = log.open("wb")
-        self.popen = subprocess.Popen([PYTHON, *args], cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT,
-                                      stdin=stdin, env={**os.environ, **(env or {})})
+        self.popen = subprocess.Popen([PYTHON, *args], cwd=cwd or log.parent, stdout=self._out,
+                                      stderr=subprocess.STDOUT, stdin=stdin, env={**os.environ, **(env or {})})
 
     @property
     def output(self) -> str:

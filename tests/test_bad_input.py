@@ -7,15 +7,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from helpers import ROOT, join, say
+from helpers import ROOT, Process, join, say, script
 
 PYTHON = sys.executable
 
 
-def run_script(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+def run_script(folder: Path, name: str, *args: str, timeout: float = 120,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one of our scripts in a test's own folder, so nothing it writes lands in the checkout."""
+    return subprocess.run([PYTHON, script(name), *args], cwd=folder, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
@@ -26,8 +29,8 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], *phrases: str
         assert phrase in result.stderr, result.stderr
 
 
-def test_missing_prompt_file_stops_before_any_model_is_loaded():
-    result = run_script("client.py", "--name", "X", "--prompt-file", "no-such-persona.txt",
+def test_missing_prompt_file_stops_before_any_model_is_loaded(tmp_path):
+    result = run_script(tmp_path, "client.py", "--name", "X", "--prompt-file", "no-such-persona.txt",
                         "--model", "/no/such/model.gguf")
     assert_clean_failure(result, "Prompt file not found: no-such-persona.txt")
 
@@ -35,7 +38,7 @@ def test_missing_prompt_file_stops_before_any_model_is_loaded():
 def test_unreadable_prompt_file(tmp_path):
     persona = tmp_path / "binary.txt"
     persona.write_bytes(b"\xff\xfe\x00bad")
-    assert_clean_failure(run_script("client.py", "--name", "X", "--prompt-file", str(persona)),
+    assert_clean_failure(run_script(tmp_path, "client.py", "--name", "X", "--prompt-file", str(persona)),
                          "Cannot read prompt file")
 
 
@@ -46,40 +49,41 @@ def test_prompt_file_is_found_in_prompts_folder_by_bare_name():
     assert find_prompt_file("inventor") == ROOT / "prompts" / "inventor.txt"
 
 
-def test_missing_model_path():
-    result = run_script("client.py", "--name", "X", "--model", "./models/missing-folder")
+def test_missing_model_path(tmp_path):
+    result = run_script(tmp_path, "client.py", "--name", "X", "--model", "./models/missing-folder")
     assert_clean_failure(result, "No such model file or folder: ./models/missing-folder")
 
 
-def test_gpu_without_cuda_is_a_clear_error():
+def test_gpu_without_cuda_is_a_clear_error(tmp_path):
     pytest.importorskip("torch")
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = run_script("client.py", "--name", "X", "--device", "gpu", "--backend", "transformers")
+    result = run_script(tmp_path, "client.py", "--name", "X", "--device", "gpu", "--backend", "transformers")
     assert_clean_failure(result, "--device gpu", "no CUDA GPU")
 
 
-def test_gpu_on_a_cpu_only_llama_cpp_build_is_a_clear_error():
+def test_gpu_on_a_cpu_only_llama_cpp_build_is_a_clear_error(tmp_path):
     import llama_cpp
 
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this llama-cpp-python build can offload to a GPU")
-    result = run_script("client.py", "--name", "X", "--device", "gpu", "--backend", "llama.cpp")
+    result = run_script(tmp_path, "client.py", "--name", "X", "--device", "gpu", "--backend", "llama.cpp")
     assert_clean_failure(result, "--device gpu", "cannot offload to a GPU")
 
 
 def test_llama_cpp_with_a_model_folder_is_one_sentence(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    result = run_script("client.py", "--name", "X", "--backend", "llama.cpp", "--model", str(tmp_path))
+    result = run_script(tmp_path, "client.py", "--name", "X", "--backend", "llama.cpp", "--model", str(tmp_path))
     assert result.returncode == 2
     assert_clean_failure(result, "runs .gguf files", "--backend transformers")
 
 
 def test_an_engine_that_is_not_installed_says_how_to_install_it(tmp_path):
     (tmp_path / "llama_cpp.py").write_text("raise ImportError('hidden by the test')\n")
-    result = run_script("client.py", "--name", "X", "--backend", "llama.cpp", env={"PYTHONPATH": str(tmp_path)})
+    result = run_script(tmp_path, "client.py", "--name", "X", "--backend", "llama.cpp",
+                        env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 2
     assert_clean_failure(result, "pip install llama-cpp-python==0.3.36")
 
@@ -95,8 +99,9 @@ def test_auto_picks_the_engine_by_server_model_kind_and_what_is_installed(tmp_pa
     assert pick_backend(EngineOptions(backend="transformers"))[0] == "transformers"
 
 
-def test_bad_numbers_are_refused_up_front():
-    result = run_script("client.py", "--name", "X", "--max-context-tokens", "50", "--max-generation-tokens", "100")
+def test_bad_numbers_are_refused_up_front(tmp_path):
+    result = run_script(tmp_path, "client.py", "--name", "X", "--max-context-tokens", "50",
+                        "--max-generation-tokens", "100")
     assert_clean_failure(result, "--max-context-tokens must be larger")
 
 
@@ -109,9 +114,8 @@ def test_client_retries_an_unreachable_hub_and_leaves_cleanly_on_ctrl_c(start_cl
 
 
 def test_moderator_retries_an_unreachable_hub_and_leaves_cleanly_on_ctrl_c(tmp_path, processes):
-    from helpers import Process
 
-    moderator = Process(["moderator.py", "--server", "ws://127.0.0.1:9"], tmp_path / "m.out",
+    moderator = Process([script("moderator.py"), "--server", "ws://127.0.0.1:9"], tmp_path / "m.out",
                         stdin=subprocess.PIPE)
     processes.append(moderator)
     moderator.wait_for_output(r"not reachable.*retrying", timeout=30)
@@ -137,23 +141,23 @@ def test_a_taken_name_makes_the_client_exit_non_zero(start_hub, start_client):
 
 def test_moderator_leaves_cleanly_at_end_of_input(start_hub, tmp_path):
     _, url = start_hub()
-    result = subprocess.run([PYTHON, "moderator.py", "--server", url], cwd=ROOT, input="/help\n/toggle\n/nonsense\n",
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([PYTHON, script("moderator.py"), "--server", url], cwd=tmp_path,
+                            input="/help\n/toggle\n/nonsense\n", capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     assert "Traceback" not in result.stdout + result.stderr
     assert "/pause" in result.stdout and "Incoming messages hidden" in result.stdout
     assert "Unknown command /nonsense" in result.stdout
 
 
-def test_moderator_rejects_a_bad_server_url():
-    result = run_script("moderator.py", "--server", "http://example")
+def test_moderator_rejects_a_bad_server_url(tmp_path):
+    result = run_script(tmp_path, "moderator.py", "--server", "http://example")
     assert_clean_failure(result, "ws:// or wss://")
 
 
-def test_server_reports_a_port_in_use(start_hub):
+def test_server_reports_a_port_in_use(start_hub, tmp_path):
     _, url = start_hub()
     port = url.rsplit(":", 1)[1]
-    result = run_script("server.py", "--host", "127.0.0.1", "--port", port, timeout=30)
+    result = run_script(tmp_path, "server.py", "--host", "127.0.0.1", "--port", port, timeout=30)
     assert_clean_failure(result, "cannot listen")
 
 
@@ -179,8 +183,8 @@ def test_hub_frame_errors_keep_the_connection(start_hub):
     asyncio.run(scenario())
 
 
-def test_moderator_leaves_at_once_on_quit_even_while_the_hub_is_unreachable():
-    result = subprocess.run([PYTHON, "moderator.py", "--server", "ws://127.0.0.1:9"], cwd=ROOT,
+def test_moderator_leaves_at_once_on_quit_even_while_the_hub_is_unreachable(tmp_path):
+    result = subprocess.run([PYTHON, script("moderator.py"), "--server", "ws://127.0.0.1:9"], cwd=tmp_path,
                             input="hello, is anyone there?\n/quit\n", capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert "Not sent (no connection to the hub): hello, is anyone there?" in result.stdout
@@ -188,13 +192,12 @@ def test_moderator_leaves_at_once_on_quit_even_while_the_hub_is_unreachable():
 
 
 def test_a_kicked_moderator_console_stays_out(start_hub, processes, tmp_path):
-    from helpers import Process
 
     _, url = start_hub()
 
     async def scenario() -> None:
         host, _ = await join(url, "Host", "human", protocol=1)
-        guest = Process(["moderator.py", "--server", url, "--name", "Guest"], tmp_path / "guest.out",
+        guest = Process([script("moderator.py"), "--server", url, "--name", "Guest"], tmp_path / "guest.out",
                         stdin=subprocess.PIPE)
         processes.append(guest)
         await asyncio.to_thread(guest.wait_for_output, "Connected to", 30)

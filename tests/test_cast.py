@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, build_tiny_model, command, join, model_messages, next_frame, say, silence
+from helpers import ROOT, build_tiny_model, command, join, model_messages, next_frame, say, script, silence
 
 from partychat.cast import CastError, Persona, read_cast_file
 
@@ -123,18 +123,19 @@ def test_prompt_files_are_found_next_to_the_cast_file_first(tmp_path):
 
 def test_client_refuses_a_bad_cast_in_one_sentence_before_loading_anything(tmp_path):
     path = cast_file(tmp_path, "[[persona]]\nname = 'A'\ndelay = -1\n")
-    result = subprocess.run([sys.executable, "client.py", "--cast", str(path), "--model", "/no/such.gguf"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    result = subprocess.run([sys.executable, script("client.py"), "--cast", str(path), "--model", "/no/such.gguf"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "field 'delay'" in result.stderr, result.stderr
 
 
-def test_persona_flags_need_a_name_and_no_duplicates():
+def test_persona_flags_need_a_name_and_no_duplicates(tmp_path):
     for args, phrase in ((["--persona", "=sage.txt"], "NAME=PROMPT_FILE"),
                          (["--persona", "A=sage.txt", "--persona", "a=inventor.txt"], "twice"),
                          ([], "--name")):
-        result = subprocess.run([sys.executable, "client.py", *args], cwd=ROOT, capture_output=True, text=True,
+        result = subprocess.run([sys.executable, script("client.py"), *args], cwd=tmp_path, capture_output=True,
+                                text=True,
                                 timeout=120, stdin=subprocess.DEVNULL)
         assert result.returncode == 2, result.stderr
         assert phrase in result.stderr and "Traceback" not in result.stderr, result.stderr

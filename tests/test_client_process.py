@@ -7,7 +7,7 @@ import json
 import socket
 import time
 
-from helpers import Process, build_tiny_model, drain, join, next_frame, say
+from helpers import Process, build_tiny_model, drain, join, next_frame, say, script
 
 from partychat.transcript import read_records
 
@@ -83,8 +83,8 @@ def test_a_client_reconnects_after_a_hub_restart_with_its_model_still_loaded(tmp
     transcript = tmp_path / "t.jsonl"
 
     def hub(*extra: str) -> Process:
-        process = Process(["server.py", "--host", "127.0.0.1", "--port", str(port), "--transcript", str(transcript),
-                           *extra], tmp_path / f"hub-{len(processes)}.out")
+        process = Process([script("server.py"), "--host", "127.0.0.1", "--port", str(port),
+                           "--transcript", str(transcript), *extra], tmp_path / f"hub-{len(processes)}.out")
         processes.append(process)
         process.wait_for_output("listening on", 30)
         return process

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, join, next_frame
+from helpers import join, next_frame, script
 
 from partychat.console import InputError, Local, RoomView, parse_line, transcript_markdown
 from partychat.display import neutralise, speaker_colour
@@ -51,16 +51,15 @@ def test_hidden_messages_are_still_kept_for_save_and_drafts_grow_in_the_toolbar(
     assert "paused" in view.render(Notice("Moderator paused the room."))
 
 
-def test_a_piped_session_drives_the_hub_and_shows_the_room(start_hub):
+def test_a_piped_session_drives_the_hub_and_shows_the_room(start_hub, tmp_path):
     _, url = start_hub()
 
     async def scenario() -> tuple[subprocess.CompletedProcess[str], dict, dict]:
         watcher, _ = await join(url, "Watcher", "human", protocol=1)
         session = "/pause\n/who\nHello room\n/mode free\n/resume\n/kick Nobody\n/save {path}\n"
         result = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "moderator.py", "--server", url, "--name", "Host"],
-            input=session.format(path=ROOT / "logs" / "test-console-save.md"), capture_output=True,
-            text=True, timeout=60, cwd=ROOT,
+            subprocess.run, [sys.executable, script("moderator.py"), "--server", url, "--name", "Host"],
+            input=session.format(path="saved.md"), capture_output=True, text=True, timeout=60, cwd=tmp_path,
         )
         paused = await next_frame(watcher, "system", event="pause")
         message = await next_frame(watcher, "message")
@@ -75,9 +74,7 @@ def test_a_piped_session_drives_the_hub_and_shows_the_room(start_hub):
     assert "In the room:" in out and "paused" in out
     assert "Nobody called 'Nobody' is in the room." in out
     assert "Host: Hello room" in out and out.count("Hello room") == 1
-    saved = ROOT / "logs" / "test-console-save.md"
-    assert "Hello room" in saved.read_text()
-    saved.unlink()
+    assert "Hello room" in (tmp_path / "saved.md").read_text()
     assert "Traceback" not in out + result.stderr
 
 

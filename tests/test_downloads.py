@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, build_tiny_model
+from helpers import build_tiny_model, script
 from hf_standin import Repo, StandInHub
 
 MODEL = "tiny-org/tiny-chat"
@@ -46,8 +46,8 @@ def failing_client(tmp_path: Path, endpoint: str, model: str, *extra: str, **env
     import os
 
     return subprocess.run(
-        [sys.executable, "client.py", "--name", "X", "--server", "ws://127.0.0.1:9", "--model", model, *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
+        [sys.executable, script("client.py"), "--name", "X", "--server", "ws://127.0.0.1:9", "--model", model, *extra],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,
         env={**os.environ, **hub_env(tmp_path, endpoint, **env)},
     )
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 
-from helpers import ROOT, Process, next_frame
+from helpers import ROOT, Process, next_frame, script
 from websockets.asyncio.client import connect
 
 QUESTION = "Name one thing you would change about cities."
@@ -28,10 +29,11 @@ def test_two_personas_answer_a_scripted_moderator(tmp_path, start_hub, start_cli
             await next_frame(observer, "system")
             for client in clients.values():
                 await asyncio.to_thread(client.wait_for_output, "joined ws://", 180)
-            script = tmp_path / "session.txt"
-            script.write_text(QUESTION + "\n")
-            with script.open() as stdin:
-                moderator = Process(["moderator.py", "--server", url], tmp_path / "moderator.out", stdin=stdin)
+            typed = tmp_path / "session.txt"
+            typed.write_text(QUESTION + "\n")
+            with typed.open() as stdin:
+                moderator = Process([script("moderator.py"), "--server", url], tmp_path / "moderator.out",
+                                    stdin=stdin)
                 processes.append(moderator)
                 code = await asyncio.to_thread(moderator.popen.wait, 240)
             assert code == 0, moderator.output
@@ -46,8 +48,9 @@ def test_two_personas_answer_a_scripted_moderator(tmp_path, start_hub, start_cli
     assert messages[0]["content"] == QUESTION
     for message in messages[1:]:
         assert message["content"].strip(), message
-        # the text relayed under a persona's name is the text that persona's own process sent
-        assert message["content"] in clients[message["from"]].output
+        # the text relayed under a persona's name is the text that persona's own process sent (and logs
+        # just after sending, so it may reach the log a moment after the room has it)
+        clients[message["from"]].wait_for_output(re.escape(message["content"]), 30)
     moderator_output = processes[-1].output
     assert "Zen Sage:" in moderator_output and "TinkerBot:" in moderator_output
     assert "Traceback" not in moderator_output

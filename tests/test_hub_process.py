@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, hub_config, join, next_frame, say, speaker_and_listener, with_hub
+from helpers import hub_config, join, next_frame, say, script, speaker_and_listener, with_hub
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
@@ -75,8 +75,8 @@ def test_tls_hub_serves_wss_and_clients_trust_a_given_ca(tmp_path, start_hub):
                 pass
 
     asyncio.run(scenario())
-    result = subprocess.run([sys.executable, "moderator.py", "--server", url, "--ca-file", str(cert)],
-                            input="/quit\n", capture_output=True, text=True, timeout=30, cwd=ROOT)
+    result = subprocess.run([sys.executable, script("moderator.py"), "--server", url, "--ca-file", str(cert)],
+                            input="/quit\n", capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert "Connected to wss://" in result.stdout, result.stdout + result.stderr
 
 

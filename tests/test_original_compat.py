@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, Process, join, next_frame, say
+from helpers import Process, join, next_frame, say, script
 
 from partychat.models import converted_folder, embedded_gguf
 
@@ -59,7 +59,7 @@ def test_the_original_moderator_reaches_our_hub_on_its_fixed_address(original, s
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", 8765)) == 0:
             pytest.skip("port 8765, which the original moderator is hard-wired to, is in use")
-    hub = Process(["server.py", "--port", "8765"], tmp_path / "hub.out")
+    hub = Process([script("server.py"), "--port", "8765"], tmp_path / "hub.out")
     processes.append(hub)
     hub.wait_for_output("listening on", 30)
 
@@ -95,8 +95,8 @@ def test_our_client_and_moderator_work_on_the_original_hub(original, processes, 
     async def scenario() -> dict:
         listener, _ = await join(url, "Listener", "human")
         result = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "moderator.py", "--server", url], input="Hello there, sage.\n",
-            capture_output=True, text=True, timeout=120, cwd=ROOT,
+            subprocess.run, [sys.executable, script("moderator.py"), "--server", url], input="Hello there, sage.\n",
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
         )
         assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr
         first = await next_frame(listener, "message", timeout=30)

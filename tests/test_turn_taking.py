@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Process, command, hub_config, join, model_messages, next_frame, say, silence, with_hub
+from helpers import Process, command, hub_config, join, model_messages, next_frame, say, script, silence, with_hub
 from websockets.asyncio.client import ClientConnection
 
 from partychat.transcript import read_records
@@ -32,13 +32,13 @@ def party(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Party]:
     transcript = folder / "transcript.jsonl"
     started: list[Process] = []
     try:
-        hub = Process(["server.py", "--host", "127.0.0.1", "--port", "0", "--transcript", str(transcript)],
+        hub = Process([script("server.py"), "--host", "127.0.0.1", "--port", "0", "--transcript", str(transcript)],
                       folder / "hub.out")
         started.append(hub)
         url = hub.wait_for_output(r"listening on (ws://\S+)", 30).group(1)
         clients = {}
         for name, prompt in PERSONAS:
-            client = Process(["client.py", "--name", name, "--prompt-file", prompt, "--server", url,
+            client = Process([script("client.py"), "--name", name, "--prompt-file", prompt, "--server", url,
                               "--max-generation-tokens", "24", "--temperature", "0"], folder / f"{prompt}.out")
             started.append(client)
             client.wait_for_output("joined ws://", 180)

@@ -1,0 +1,49 @@
+"""The numbered messages a room holds in memory, for late joiners and reconnecting clients.
+
+The transcript keeps every message; this keeps the recent ones, so replay needs no disk read.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+from .protocol import Chat
+
+HISTORY_KEPT = 1000
+"""Recent messages held in memory for replay and for clients that reconnect."""
+
+
+class ChatHistory:
+    def __init__(self, replay: int) -> None:
+        self.messages: deque[Chat] = deque(maxlen=max(replay, HISTORY_KEPT))
+        self.seq = 0
+        """The number of the last message relayed; the next one gets seq + 1."""
+
+    def __iter__(self) -> Iterator[Chat]:
+        return iter(self.messages)
+
+    def extend(self, earlier: Iterable[Chat]) -> None:
+        """Take back the messages of a resumed transcript; numbering carries on after them."""
+        self.messages.extend(earlier)
+        self.seq = max((chat.seq for chat in self.messages), default=self.seq)
+
+    def draft(self, sender: str, content: str, role: str) -> Chat:
+        """The next message, numbered but not yet kept: it is kept only once the transcript holds it."""
+        return Chat(sender=sender, content=content, seq=self.seq + 1, id=uuid.uuid4().hex[:12],
+                    ts=round(time.time(), 3), role=role)
+
+    def keep(self, chat: Chat) -> None:
+        self.seq = chat.seq
+        self.messages.append(chat)
+
+    def recent(self, count: int) -> list[Chat]:
+        return list(self.messages)[-count:] if count else []
+
+    def since(self, last_seq: int) -> tuple[list[Chat], int]:
+        """What came after ``last_seq``, and how many messages in between are no longer held."""
+        missed = [chat for chat in self.messages if chat.seq > last_seq]
+        lost = self.messages[0].seq - last_seq - 1 if self.messages and self.messages[0].seq > last_seq + 1 else 0
+        return missed, lost

@@ -1,0 +1,23 @@
+"""The rules a hub's room runs by, as the command line sets them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .floor import Mode
+
+
+@dataclass
+class RoomSettings:
+    mode: Mode = Mode.ROUND_ROBIN
+    max_turns: int | None = None
+    replay: int = 20
+    max_clients: int = 64
+    max_buffered_bytes: int = 1024 * 1024
+    """Unread bytes a peer may fall behind by before the hub disconnects it."""
+    rate_per_second: float = 2.0
+    rate_burst: int = 20
+    token: str | None = None
+    moderator_token: str | None = None
+    turn_timeout: float = 180.0
+    """Seconds a model may hold the turn without answering before the hub passes it on."""
