@@ -229,6 +229,8 @@ def load(source: ModelSource, *, device: str = "cpu", gpu_id: int = 0, dtype: st
 
     transformers_logging.disable_progress_bar()
     target = pick_device(device, gpu_id)
+    if source.kind == "hub":  # transformers would download it on its own, bypassing our checks and errors
+        raise ModelError(f"{source.location} is a Hugging Face id: fetch it first (partychat.downloads.fetch).")
     folder = converted_folder(Path(source.location)) if source.kind == "gguf" else Path(source.location)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
