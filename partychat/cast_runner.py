@@ -23,12 +23,22 @@ async def run_cast(participants: Sequence[ModelParticipant]) -> list[tuple[str, 
     join in order even though they reconnect independently afterwards.
     """
     running: dict[asyncio.Task[None], str] = {}
-    for participant in participants:
-        task = asyncio.create_task(participant.run(), name=f"persona {participant.name}")
-        running[task] = participant.name
-        joined = asyncio.create_task(participant.joined.wait())
-        await asyncio.wait({task, joined}, return_when=asyncio.FIRST_COMPLETED)
-        joined.cancel()
+    try:
+        for participant in participants:
+            task = asyncio.create_task(participant.run(), name=f"persona {participant.name}")
+            running[task] = participant.name
+            joined = asyncio.create_task(participant.joined.wait())
+            await asyncio.wait({task, joined}, return_when=asyncio.FIRST_COMPLETED)
+            joined.cancel()
+        return await _until_all_left(running)
+    finally:
+        # Stopped (Ctrl+C): every participant ends its generation before the models are closed.
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+async def _until_all_left(running: dict[asyncio.Task[None], str]) -> list[tuple[str, BaseException]]:
     ended: list[tuple[str, BaseException]] = []
     pending = set(running)
     while pending:
