@@ -60,7 +60,7 @@ def memory_mb(pid: int) -> dict[str, float]:
 
 async def watch(url: str, names: list[str], launch: Callable[[], list[subprocess.Popen[bytes]]],
                 timeout: float) -> dict[str, float]:
-    """Start the clients; seconds until every persona joined, then until each answered one line."""
+    """Start the clients; seconds until every persona joined, then until each took its turn (reply or pass)."""
     async with connect(url, max_size=None) as ws:
         await ws.send(json.dumps({"name": "Bench", "type": "human", "protocol": 1}))
         await ws.recv()  # the welcome: from here on every join is seen
@@ -77,15 +77,19 @@ async def watch(url: str, names: list[str], launch: Callable[[], list[subprocess
                 frame = json.loads(await asyncio.wait_for(ws.recv(), max(deadline - time.monotonic(), 0.1)))
             except asyncio.TimeoutError:
                 raise RuntimeError(f"timed out: joined {sorted(joined)}, replied {sorted(replied)}") from None
-            who = frame.get("content", "").removesuffix(" joined the chat")
-            if frame.get("type") == "system" and frame.get("event") == "join" and who in names:
+            text = frame.get("content", "")
+            event = frame.get("event") if frame.get("type") == "system" else None
+            if event == "join" and (who := text.removesuffix(" joined the chat")) in names:
                 joined.add(who)
                 if joined == set(names):
                     timings["join_s"] = time.monotonic() - started
                     await ws.send(json.dumps({"type": "message", "content": "Say hello in one short sentence."}))
                     asked = time.monotonic()
-            elif frame.get("type") == "message" and frame.get("from") in names and not frame.get("replay"):
-                replied.add(frame["from"])
+            elif event == "pass" or (frame.get("type") == "message" and not frame.get("replay")):
+                # a persona that found nothing to say passes: its turn is over all the same
+                who = frame.get("from") or text.split(" passed its turn", 1)[0]
+                if who in names:
+                    replied.add(who)
                 if replied == set(names):
                     timings["replies_s"] = time.monotonic() - asked
                     return timings
