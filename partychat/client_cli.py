@@ -1,4 +1,8 @@
-"""Command line of client.py: check every input, load the model, then join the room."""
+"""Command line of client.py: check every input, fetch and load each model once, then join the room.
+
+One process plays one persona (``--name``), or a cast (``--persona`` flags, a ``--cast`` file, or
+both): each persona is its own participant, and personas naming the same model share one load.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +10,40 @@ import argparse
 import asyncio
 import logging
 import os
+import queue
 import sys
+import threading
+from dataclasses import replace
 from pathlib import Path
 
+from .cast import CastError, Persona, from_flag, read_cast_file, read_persona
+from .cast_runner import run_cast
 from .connection import HubRefused
+from .downloads import fetch, hub_offline
 from .engines.base import ChatModel, EngineError, ModelError
 from .engines.choice import BACKENDS, EngineOptions, open_chat_model, pick_backend
 from .generation import GenerationSettings
 from .logs import LEVELS, honour_ctrl_c, setup_logging
-from .models import DTYPES
+from .models import DTYPES, ModelSource, resolve
 from .participant import ModelParticipant, ParticipantConfig
+from .shared_models import SharedChatModel, load_once
 
 log = logging.getLogger("partychat.client")
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="client.py", description="Join a Party Chat room as a model persona.")
-    parser.add_argument("--name", required=True, help="the persona's name in the room (must be unique)")
+    parser = argparse.ArgumentParser(prog="client.py", description="Join a Party Chat room as one model persona "
+                                     "(--name) or several (--persona, --cast) in one process.")
+    parser.add_argument("--name", help="the persona's name in the room (must be unique)")
+    parser.add_argument("--persona", action="append", default=[], metavar="NAME=PROMPT_FILE",
+                        help="another persona in this process, sharing its model; repeatable")
+    parser.add_argument("--cast", type=Path, help="a TOML cast file of personas (see casts/)")
     parser.add_argument("--model", default="",
-                        help="a .gguf file, a local model folder or a cached Hugging Face id "
+                        help="a .gguf file, a local model folder or a Hugging Face id, downloaded on first use "
                              "(default: the embedded SmolLM2-135M-Instruct); with --api-base, the server's "
                              "model name")
+    parser.add_argument("--offline", action="store_true",
+                        help="never touch the network: a Hugging Face id must already be in the cache "
+                             "(as with HF_HUB_OFFLINE=1)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="the engine that runs the model (default: auto: openai with --api-base, llama.cpp "
                              "for a .gguf when llama-cpp-python is installed, else transformers)")
@@ -49,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-auto-truncate", action="store_true",
                         help="refuse a turn whose prompt is too long instead of dropping old history")
     parser.add_argument("--history-length", type=int, default=5, help="recent room messages in the prompt")
-    parser.add_argument("--prompt-file", help="persona file; a bare name is also looked up in prompts/")
-    parser.add_argument("--initial-prompt", help="a message the persona says once on joining")
+    parser.add_argument("--prompt-file", help="--name's persona file; a bare name is also looked up in prompts/")
+    parser.add_argument("--initial-prompt", help="a message the --name persona says once on joining")
     parser.add_argument("--talkativeness", type=float, default=None,
                         help="how eager the persona is to speak in the hub's natural mode, 0 to 1 "
                              "(default: the hub's 0.5); 0 speaks only when named")
@@ -65,28 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=LEVELS, type=str.upper)
     parser.add_argument("--log-file", type=Path, help="also write the log, without colours, to this file")
     return parser
-
-
-def find_prompt_file(value: str) -> Path:
-    """The path as given, else the same name inside prompts/ (with or without .txt)."""
-    given = Path(value).expanduser()
-    for candidate in (given, PROMPTS_DIR / value, PROMPTS_DIR / f"{value}.txt"):
-        if candidate.is_file():
-            return candidate
-    raise ModelError(f"Prompt file not found: {value} (looked here and in {PROMPTS_DIR})")
-
-
-def read_persona(value: str | None, name: str) -> str:
-    if not value:
-        return f"You are {name}, a friendly and thoughtful conversationalist."
-    path = find_prompt_file(value)
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ModelError(f"Cannot read prompt file {path}: {error}") from error
-    if not text:
-        raise ModelError(f"Prompt file {path} is empty.")
-    return text
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -115,58 +108,126 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ModelError("; ".join(problems))
 
 
+def fetch_or_exit(source: ModelSource) -> ModelSource:
+    """Download a Hugging Face model if needed; Ctrl+C ends the process at once, keeping finished files.
+
+    huggingface_hub downloads in worker threads that cannot be interrupted and waits for them before
+    it lets a KeyboardInterrupt through, so the download runs in a daemon thread of its own: after a
+    Ctrl+C nobody wants to wait for the rest of a multi-gigabyte file.
+    """
+    outcome: queue.Queue[tuple[ModelSource | None, BaseException | None]] = queue.Queue(maxsize=1)
+
+    def download() -> None:
+        try:
+            outcome.put((fetch(source, offline=hub_offline()), None))
+        except BaseException as error:
+            outcome.put((None, error))
+
+    threading.Thread(target=download, name="download", daemon=True).start()
+    try:
+        fetched, error = outcome.get()
+    except KeyboardInterrupt:
+        print("client.py: download interrupted; the files already finished stay in the cache for next time",
+              file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(130)
+    if error is not None:
+        raise error
+    assert fetched is not None
+    return fetched
+
+
+def build_cast(args: argparse.Namespace) -> list[Persona]:
+    """Every persona this process plays, in the order they join: --name, then --persona flags, then --cast."""
+    if not (args.name or args.persona or args.cast):
+        raise CastError("Say who to play: --name NAME (one persona), --persona \"NAME=PROMPT_FILE\" "
+                        "(repeatable) or --cast FILE.")
+    if not args.name and (args.prompt_file or args.initial_prompt):
+        raise CastError("--prompt-file and --initial-prompt describe the --name persona; with --persona, "
+                        "give NAME=PROMPT_FILE, and use a --cast file for an opening line.")
+    base = Persona(name="", persona="", temperature=args.temperature, delay=args.delay,
+                   max_tokens=args.max_generation_tokens, model=args.model, engine=args.backend,
+                   talkativeness=args.talkativeness)
+    cast = []
+    if args.name:
+        cast.append(replace(base, name=args.name, persona=read_persona(args.prompt_file, args.name),
+                            initial_prompt=args.initial_prompt))
+    cast += [from_flag(value, base) for value in args.persona]
+    if args.cast:
+        cast += read_cast_file(args.cast, base)
+    seen: dict[str, str] = {}
+    for persona in cast:
+        if persona.name.casefold() in seen:
+            raise CastError(f"The name {persona.name!r} is given twice (as {seen[persona.name.casefold()]!r} too); "
+                            "each persona needs its own name.")
+        seen[persona.name.casefold()] = persona.name
+    return cast
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     honour_ctrl_c()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported: it reads this once
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     setup_logging(args.log_level, args.log_file)
     try:
         _check_numbers(args)
-        persona = read_persona(args.prompt_file, args.name)
-        options = EngineOptions(backend=args.backend, model=args.model, device=args.device, gpu_id=args.gpu_id,
-                                dtype=args.dtype, speedups=not args.no_speedups, threads=args.threads,
-                                context_tokens=args.max_context_tokens, api_base=args.api_base,
-                                api_key=args.api_key)
-        engine, reason = pick_backend(options)
-        log.info("Loading the model on the %s engine, because %s", engine, reason)
-        model = open_chat_model(engine, options)
-    except EngineError as error:
+        cast = build_cast(args)
+        models = load_once(cast, lambda persona: _locate(persona, args), _open)
+    except (EngineError, CastError) as error:
         print(f"client.py: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("client.py: interrupted while loading the model", file=sys.stderr)
+        print("client.py: interrupted while fetching or loading the model", file=sys.stderr)
         return 130
-    settings = GenerationSettings(
-        temperature=args.temperature,
-        max_new_tokens=args.max_generation_tokens,
-        max_context_tokens=args.max_context_tokens,
-        auto_truncate=not args.no_auto_truncate,
-        history_length=args.history_length,
-    )
-    config = ParticipantConfig(
-        name=args.name,
-        persona=persona,
-        server=args.server,
-        delay=args.delay,
-        initial_prompt=args.initial_prompt,
-        token=args.token,
-        ca_file=args.ca_file,
-        stream=not args.no_stream,
-        talkativeness=args.talkativeness,
-    )
+    participants = [
+        ModelParticipant(
+            ParticipantConfig(name=persona.name, persona=persona.persona, server=args.server, delay=persona.delay,
+                              initial_prompt=persona.initial_prompt, token=args.token, ca_file=args.ca_file,
+                              stream=not args.no_stream, talkativeness=persona.talkativeness,
+                              echo_room=index == 0,
+                              castmates=frozenset(p.name for p in cast) - {persona.name}),
+            models[persona.name],
+            GenerationSettings(temperature=persona.temperature, max_new_tokens=persona.max_tokens,
+                               max_context_tokens=args.max_context_tokens, auto_truncate=not args.no_auto_truncate,
+                               history_length=args.history_length),
+        )
+        for index, persona in enumerate(cast)
+    ]
     try:
-        asyncio.run(_take_part(ModelParticipant(config, model, settings), model))
-    except HubRefused as error:
-        print(f"client.py: the hub refused {args.name!r}: {error}", file=sys.stderr)
-        return 3
+        ended = asyncio.run(_take_part(participants, set(models.values())))
     except KeyboardInterrupt:
-        log.info("%s is leaving", args.name)
-    return 0
+        log.info("%s %s leaving", " and ".join(p.name for p in participants), "are" if len(cast) > 1 else "is")
+        return 0
+    for name, error in ended:
+        if isinstance(error, HubRefused):
+            print(f"client.py: the hub refused {name!r}: {error}", file=sys.stderr)
+    return 0 if not ended else 3 if all(isinstance(e, HubRefused) for _, e in ended) else 1
 
 
-async def _take_part(participant: ModelParticipant, model: ChatModel) -> None:
+def _locate(persona: Persona, args: argparse.Namespace) -> EngineOptions:
+    """What one load is: the engine and everything it is given, with a Hugging Face id downloaded first."""
+    options = EngineOptions(backend=persona.engine, model=persona.model, device=args.device, gpu_id=args.gpu_id,
+                            dtype=args.dtype, speedups=not args.no_speedups, threads=args.threads,
+                            context_tokens=args.max_context_tokens, api_base=args.api_base, api_key=args.api_key)
+    if options.backend != "openai" and not options.api_base:
+        options = replace(options, model=fetch_or_exit(resolve(options.model)).location)
+    engine, reason = pick_backend(options)
+    log.info("The %s engine runs %s, because %s", engine, persona.model or "the embedded model", reason)
+    return replace(options, backend=engine)
+
+
+def _open(options: EngineOptions, personas: list[Persona]) -> ChatModel:
+    names = ", ".join(persona.name for persona in personas)
+    log.info("Loading %s for %s on the %s engine", personas[0].model or "the embedded model", names, options.backend)
+    model = open_chat_model(options.backend, options)
+    return SharedChatModel(model) if len(personas) > 1 else model
+
+
+async def _take_part(participants: list[ModelParticipant], models: set[ChatModel]) -> list[tuple[str, BaseException]]:
     try:
-        await participant.run()
+        return await run_cast(participants)
     finally:
-        await model.aclose()
+        for model in models:
+            await model.aclose()

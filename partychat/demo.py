@@ -1,7 +1,8 @@
-"""A party in one command: a hub, two personas on the embedded model, and the console in front.
+"""A party in one command: a hub, a cast of personas in one client process, and the console in front.
 
-Background processes log to logs/demo-*.log and run in their own session, so Ctrl+C at the console
-reaches only the console; when it exits, every process started here is stopped.
+The cast is casts/demo.toml (Zen Sage and TinkerBot on the embedded model) unless --cast names
+another. Background processes log to logs/demo-*.log and run in their own session, so Ctrl+C at
+the console reaches only the console; when it exits, every process started here is stopped.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PERSONAS = (("Zen Sage", "sage.txt"), ("TinkerBot", "inventor.txt"))
-READY_MARK = "joined ws://"
+DEMO_CAST = ROOT / "casts" / "demo.toml"
 
 
 def free_port() -> int:
@@ -33,53 +33,70 @@ def start(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def wait_until_joined(logs: list[Path], processes: list[subprocess.Popen[bytes]], timeout: float) -> None:
+def wait_until_joined(log: Path, names: list[str], process: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(READY_MARK in path.read_text(errors="replace") for path in logs):
+        text = log.read_text(errors="replace")
+        if all(f"{name} joined ws://" in text for name in names):
             return
-        for process, path in zip(processes, logs, strict=True):
-            if process.poll() is not None:
-                raise SystemExit(f"demo: a persona stopped while starting; see {path}")
+        if process.poll() is not None:
+            raise SystemExit(f"demo: the personas stopped while starting; see {log}")
         time.sleep(0.3)
-    raise SystemExit(f"demo: the personas did not join within {timeout:.0f} s; see {', '.join(map(str, logs))}")
+    raise SystemExit(f"demo: the personas did not join within {timeout:.0f} s; see {log}")
+
+
+def cast_names(path: Path) -> list[str]:
+    """The names in a cast file, read now so a bad file is reported before anything starts."""
+    from .cast import CastError, Persona, read_cast_file
+
+    try:
+        return [persona.name for persona in read_cast_file(path, Persona(name="", persona=""))]
+    except CastError as error:
+        raise SystemExit(f"demo: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="run.py demo", description=__doc__)
-    parser.add_argument("--model", default="", help="model for both personas (default: the embedded SmolLM2)")
+    parser.add_argument("--cast", type=Path, default=DEMO_CAST, help="the personas to start (default: casts/demo.toml)")
+    parser.add_argument("--model", default="",
+                        help="model for personas that name none (default: the embedded SmolLM2)")
     parser.add_argument("--port", type=int, default=0, help="hub port (default: a free one)")
     args = parser.parse_args(argv)
+    names = cast_names(args.cast.resolve())
     logs_dir = ROOT / "logs"
     logs_dir.mkdir(exist_ok=True)
     url = f"ws://localhost:{args.port or free_port()}"
     processes: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
     try:
-        print("Starting the hub and two personas (the very first start converts the model: ~20 s) ...", flush=True)
+        print(f"Starting the hub and {len(names)} personas in one process "
+              "(the very first start converts the model: ~20 s) ...", flush=True)
         processes.append(start(["server.py", "--port", url.rsplit(":", 1)[1],
                                 "--log-file", str(logs_dir / "demo-hub.log")], logs_dir / "demo-hub.out"))
-        persona_logs = []
-        for name, prompt in PERSONAS:
-            log_path = logs_dir / f"demo-{prompt.removesuffix('.txt')}.log"
-            persona_logs.append(log_path)
-            processes.append(start(["client.py", "--name", name, "--prompt-file", prompt, "--server", url,
-                                    *(["--model", args.model] if args.model else [])], log_path))
-        wait_until_joined(persona_logs, processes[1:], timeout=300)
-        print(f"Ready in {time.monotonic() - started:.0f} s: {' and '.join(n for n, _ in PERSONAS)} are in the "
-              f"room at {url}. Logs are in {logs_dir}.", flush=True)
+        cast_log = logs_dir / "demo-cast.log"
+        processes.append(start(["client.py", "--cast", str(args.cast.resolve()), "--server", url,
+                                *(["--model", args.model] if args.model else [])], cast_log))
+        wait_until_joined(cast_log, names, processes[1], timeout=600)
+        print(f"Ready in {time.monotonic() - started:.0f} s: {', '.join(names)} in the room at {url}. "
+              f"Logs are in {logs_dir}.", flush=True)
         return subprocess.run([sys.executable, "moderator.py", "--server", url], cwd=ROOT).returncode
     except KeyboardInterrupt:
         return 130
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_all(processes)
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]], timeout: float = 10) -> None:
+    """Ask every process to stop, then kill those still running after ``timeout`` seconds."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 if __name__ == "__main__":

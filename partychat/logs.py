@@ -62,5 +62,6 @@ def setup_logging(level: str = "INFO", log_file: str | Path | None = None) -> No
         to_file = logging.FileHandler(path, encoding="utf-8")
         to_file.setFormatter(RoomFormatter(colour=False))
         root.addHandler(to_file)
-    for noisy in ("websockets", "transformers", "accelerate", "urllib3", "filelock", "httpx", "httpx2", "openai"):
+    for noisy in ("websockets", "transformers", "accelerate", "urllib3", "filelock", "httpx", "httpx2", "openai",
+                  "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,7 +1,8 @@
-"""Finding and loading a model: the embedded SmolLM2, a .gguf file, a local folder or a cached hub id.
+"""Finding and loading a model: the embedded SmolLM2, a .gguf file, a local folder or a Hugging Face id.
 
-Nothing here downloads. A GGUF file is converted once into a cache folder, so later starts load in
-about a second instead of de-quantising for twenty.
+Nothing here downloads: a Hugging Face id resolves to a "hub" source that ``downloads.fetch`` turns
+into a folder. A GGUF file is converted once into a cache folder, so later starts load in about a
+second instead of de-quantising for twenty.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class ModelSource:
     """Where weights come from: a folder transformers can load, or a GGUF file to convert first."""
 
-    kind: str  # "folder", "gguf" or "hub"
+    kind: str  # "folder", "gguf" or "hub" (a Hugging Face id, to fetch into a folder first)
     location: str
 
     @property
@@ -82,23 +83,7 @@ def resolve(spec: str | None) -> ModelSource:
         return ModelSource("folder", str(path.resolve()))
     if _looks_like_path(spec):
         raise ModelError(f"No such model file or folder: {spec}")
-    cached = _hub_cache_folder(spec)
-    if cached is None:
-        raise ModelError(
-            f"The model {spec!r} is not in the local Hugging Face cache, and this machine cannot download it. "
-            "Copy the model into a local folder (or a .gguf file) and pass its path with --model, "
-            "or leave --model out to use the embedded SmolLM2-135M-Instruct."
-        )
-    return ModelSource("folder", cached)
-
-
-def _hub_cache_folder(repo_id: str) -> str | None:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(repo_id, local_files_only=True)
-    except Exception:
-        return None
+    return ModelSource("hub", spec)
 
 
 def cache_root() -> Path:
@@ -244,6 +229,8 @@ def load(source: ModelSource, *, device: str = "cpu", gpu_id: int = 0, dtype: st
 
     transformers_logging.disable_progress_bar()
     target = pick_device(device, gpu_id)
+    if source.kind == "hub":  # transformers would download it on its own, bypassing our checks and errors
+        raise ModelError(f"{source.location} is a Hugging Face id: fetch it first (partychat.downloads.fetch).")
     folder = converted_folder(Path(source.location)) if source.kind == "gguf" else Path(source.location)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -53,6 +53,10 @@ class ParticipantConfig:
     stream: bool = True
     talkativeness: float | None = None
     """Weight in the hub's natural-mode draw, 0 to 1; None leaves the hub's default."""
+    echo_room: bool = True
+    """Log what others say; in a cast only the first persona does, so each line is logged once."""
+    castmates: frozenset[str] = frozenset()
+    """Other personas of this process: they log their own lines."""
 
 
 @dataclass
@@ -91,6 +95,8 @@ class ModelParticipant:
         self._stop = StopFlag()
         self._session: Session | None = None
         self._names: set[str] = set()
+        self.joined = asyncio.Event()
+        """Set once the hub has first let this participant in."""
 
     @property
     def name(self) -> str:
@@ -124,6 +130,7 @@ class ModelParticipant:
             self.last_seq = None  # another conversation: its numbers start afresh
         self.room_id, self.secret = session.room, session.secret
         self._session = session
+        self.joined.set()
         log.info("%s joined %s%s", self.name, self.config.server,
                  "" if session.extended else " (a baseline hub: no turn-taking)")
         try:
@@ -145,8 +152,10 @@ class ModelParticipant:
             self.floor = frame
             self._on_floor(frame)
         elif isinstance(frame, Refusal):
-            log.warning("The hub refused: %s", frame.content)
-        elif isinstance(frame, Notice):
+            log.warning("The hub refused %s: %s", self.name, frame.content)
+        elif isinstance(frame, Notice) and frame.code:  # about this persona alone
+            log.info("%s%s", f"To {self.name}: " if self.config.castmates else "", frame.content)
+        elif isinstance(frame, Notice) and self.config.echo_room:
             log.info("%s", frame.content)
 
     def _on_chat(self, chat: Chat) -> None:
@@ -156,7 +165,8 @@ class ModelParticipant:
             self.last_seq = chat.seq
         self._names.add(chat.sender)
         self.history.append(chat)
-        if chat.sender != self.name and not chat.replay:
+        if (self.config.echo_room and not chat.replay and chat.sender != self.name
+                and chat.sender not in self.config.castmates):
             log.info("%s: %s", chat.sender, chat.content, extra={"speaker": chat.sender})
         baseline = self._session is not None and not self._session.extended
         busy = self._reply_task is not None and not self._reply_task.done()
@@ -222,25 +232,25 @@ class ModelParticipant:
                 reply = clean_reply(raw, self.name, sorted(self._names))
                 if reply or not self._still_mine(turn, stop):
                     break
-                log.warning("The model produced an empty reply; trying once more")
+                log.warning("The model gave %s an empty reply; trying once more", self.name)
         except EngineError as error:
             log.error("%s passes this turn: %s", self.name, error)
             if session.extended and self._still_mine(turn, stop):
                 await self._send(Pass(str(error), turn=turn))
             return
         if not self._still_mine(turn, stop):
-            log.info("Turn withdrawn; dropped a reply of %d characters", len(reply))
+            log.info("Turn withdrawn from %s; dropped a reply of %d characters", self.name, len(reply))
             return
         speed = timing.speed()
         if not reply:
-            log.warning("No usable reply; passing the turn")
+            log.warning("No usable reply for %s; passing the turn", self.name)
             if session.extended:
                 await self._send(Pass("no usable reply", turn=turn, speed=speed))
             return
         if self.config.delay > 0:
             await asyncio.sleep(self.config.delay)
             if not self._still_mine(turn, stop):
-                log.info("Turn withdrawn during --delay; reply not sent")
+                log.info("Turn withdrawn from %s during --delay; reply not sent", self.name)
                 return
         rest = stream.rest(reply) if streaming and stream is not None else None
         if rest:

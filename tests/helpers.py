@@ -86,6 +86,33 @@ async def drain(ws: ClientConnection, quiet: float = 0.3) -> list[dict]:
             return frames
 
 
+async def command(ws: ClientConnection, name: str, *args: str) -> None:
+    await ws.send(json.dumps({"type": "command", "name": name, "args": list(args)}))
+
+
+async def model_messages(ws: ClientConnection, count: int, timeout: float = 90) -> list[dict]:
+    got = []
+    while len(got) < count:
+        frame = await next_frame(ws, "message", timeout=timeout)
+        if frame["role"] == "model" and not frame.get("replay"):
+            got.append(frame)
+    return got
+
+
+async def silence(ws: ClientConnection, seconds: float) -> list[dict]:
+    """Model messages that arrive within ``seconds`` (the test expects none)."""
+    deadline = time.monotonic() + seconds
+    heard = []
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            frame = json.loads(await asyncio.wait_for(ws.recv(), left))
+        except asyncio.TimeoutError:
+            break
+        if frame["type"] == "message" and frame["role"] == "model" and not frame.get("replay"):
+            heard.append(frame)
+    return heard
+
+
 class Process:
     """A script of ours run as a real process, with its output collected in a file.
 

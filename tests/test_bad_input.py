@@ -43,15 +43,10 @@ def test_unreadable_prompt_file(tmp_path):
 
 
 def test_prompt_file_is_found_in_prompts_folder_by_bare_name():
-    from partychat.client_cli import find_prompt_file
+    from partychat.cast import find_prompt_file
 
     assert find_prompt_file("sage.txt") == ROOT / "prompts" / "sage.txt"
     assert find_prompt_file("inventor") == ROOT / "prompts" / "inventor.txt"
-
-
-def test_unknown_model_id_says_no_download_is_possible(tmp_path):
-    result = run_script(tmp_path, "client.py", "--name", "X", "--model", "nobody/no-such-model-anywhere")
-    assert_clean_failure(result, "not in the local Hugging Face cache", "cannot download", "--model")
 
 
 def test_missing_model_path(tmp_path):

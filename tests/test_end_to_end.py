@@ -69,4 +69,4 @@ def test_demo_script_is_importable_and_documents_itself():
     result = subprocess.run([sys.executable, "-m", "partychat.demo", "--help"], capture_output=True, text=True,
                             cwd=ROOT)
     assert result.returncode == 0
-    assert "--model" in result.stdout
+    assert "--model" in result.stdout and "--cast" in result.stdout

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Process, hub_config, join, next_frame, say, script, with_hub
+from helpers import Process, command, hub_config, join, model_messages, next_frame, say, script, silence, with_hub
 from websockets.asyncio.client import ClientConnection
 
 from partychat.transcript import read_records
@@ -57,33 +55,6 @@ async def moderator(url: str) -> ClientConnection:
     ws, reply = await join(url, "Moderator", "human", protocol=1, stream=True)
     assert reply["content"] == "Connected as Moderator"
     return ws
-
-
-async def command(ws: ClientConnection, name: str, *args: str) -> None:
-    await ws.send(json.dumps({"type": "command", "name": name, "args": list(args)}))
-
-
-async def model_messages(ws: ClientConnection, count: int, timeout: float = 90) -> list[dict]:
-    got = []
-    while len(got) < count:
-        frame = await next_frame(ws, "message", timeout=timeout)
-        if frame["role"] == "model" and not frame.get("replay"):
-            got.append(frame)
-    return got
-
-
-async def silence(ws: ClientConnection, seconds: float) -> list[dict]:
-    """Model messages that arrive within ``seconds`` (the test expects none)."""
-    deadline = time.monotonic() + seconds
-    heard = []
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), left))
-        except asyncio.TimeoutError:
-            break
-        if frame["type"] == "message" and frame["role"] == "model" and not frame.get("replay"):
-            heard.append(frame)
-    return heard
 
 
 async def idle(ws: ClientConnection) -> None:

@@ -1,0 +1,162 @@
+"""Who a client.py process plays: one persona or a whole cast, from flags or a TOML cast file.
+
+A cast file is a list of ``[[persona]]`` tables (see ``casts/``). Anything a persona leaves out
+comes from client.py's flags. Errors name the file, the entry and the field, so a typo in entry
+six of a seven-persona panel is found without guessing.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from .engines.choice import BACKENDS
+
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+
+
+class CastError(Exception):
+    """A persona that cannot be played as described, in a sentence naming where the problem is."""
+
+
+@dataclass(frozen=True)
+class Persona:
+    """One participant to run: its name and persona text, how it writes, and which model speaks for it."""
+
+    name: str
+    persona: str
+    temperature: float = 0.7
+    delay: float = 0.0
+    max_tokens: int = 100
+    initial_prompt: str | None = None
+    model: str = ""
+    engine: str = "auto"
+    talkativeness: float | None = None
+    """Weight in the hub's natural-mode draw, 0 to 1; None leaves the hub's default."""
+
+
+CAST_FIELDS = ("name", "prompt_file", "temperature", "delay", "max_tokens", "initial_prompt", "model", "engine",
+               "talkativeness")
+
+
+def find_prompt_file(value: str, folder: Path | None = None) -> Path:
+    """The path as given (relative to ``folder`` when one is given), else the same name in prompts/."""
+    given = Path(value).expanduser()
+    candidates = [folder / given] if folder is not None and not given.is_absolute() else [given]
+    candidates += [PROMPTS_DIR / value, PROMPTS_DIR / f"{value}.txt"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    where = f"{folder} and {PROMPTS_DIR}" if folder is not None else f"here and in {PROMPTS_DIR}"
+    raise CastError(f"Prompt file not found: {value} (looked {where})")
+
+
+def read_persona(value: str | None, name: str, folder: Path | None = None) -> str:
+    """The persona text from a prompt file; a friendly default when there is none."""
+    if not value:
+        return f"You are {name}, a friendly and thoughtful conversationalist."
+    path = find_prompt_file(value, folder)
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CastError(f"Cannot read prompt file {path}: {error}") from error
+    if not text:
+        raise CastError(f"Prompt file {path} is empty.")
+    return text
+
+
+def from_flag(value: str, base: Persona) -> Persona:
+    """A ``--persona "NAME=PROMPT_FILE"`` value; the prompt file may be left out."""
+    name, _, prompt_file = value.partition("=")
+    name = name.strip()
+    if not name:
+        raise CastError(f"--persona {value!r}: give it as NAME=PROMPT_FILE, for example \"Zen Sage=sage.txt\".")
+    try:
+        return replace(base, name=name, persona=read_persona(prompt_file.strip(), name))
+    except CastError as error:
+        raise CastError(f"--persona {value!r}: {error}") from None
+
+
+def read_cast_file(path: Path, base: Persona) -> list[Persona]:
+    """Every persona of a cast file; fields left out take ``base``'s values. Raises CastError."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CastError(f"Cast file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise CastError(f"Cannot read cast file {path}: {error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise CastError(f"{path} is not valid TOML: {error}") from None
+    extra = sorted(set(data) - {"persona"})
+    if extra:
+        raise CastError(f"{path}: unknown key {extra[0]!r}; a cast file holds [[persona]] tables only.")
+    entries = data.get("persona")
+    if not isinstance(entries, list) or not entries:
+        raise CastError(f"{path} has no [[persona]] tables.")
+    cast: list[Persona] = []
+    for number, entry in enumerate(entries, start=1):
+        persona = _entry(path, number, entry, base)
+        clash = next((i for i, other in enumerate(cast, 1) if other.name.casefold() == persona.name.casefold()), None)
+        if clash is not None:
+            raise CastError(f"{path}: persona {number} ({persona.name!r}), field 'name': "
+                            f"persona {clash} already has that name (names are unique, case aside).")
+        cast.append(persona)
+    return cast
+
+
+def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
+    where = f"{path}: persona {number}"
+    if not isinstance(entry, dict):
+        raise CastError(f"{where} is not a table; write it as [[persona]] with name = \"...\" below.")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise CastError(f"{where}, field 'name': every persona needs a name (a non-empty string).")
+    where = f"{where} ({name!r})"
+    unknown = sorted(set(entry) - set(CAST_FIELDS))
+    if unknown:
+        raise CastError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(CAST_FIELDS)}.")
+
+    def field(key: str, kind: type | tuple[type, ...], check: Any = None, problem: str = "") -> Any:
+        if key not in entry:
+            return getattr(base, key)
+        value = entry[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            wanted = {int: "a whole number", str: "a string"}.get(kind, "a number")  # type: ignore[call-overload]
+            raise CastError(f"{where}, field {key!r}: must be {wanted}, not {value!r}.")
+        if check is not None and not check(value):
+            raise CastError(f"{where}, field {key!r}: {problem}, not {value!r}.")
+        return value
+
+    try:
+        prompt_file = entry.get("prompt_file")
+        if prompt_file is not None and not isinstance(prompt_file, str):
+            raise CastError(f"must be a string, not {prompt_file!r}")
+        persona_text = read_persona(prompt_file, name.strip(), path.parent)
+    except CastError as error:
+        raise CastError(f"{where}, field 'prompt_file': {error}") from None
+    model = field("model", str)
+    if model.startswith(("./", "../")):
+        model = str((path.parent / model).resolve())  # relative to the cast file, like its prompt files
+    return Persona(
+        name=name.strip(),
+        persona=persona_text,
+        temperature=float(field("temperature", (int, float), lambda v: v >= 0, "must be 0 or more")),
+        delay=float(field("delay", (int, float), lambda v: v >= 0, "must be 0 or more")),
+        max_tokens=field("max_tokens", int, lambda v: v >= 1, "must be a whole number, at least 1"),
+        initial_prompt=field("initial_prompt", str) or None,
+        model=model,
+        engine=field("engine", str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
+        talkativeness=_number_or_none(field("talkativeness", (int, float), lambda v: 0 <= v <= 1,
+                                            "must be a number from 0 to 1")),
+    )
+
+
+def _number_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)
