@@ -64,8 +64,9 @@ class Outlet(Protocol):
 class Room:
     """One conversation: the hub feeds it validated frames, and it answers through its outlet.
 
-    Membership lives in ``Members``, the numbered messages in ``ChatHistory`` and the turn-taking
-    rules in ``Floor``; the room ties them together and decides what every peer hears.
+    Membership lives in ``Members``, spectators in ``Audience``, the numbered messages in
+    ``ChatHistory`` and the turn-taking rules in ``Floor``; the room ties them together and decides
+    what every peer hears.
     """
 
     def __init__(self, settings: RoomSettings, transcript: Transcript, outlet: Outlet,
