@@ -147,7 +147,7 @@ class Process:
 
     def interrupt(self) -> int:
         self.popen.send_signal(signal.SIGINT)
-        return self.popen.wait(timeout=20)
+        return self.popen.wait(timeout=60)
 
     def stop(self) -> None:
         if self.popen.poll() is None:
