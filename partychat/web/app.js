@@ -122,6 +122,14 @@
     if (frame.replay) el.classList.add("earlier");
     if (state.hideOthers && frame.from !== stored("name")) el.classList.add("hidden");
     renderText(el.querySelector(".body"), frame.content);
+    if (frame.interrupted === true) {
+      // Cut short by /stop: what was said so far is part of the conversation, marked as unfinished.
+      el.classList.add("interrupted");
+      const note = document.createElement("p");
+      note.className = "note";
+      note.textContent = "interrupted by the moderator";
+      el.append(note);
+    }
     const draft = state.drafts.get(frame.from);
     if (draft) {
       state.drafts.delete(frame.from);
@@ -553,6 +561,7 @@
       if (typed(input.value)) input.value = "";
     });
     byId("pause").addEventListener("click", () => command(state.floor && state.floor.paused ? "resume" : "pause"));
+    byId("stop").addEventListener("click", () => command("stop"));
     byId("mode").addEventListener("change", (event) => command("mode", [event.target.value]));
     byId("set-turns").addEventListener("click", () => command("turns", [byId("turns").value]));
     byId("download").addEventListener("click", () => command("history"));
