@@ -55,6 +55,12 @@ class Outlet(Protocol):
 
 
 class Room:
+    """One conversation: the hub feeds it validated frames, and it answers through its outlet.
+
+    Membership lives in ``Members``, the numbered messages in ``ChatHistory`` and the turn-taking
+    rules in ``Floor``; the room ties them together and decides what every peer hears.
+    """
+
     def __init__(self, settings: RoomSettings, transcript: Transcript, outlet: Outlet,
                  resume: Path | None = None) -> None:
         self.settings = settings
