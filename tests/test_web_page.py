@@ -97,7 +97,8 @@ def keep_screenshot(page, tmp_path: Path) -> None:
 def test_two_personas_in_the_page_stream_then_answer_in_order_and_pause_stops_a_reply(
         tmp_path, start_hub, start_client, browser):
     transcript = tmp_path / "t.jsonl"
-    hub, url = start_hub("--transcript", str(transcript))
+    # Without guards: a greedy persona may echo the other, and this test waits for both replies.
+    hub, url = start_hub("--transcript", str(transcript), "--no-guards")
     personas = {"Zen Sage": "sage.txt", "TinkerBot": "inventor.txt"}
     # Greedy decoding makes the replies the same on every run; --delay holds each finished reply
     # back a moment, so a pause can catch one that has streamed but not yet been sent.
