@@ -304,16 +304,21 @@ def child(config: Config, args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- parent side
 
 
+def run_child(script: str, label: str, arguments: list[str]) -> dict[str, Any]:
+    """Run a benchmark script's child side in a fresh interpreter and return the JSON on its last line."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def spawn(config: Config, args: argparse.Namespace) -> dict[str, Any]:
     """Run one round of ``config`` in a fresh interpreter and return its JSON answer."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(asdict(config)),
-               "--model", args.model, "--prompts", str(args.prompts), "--max-new-tokens", str(args.max_new_tokens),
-               "--warmup-tokens", str(args.warmup_tokens), "--seed", str(args.seed)]
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{config.label} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(str(Path(__file__).resolve()), config.label, [
+        "--child", json.dumps(asdict(config)), "--model", args.model, "--prompts", str(args.prompts),
+        "--max-new-tokens", str(args.max_new_tokens), "--warmup-tokens", str(args.warmup_tokens),
+        "--seed", str(args.seed)])
 
 
 def token_match(tokenizer: Any, reference: str, text: str) -> tuple[int, int]:

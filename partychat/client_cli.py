@@ -93,6 +93,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         problems.append("--delay cannot be negative")
     if args.threads is not None and args.threads < 1:
         problems.append("--threads must be at least 1")
+    if args.backend == "openai" and not args.api_base:
+        problems.append("--backend openai needs --api-base, the server's URL")
     if args.api_base and not args.api_base.startswith(("http://", "https://")):
         problems.append("--api-base must start with http:// or https://")
     if not args.server.startswith(("ws://", "wss://")):

@@ -81,9 +81,11 @@ def test_llama_cpp_with_a_model_folder_is_one_sentence(tmp_path):
 
 
 def test_an_engine_that_is_not_installed_says_how_to_install_it(tmp_path):
-    (tmp_path / "llama_cpp.py").write_text("raise ImportError('hidden by the test')\n")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "llama_cpp.py").write_text("raise ImportError('hidden by the test')\n")
     result = run_script(tmp_path, "client.py", "--name", "X", "--backend", "llama.cpp",
-                        env={"PYTHONPATH": str(tmp_path)})
+                        env={"PYTHONPATH": str(hidden)})
     assert result.returncode == 2
     assert_clean_failure(result, "pip install llama-cpp-python==0.3.36")
 

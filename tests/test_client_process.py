@@ -112,3 +112,21 @@ def test_a_client_reconnects_after_a_hub_restart_with_its_model_still_loaded(tmp
     asyncio.run(scenario())
     said = [r.data["content"] for r in read_records(transcript) if r.kind == "message" and r.data["from"] == "Zen Sage"]
     assert said.count("Greetings, friends.") == 1
+
+
+def test_a_persona_whose_prompt_cannot_fit_passes_its_turn_and_says_why(start_hub, start_client):
+    _, url = start_hub()
+    client = start_client("--name", "Verbose", "--prompt-file", "sage.txt", "--server", url, "--no-auto-truncate",
+                          "--max-context-tokens", "120", "--max-generation-tokens", "100")
+    client.wait_for_output("joined ws://", 180)
+
+    async def scenario() -> None:
+        watcher, _ = await join(url, "Watcher", "human", protocol=1)
+        await say(watcher, "Hello there, what do you think?")
+        passed = await next_frame(watcher, "system", event="pass", timeout=120)
+        assert "Verbose passed its turn" in passed["content"]
+        assert "The prompt needs" in passed["content"] and "--no-auto-truncate" in passed["content"]
+        await watcher.close()
+
+    asyncio.run(scenario())
+    assert "Traceback" not in client.output

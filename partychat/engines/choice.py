@@ -3,6 +3,9 @@
 ``auto`` picks the OpenAI-compatible engine when a server address is given, llama.cpp for a GGUF
 file when llama-cpp-python is installed (it runs GGUF as is, and faster on a CPU), and
 transformers otherwise.
+
+The OpenAI-compatible engine lives in ``openai_engine.py`` as ``OpenAIChatModel(base_url=...,
+model=..., api_key=..., context_tokens=...)``; importing that module imports the openai package.
 """
 
 from __future__ import annotations
@@ -63,10 +66,10 @@ def open_chat_model(engine: str, options: EngineOptions) -> ChatModel:
     """Load the model on the engine picked. Blocking; raises ModelError (EngineNotInstalled) with advice."""
     threads = options.threads or default_threads()
     if engine == "openai":
-        if importlib.util.find_spec("openai") is None:
-            raise EngineNotInstalled(OPENAI_HINT)
-        from .openai_engine import OpenAIChatModel
-
+        try:  # the module imports the openai package
+            from .openai_engine import OpenAIChatModel
+        except ImportError as error:
+            raise EngineNotInstalled(OPENAI_HINT) from error
         return OpenAIChatModel(base_url=options.api_base or "", model=options.model, api_key=options.api_key,
                                context_tokens=options.context_tokens)
     source = models.resolve(options.model)
