@@ -264,17 +264,21 @@ async def bare_client_turn(model: Any, persona: str, name: str, chats: list[Chat
     """The messages our persona would send, streamed by a plain AsyncOpenAI client: the server's own rate."""
     import openai
 
+    global bare_client
     request = await build_request(model, persona, name, chats, settings)
-    async with openai.AsyncOpenAI(base_url=model.base_url, api_key="none") as client:
-        start, first, pieces = time.perf_counter(), None, []
-        stream = await client.chat.completions.create(model=SERVER_MODEL, messages=list(request.messages),
-                                                      stream=True, temperature=0, max_tokens=settings.max_new_tokens)
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                first = first or time.perf_counter()
-                pieces.append(chunk.choices[0].delta.content)
-        end = time.perf_counter()
+    bare_client = bare_client or openai.AsyncOpenAI(base_url=model.base_url, api_key="none")  # one per run, as ours
+    start, first, pieces = time.perf_counter(), None, []
+    stream = await bare_client.chat.completions.create(model=SERVER_MODEL, messages=list(request.messages),
+                                                       stream=True, temperature=0, max_tokens=settings.max_new_tokens)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            pieces.append(chunk.choices[0].delta.content)
+    end = time.perf_counter()
     return {"start": start, "first": first or end, "end": end, "text": "".join(pieces)}
+
+
+bare_client: Any = None
 
 
 def server_raw(args: argparse.Namespace) -> dict[str, Any]:
