@@ -211,6 +211,8 @@ def _locate(persona: Persona, args: argparse.Namespace) -> EngineOptions:
     options = EngineOptions(backend=persona.engine, model=persona.model, device=args.device, gpu_id=args.gpu_id,
                             dtype=args.dtype, speedups=not args.no_speedups, threads=args.threads,
                             context_tokens=args.max_context_tokens, api_base=args.api_base, api_key=args.api_key)
+    if options.backend == "openai" and not options.api_base:
+        raise CastError(f"{persona.name!r} asks for the openai engine, which needs --api-base, the server's URL.")
     if options.backend != "openai" and not options.api_base:
         options = replace(options, model=fetch_or_exit(resolve(options.model)).location)
     engine, reason = pick_backend(options)

@@ -132,6 +132,14 @@ def test_client_refuses_a_bad_cast_in_one_sentence_before_loading_anything(tmp_p
     assert result.stderr.strip().count("\n") == 0 and "field 'delay'" in result.stderr, result.stderr
 
 
+def test_a_cast_persona_on_the_openai_engine_without_a_server_is_one_sentence(tmp_path):
+    path = cast_file(tmp_path, "[[persona]]\nname = 'Remote'\nengine = 'openai'\n")
+    result = subprocess.run([sys.executable, script("client.py"), "--cast", str(path)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr
+    assert "'Remote'" in result.stderr and "--api-base" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_persona_flags_need_a_name_and_no_duplicates(tmp_path):
     for args, phrase in ((["--persona", "=sage.txt"], "NAME=PROMPT_FILE"),
                          (["--persona", "A=sage.txt", "--persona", "a=inventor.txt"], "twice"),
