@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         processes.append(start(["client.py", "--cast", str(args.cast.resolve()), "--server", url,
                                 *(["--model", args.model] if args.model else [])], cast_log))
         wait_until_joined(cast_log, names, processes[1], timeout=600)
+        page = url.replace("ws://", "http://", 1)
         print(f"Ready in {time.monotonic() - started:.0f} s: {', '.join(names)} in the room at {url}. "
-              f"Logs are in {logs_dir}.", flush=True)
+              f"Watch it in a browser at {page}/ (moderate at {page}/moderate). Logs are in {logs_dir}.",
+              flush=True)
         return subprocess.run([sys.executable, "moderator.py", "--server", url], cwd=ROOT).returncode
     except KeyboardInterrupt:
         return 130
