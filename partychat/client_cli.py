@@ -216,13 +216,21 @@ def _locate(persona: Persona, args: argparse.Namespace) -> EngineOptions:
     if options.backend != "openai" and not options.api_base:
         options = replace(options, model=fetch_or_exit(resolve(options.model)).location)
     engine, reason = pick_backend(options)
-    log.info("The %s engine runs %s, because %s", engine, persona.model or "the embedded model", reason)
+    log.info("The %s engine runs %s, because %s", engine, _model_label(persona.model, engine), reason)
     return replace(options, backend=engine)
+
+
+def _model_label(model: str, engine: str) -> str:
+    """How the log names a model that --model left out."""
+    if model:
+        return model
+    return "the model the server offers" if engine == "openai" else "the embedded model"
 
 
 def _open(options: EngineOptions, personas: list[Persona]) -> ChatModel:
     names = ", ".join(persona.name for persona in personas)
-    log.info("Loading %s for %s on the %s engine", personas[0].model or "the embedded model", names, options.backend)
+    log.info("Loading %s for %s on the %s engine", _model_label(personas[0].model, options.backend), names,
+             options.backend)
     model = open_chat_model(options.backend, options)
     return SharedChatModel(model) if len(personas) > 1 else model
 
