@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         print(f"Starting the hub and {len(names)} personas in one process "
-              "(the very first start converts the model: ~20 s) ...", flush=True)
+              "(on transformers, the very first start converts the model once: ~20 s) ...", flush=True)
         processes.append(start(["server.py", "--port", url.rsplit(":", 1)[1],
                                 "--log-file", str(logs_dir / "demo-hub.log")], logs_dir / "demo-hub.out"))
         cast_log = logs_dir / "demo-cast.log"
