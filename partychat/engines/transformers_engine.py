@@ -62,26 +62,36 @@ class _TokenByToken:
     """A generate() streamer that emits the text of each new token as it comes, as the other engines do.
 
     (transformers' TextStreamer holds text back to whole words.) A token that ends inside a multi-byte
-    character waits for the next one, so no piece carries half a character.
+    character waits for the next one, so no piece carries half a character. Each step decodes only
+    the last few tokens (from ``prefix`` on), so a long reply costs no more per token than a short one;
+    decoding from a token before the new ones keeps the spacing a tokenizer gives a word's start.
     """
 
     def __init__(self, tokenizer: Any, emit: Callable[[str], None]) -> None:
         self.tokenizer, self.emit = tokenizer, emit
         self.ids: list[int] = []
-        self.sent = 0
+        self.prefix = 0
+        """Where the decoded window starts."""
+        self.read = 0
+        """Where the tokens not yet emitted start."""
         self.prompt_seen = False
+
+    def _decode(self, start: int, end: int | None = None) -> str:
+        return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=True)
 
     def put(self, value: Any) -> None:
         if not self.prompt_seen:  # generate() hands over the prompt first
             self.prompt_seen = True
             return
         self.ids.extend(int(token) for token in value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if len(text) > self.sent and not text.endswith("\ufffd"):
-            self.emit(text[self.sent:])
-            self.sent = len(text)
+        self._flush(final=False)
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if len(text) > self.sent:
-            self.emit(text[self.sent:])
+        self._flush(final=True)
+
+    def _flush(self, *, final: bool) -> None:
+        before = self._decode(self.prefix, self.read)
+        text = self._decode(self.prefix)
+        if len(text) > len(before) and (final or not text.endswith("\ufffd")):
+            self.emit(text[len(before):])
+            self.prefix, self.read = self.read, len(self.ids)
