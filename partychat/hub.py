@@ -148,21 +148,21 @@ class Hub:
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        host, port = self.server.sockets[0].getsockname()[:2]
-        scheme = "wss" if self.config.certfile else "ws"
-        host = f"[{host}]" if ":" in host else host
-        return f"{scheme}://{host}:{port}"
+        return f"{'wss' if self.config.certfile else 'ws'}://{self._address(named=False)}"
 
     @property
     def page_url(self) -> str:
         """Where a browser finds the room; a hub on every interface is named by this machine's name."""
+        return f"{'https' if self.config.certfile else 'http'}://{self._address(named=True)}/"
+
+    def _address(self, *, named: bool) -> str:
+        """host:port the server listens on; ``named`` puts the machine's name for 'every interface'."""
         assert self.server is not None
         host, port = self.server.sockets[0].getsockname()[:2]
-        if host in ("0.0.0.0", "::"):
+        if named and host in ("0.0.0.0", "::"):
             host = socket.gethostname()
         host = f"[{host}]" if ":" in host else host
-        return f"{'https' if self.config.certfile else 'http'}://{host}:{port}/"
+        return f"{host}:{port}"
 
     async def __aenter__(self) -> Hub:
         config = self.config
