@@ -282,7 +282,8 @@ class ModelParticipant:
                 if clean and not stop.is_set():
                     await self._send(Draft(clean))
         finally:
-            timing.finished, timing.pieces = time.monotonic(), len(raw)
+            timing.finished = time.monotonic()
+            timing.pieces += len(raw)  # over every attempt, like the span from the first token
         return "".join(raw)
 
 
