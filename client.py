@@ -3,7 +3,7 @@
 
 import sys
 
-from partychat.client_cli import main
+from partychat.persona.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 
 import sys
 
-from partychat.moderator_cli import main
+from partychat.moderator.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 
 import sys
 
-from partychat.server_cli import main
+from partychat.hub.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

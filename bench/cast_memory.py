@@ -37,9 +37,7 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from partychat.demo import start, stop_all  # noqa: E402 - after making the checkout importable
+from partychat.demo import start, stop_all
 
 PERSONAS = (("Assistant", "assistant.txt"), ("Zen Sage", "sage.txt"), ("TinkerBot", "inventor.txt"),
             ("Researcher", "researcher.txt"), ("Philosopher", "philosopher.txt"), ("Scientist", "scientist.txt"),
@@ -96,7 +94,7 @@ async def watch(url: str, names: list[str], launch: Callable[[], list[subprocess
 
 
 def run(engine: str, count: int, layout: str, work: Path, max_tokens: int, timeout: float) -> dict[str, Any]:
-    hub = start(["server.py", "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING",
+    hub = start(["-m", "partychat.hub", "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING",
                  "--transcript", str(work / "transcript.jsonl")], work / "hub.log")
     processes = [hub]
     try:
@@ -114,9 +112,9 @@ def run(engine: str, count: int, layout: str, work: Path, max_tokens: int, timeo
         def launch() -> list[subprocess.Popen[bytes]]:
             if layout == "one process":
                 personas = [arg for name, prompt in cast for arg in ("--persona", f"{name}={prompt}")]
-                clients.append(start(["client.py", *personas, *common], work / "cast.log"))
+                clients.append(start(["-m", "partychat.persona", *personas, *common], work / "cast.log"))
             else:
-                clients.extend(start(["client.py", "--name", name, "--prompt-file", prompt, *common],
+                clients.extend(start(["-m", "partychat.persona", "--name", name, "--prompt-file", prompt, *common],
                                      work / f"{prompt}.log") for name, prompt in cast)
             processes.extend(clients)
             return clients

@@ -43,17 +43,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, ROOT / "bench"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from generation import HISTORY, PERSONAS, current_rss_mb, peak_rss_mb, run_child  # bench/generation.py beside this
 
-from generation import HISTORY, PERSONAS, current_rss_mb, peak_rss_mb, run_child  # noqa: E402
-
-from partychat.engines.base import ChatModel, StopFlag  # noqa: E402
-from partychat.generation import GenerationSettings, ReplyStream, build_request  # noqa: E402
-from partychat.models import embedded_gguf, load, resolve  # noqa: E402
-from partychat.protocol import Chat  # noqa: E402
+from partychat.bundled import prompts_folder
+from partychat.engines.base import ChatModel, StopFlag
+from partychat.engines.models import embedded_gguf, load, resolve
+from partychat.persona.generation import GenerationSettings, ReplyStream, build_request
+from partychat.protocol import Chat
 
 FOLLOW_UP = "Say more about that, with one example."
 
@@ -63,7 +59,7 @@ def history() -> list[Chat]:
 
 
 def personas(args: argparse.Namespace) -> list[tuple[str, str]]:
-    return [((ROOT / "prompts" / file).read_text(encoding="utf-8"), name) for file, name in PERSONAS[:args.prompts]]
+    return [((prompts_folder() / file).read_text(encoding="utf-8"), name) for file, name in PERSONAS[:args.prompts]]
 
 
 def settings_for(args: argparse.Namespace) -> GenerationSettings:

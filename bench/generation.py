@@ -13,7 +13,7 @@ A configuration is ``key=value`` pairs joined by commas:
 
     mode     raw (plain model.generate in the main thread) or pipeline (the transformers engine's stream
              under a running asyncio loop, as participant.py runs it)
-    dtype    float32, bfloat16, float16, or auto (what partychat.models.pick_dtype chooses)
+    dtype    float32, bfloat16, float16, or auto (what partychat.engines.models.pick_dtype chooses)
     threads  torch.set_num_threads value; 0 keeps torch's default (one per core)
     cache    dynamic or static KV cache
     attn     sdpa or eager attention
@@ -23,7 +23,7 @@ A configuration is ``key=value`` pairs joined by commas:
     temp     sampling temperature; 0 (the default) is greedy. Above 0 both modes sample as the engine
              does (top_p 0.9, repetition_penalty 1.1) from a fixed seed per prompt
     compile  1 to torch.compile the decoding step (static cache only; the compile time is in warmup_s)
-    client   1 to load the model exactly as client.py does (partychat.models.load with its speedups);
+    client   1 to load the model exactly as client.py does (partychat.engines.models.load with its speedups);
              dtype, cache and mkldnn are then ignored
     name     a label for the output (default: built from the other keys)
 """
@@ -46,15 +46,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from partychat.engines.base import ChatRequest, StopFlag  # noqa: E402
-from partychat.engines.transformers_engine import TransformersChatModel  # noqa: E402
-from partychat.generation import GenerationSettings, build_request  # noqa: E402
-from partychat.models import LoadedModel, converted_folder, load, resolve  # noqa: E402
-from partychat.protocol import Chat  # noqa: E402
+from partychat.bundled import prompts_folder
+from partychat.engines.base import ChatRequest, StopFlag
+from partychat.engines.models import LoadedModel, converted_folder, load, resolve
+from partychat.engines.transformers_engine import TransformersChatModel
+from partychat.persona.generation import GenerationSettings, build_request
+from partychat.protocol import Chat
 
 # (persona file, persona name): each gets the same short room history.
 PERSONAS = (
@@ -137,7 +134,7 @@ def build_prompts(model: TransformersChatModel, count: int, settings: Generation
     history = [Chat(sender=s, content=c, seq=n) for n, (s, c) in enumerate(HISTORY, start=1)]
     prompts = []
     for file, name in PERSONAS[:count]:
-        persona = (ROOT / "prompts" / file).read_text(encoding="utf-8")
+        persona = (prompts_folder() / file).read_text(encoding="utf-8")
         prompts.append(asyncio.run(build_request(model, persona, name, history, settings)))
     return prompts
 
@@ -157,7 +154,7 @@ def configure(loaded: LoadedModel, config: Config, new_tokens: int) -> None:
     gen = loaded.model.generation_config
     gen.min_new_tokens = new_tokens  # every run decodes exactly new_tokens tokens
     if config.client:
-        return  # exactly as client.py loads it: partychat.models.load with its speedups
+        return  # exactly as client.py loads it: partychat.engines.models.load with its speedups
     torch.backends.mkldnn.enabled = config.mkldnn != "off"
     if config.mkldnn == "prefill":
         loaded.model.register_forward_pre_hook(mkldnn_for_prompts_only, with_kwargs=True)

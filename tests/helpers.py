@@ -16,8 +16,8 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from partychat.hub import Hub, HubConfig
-from partychat.settings import RoomSettings
+from partychat.hub.server import Hub, HubConfig
+from partychat.hub.settings import RoomSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -169,7 +169,7 @@ def build_tiny_model(folder: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from partychat.models import converted_folder, embedded_gguf
+    from partychat.engines.models import converted_folder, embedded_gguf
 
     tokenizer = AutoTokenizer.from_pretrained(converted_folder(embedded_gguf()))
     torch.manual_seed(0)

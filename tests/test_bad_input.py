@@ -43,7 +43,7 @@ def test_unreadable_prompt_file(tmp_path):
 
 
 def test_prompt_file_is_found_in_prompts_folder_by_bare_name():
-    from partychat.cast import find_prompt_file
+    from partychat.persona.cast import find_prompt_file
 
     assert find_prompt_file("sage.txt") == ROOT / "prompts" / "sage.txt"
     assert find_prompt_file("inventor") == ROOT / "prompts" / "inventor.txt"
@@ -91,7 +91,7 @@ def test_an_engine_that_is_not_installed_says_how_to_install_it(tmp_path):
 
 
 def test_auto_picks_the_engine_by_server_model_kind_and_what_is_installed(tmp_path):
-    from partychat.engines.choice import EngineOptions, pick_backend
+    from partychat.engines.registry import EngineOptions, pick_backend
 
     (tmp_path / "config.json").write_text("{}")
     assert pick_backend(EngineOptions(api_base="http://127.0.0.1:1/v1", model="anything"))[0] == "openai"

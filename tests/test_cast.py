@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, build_tiny_model, command, join, model_messages, next_frame, say, script, silence
 
-from partychat.cast import CastError, Persona, read_cast_file
+from partychat.persona.cast import CastError, Persona, read_cast_file
 
 BASE = Persona(name="", persona="")
 TRIO = (("Zen Sage", "sage.txt"), ("TinkerBot", "inventor.txt"), ("Historian", "historian.txt"))

@@ -9,7 +9,7 @@ import time
 
 from helpers import Process, build_tiny_model, drain, join, next_frame, say, script
 
-from partychat.transcript import read_records
+from partychat.hub.transcript import read_records
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ import sys
 import pytest
 from helpers import join, next_frame, script
 
-from partychat.console import InputError, Local, RoomView, describe_roster, parse_line, transcript_markdown
 from partychat.display import neutralise, speaker_colour
+from partychat.moderator.console import InputError, Local, RoomView, describe_roster, parse_line, transcript_markdown
 from partychat.protocol import Chat, Command, FloorState, Notice, Roster, Say, Stream
 
 

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from partychat.floor import Floor, Mode, Quiet, TurnEnd, mentions
+from partychat.hub.floor import Floor, Mode, Quiet, TurnEnd, mentions
 
 
 def room(mode: Mode = Mode.ROUND_ROBIN, max_turns: int | None = None) -> Floor:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from helpers import Process, close_all, hub_config, join, next_frame, say, script, with_hub
 from websockets.asyncio.client import ClientConnection
 
-from partychat.floor import Mode
-from partychat.transcript import read_records
+from partychat.hub.floor import Mode
+from partychat.hub.transcript import read_records
 
 Act = Callable[["StandIn", dict], Awaitable[None]]
 

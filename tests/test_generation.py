@@ -13,11 +13,11 @@ import pytest
 from helpers import build_tiny_model
 
 from partychat.engines.base import ChatRequest, PromptTooLong, StopFlag
-from partychat.engines.choice import EngineOptions, open_chat_model
 from partychat.engines.llama_cpp_engine import LlamaCppChatModel
+from partychat.engines.models import ModelError, ModelSource, converted_folder, embedded_gguf, load, resolve
+from partychat.engines.registry import EngineOptions, open_chat_model
 from partychat.engines.transformers_engine import TransformersChatModel
-from partychat.generation import GenerationSettings, build_messages, build_request, clean_reply
-from partychat.models import ModelError, ModelSource, converted_folder, embedded_gguf, load, resolve
+from partychat.persona.generation import GenerationSettings, build_messages, build_request, clean_reply
 from partychat.protocol import Chat
 
 NO_SYSTEM_TEMPLATE = (

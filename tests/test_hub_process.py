@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
+from partychat.hub.transcript import read_records
 from partychat.protocol import ProtocolError, parse_client_frame, parse_hello
-from partychat.transcript import read_records
 
 
 def test_a_killed_hub_loses_no_message_it_relayed(tmp_path, start_hub):

@@ -13,7 +13,7 @@ from helpers import close_all, drain, hub_config, join, next_frame, say, speaker
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from partychat.transcript import read_records
+from partychat.hub.transcript import read_records
 
 BAD_FRAMES = [
     ("{not json", "bad_json"),

@@ -22,15 +22,15 @@ import openai
 import pytest
 from helpers import Process, build_tiny_model, hub_config, join, next_frame
 
-from partychat.client_cli import read_persona
 from partychat.engines.base import ChatRequest
-from partychat.engines.choice import EngineOptions, open_chat_model
 from partychat.engines.llama_cpp_engine import LlamaCppChatModel
+from partychat.engines.models import converted_folder, embedded_gguf
 from partychat.engines.openai_engine import OpenAIChatModel, estimate_tokens, match_model, server_root
-from partychat.generation import GenerationSettings
-from partychat.hub import Hub
-from partychat.models import converted_folder, embedded_gguf
-from partychat.participant import ModelParticipant, ParticipantConfig
+from partychat.engines.registry import EngineOptions, open_chat_model
+from partychat.hub.server import Hub
+from partychat.persona.cli import read_persona
+from partychat.persona.generation import GenerationSettings
+from partychat.persona.participant import ModelParticipant, ParticipantConfig
 
 API_KEY = "test-key"
 LLAMA_MODEL = "smollm2"

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import Process, close_all, drain, join, next_frame, say, script
 
-from partychat.models import converted_folder, embedded_gguf
-from partychat.transcript import read_records
+from partychat.engines.models import converted_folder, embedded_gguf
+from partychat.hub.transcript import read_records
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from helpers import ROOT
 
-from partychat.commands import run_command
-from partychat.members import Peer
+from partychat.hub.commands import run_command
+from partychat.hub.members import Peer
+from partychat.hub.room import Room
+from partychat.hub.settings import RoomSettings
+from partychat.hub.transcript import Transcript, read_records
 from partychat.protocol import Command, Hello, Role, Say
-from partychat.room import Room
-from partychat.settings import RoomSettings
-from partychat.transcript import Transcript, read_records
 
 
 class KeptOutlet:
@@ -86,8 +86,9 @@ def test_a_kicked_peer_is_told_why_then_dismissed_and_hears_nothing_more(tmp_pat
 
 
 def test_the_room_and_its_rules_do_not_import_websockets():
-    code = ("import sys; import partychat.room, partychat.commands, partychat.floor, partychat.members, "
-            "partychat.history, partychat.protocol, partychat.transcript, partychat.settings; "
+    code = ("import sys; import partychat.hub.room, partychat.hub.commands, partychat.hub.floor, "
+            "partychat.hub.members, partychat.hub.history, partychat.protocol, partychat.hub.transcript, "
+            "partychat.hub.settings; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'websockets'))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

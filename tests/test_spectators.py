@@ -12,7 +12,7 @@ from helpers import ROOT, close_all, drain, hub_config, join, next_frame, say, w
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from partychat.transcript import read_records
+from partychat.hub.transcript import read_records
 
 
 async def spectate(url: str, **extra: object) -> tuple[ClientConnection, dict]:
@@ -148,7 +148,7 @@ def test_the_hub_raises_its_open_file_limit_to_hold_every_spectator():
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard != resource.RLIM_INFINITY and hard < 1200:
         pytest.skip(f"this system allows only {hard} open files")
-    check = ("import resource; from partychat.server_cli import allow_enough_open_files; "
+    check = ("import resource; from partychat.hub.cli import allow_enough_open_files; "
              "allow_enough_open_files(1064); print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60, cwd=ROOT,
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))

@@ -11,7 +11,7 @@ import pytest
 from helpers import Process, command, hub_config, join, model_messages, next_frame, say, script, silence, with_hub
 from websockets.asyncio.client import ClientConnection
 
-from partychat.transcript import read_records
+from partychat.hub.transcript import read_records
 
 PERSONAS = (("Zen Sage", "sage.txt"), ("TinkerBot", "inventor.txt"), ("Historian", "historian.txt"))
 MODELS = [name for name, _ in PERSONAS]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from websockets.sync.client import ClientConnection, connect
 
-from partychat.transcript import read_records
+from partychat.hub.transcript import read_records
 
 LONG = 300_000
 """Milliseconds to wait for the embedded model on a loaded machine."""

@@ -1,6 +1,6 @@
 """Engines: the ways a persona can run its model, all behind one small interface.
 
-A persona (``partychat.participant``) talks to a ``ChatModel`` (``base.py``) and never learns
+A persona (``partychat.persona.participant``) talks to a ``ChatModel`` (``base.py``) and never learns
 which engine is behind it:
 
 - ``await model.count_tokens(request) -> int``: the prompt's size, for the history budget. Raise
@@ -15,7 +15,7 @@ which engine is behind it:
 A ``ChatRequest`` holds the messages (``{"role", "content"}`` dicts: a system message with the
 persona, then user and assistant turns), the speaker's name, the temperature and max_tokens.
 Everything else a persona does (history budget, persona merging, reply cleaning, sentence-wise
-partials, passing on an empty reply) is shared code in ``partychat.generation`` and ``participant``.
+partials, passing on an empty reply) is shared code in ``partychat.persona.generation`` and ``participant``.
 
 One instance may serve several personas in one process. It keeps no per-persona state, only
 caches, and generates one reply at a time: in-process engines subclass ``ThreadedChatModel``,

@@ -1,12 +1,12 @@
-"""The transformers engine: a model loaded in this process by ``partychat.models.load``."""
+"""The transformers engine: a model loaded in this process by ``partychat.engines.models.load``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from ..models import LoadedModel
 from .base import ChatRequest, ModelError, SystemRoleUnsupported, ThreadedChatModel, plain_transcript
+from .models import LoadedModel
 
 
 class TransformersChatModel(ThreadedChatModel):

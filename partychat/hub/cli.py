@@ -9,10 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+from ..logs import LEVELS, setup_logging
+from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .floor import Mode
-from .hub import HubConfig, run_hub
-from .logs import LEVELS, setup_logging
-from .protocol import DEFAULT_MAX_MESSAGE_BYTES
+from .server import HubConfig, run_hub
 from .settings import RoomSettings
 
 log = logging.getLogger("partychat.hub")

@@ -16,15 +16,15 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+from ..connection import HubRefused
+from ..engines.base import ChatModel, EngineError, ModelError
+from ..engines.downloads import fetch, hub_offline
+from ..engines.models import DTYPES, ModelSource, resolve
+from ..engines.registry import BACKENDS, EngineOptions, open_chat_model, pick_backend
+from ..logs import LEVELS, honour_ctrl_c, setup_logging
 from .cast import CastError, Persona, from_flag, read_cast_file, read_persona
 from .cast_runner import run_cast
-from .connection import HubRefused
-from .downloads import fetch, hub_offline
-from .engines.base import ChatModel, EngineError, ModelError
-from .engines.choice import BACKENDS, EngineOptions, open_chat_model, pick_backend
 from .generation import GenerationSettings
-from .logs import LEVELS, honour_ctrl_c, setup_logging
-from .models import DTYPES, ModelSource, resolve
 from .participant import ModelParticipant, ParticipantConfig
 from .shared_models import SharedChatModel, load_once
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .protocol import Chat, Role
+from ..protocol import Chat, Role
 
 log = logging.getLogger(__name__)
 

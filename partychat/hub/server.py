@@ -23,10 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 
-from .audience import Listener, Spectator
-from .commands import COMMANDS, run_command
-from .pages import PageSettings, WebPages
-from .protocol import (
+from ..protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Command,
     ErrorCode,
@@ -37,8 +34,11 @@ from .protocol import (
     parse_client_frame,
     parse_hello,
 )
+from .commands import COMMANDS, run_command
+from .pages import PageSettings, WebPages
 from .room import Room
 from .settings import RoomSettings
+from .spectators import Listener, Spectator
 from .transcript import Transcript, default_path
 
 log = logging.getLogger("partychat.hub")

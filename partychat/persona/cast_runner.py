@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from .connection import HubRefused
+from ..connection import HubRefused
 from .participant import ModelParticipant
 
 log = logging.getLogger("partychat.client")

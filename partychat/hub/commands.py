@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster
 from .floor import Mode
 from .members import Peer
-from .protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster
 from .room import Room
 
 Handler = Callable[[Room, Peer, tuple[str, ...]], None]

@@ -17,9 +17,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from .engines.choice import BACKENDS
-
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+from ..bundled import casts_folder, prompts_folder
+from ..engines.registry import BACKENDS
 
 
 class CastError(Exception):
@@ -46,16 +45,43 @@ CAST_FIELDS = ("name", "prompt_file", "temperature", "delay", "max_tokens", "ini
                "talkativeness")
 
 
+def shipped_candidates(value: str, shipped: Path, suffix: str) -> list[Path]:
+    """Where a name may stand in a shipped folder: ``sage``, ``sage.txt`` and ``prompts/sage.txt`` alike.
+
+    The last form is how the original project's README writes it, relative to a checkout; an
+    installed copy has no checkout around it, so the folder's own name is taken off and looked up.
+    """
+    given = Path(value)
+    names = [given]
+    if len(given.parts) == 2 and given.parts[0] == shipped.name:
+        names.append(Path(given.parts[1]))
+    found = []
+    for name in names:
+        found += [shipped / name, shipped / f"{name}{suffix}"]
+    return found
+
+
 def find_prompt_file(value: str, folder: Path | None = None) -> Path:
-    """The path as given (relative to ``folder`` when one is given), else the same name in prompts/."""
+    """The path as given (relative to ``folder`` when one is given), else the same name in the shipped prompts."""
     given = Path(value).expanduser()
     candidates = [folder / given] if folder is not None and not given.is_absolute() else [given]
-    candidates += [PROMPTS_DIR / value, PROMPTS_DIR / f"{value}.txt"]
+    shipped = prompts_folder()
+    candidates += shipped_candidates(value, shipped, ".txt")
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    where = f"{folder} and {PROMPTS_DIR}" if folder is not None else f"here and in {PROMPTS_DIR}"
+    where = f"{folder} and {shipped}" if folder is not None else f"here and in {shipped}"
     raise CastError(f"Prompt file not found: {value} (looked {where})")
+
+
+def find_cast_file(value: str) -> Path:
+    """The cast file as given, else the same name among the shipped casts (``panel``, ``casts/panel.toml``)."""
+    given = Path(value).expanduser()
+    shipped = casts_folder()
+    for candidate in [given, *shipped_candidates(value, shipped, ".toml")]:
+        if candidate.is_file():
+            return candidate
+    raise CastError(f"Cast file not found: {value} (looked here and in {shipped})")
 
 
 def read_persona(value: str | None, name: str, folder: Path | None = None) -> str:
@@ -86,6 +112,7 @@ def from_flag(value: str, base: Persona) -> Persona:
 
 def read_cast_file(path: Path, base: Persona) -> list[Persona]:
     """Every persona of a cast file; fields left out take ``base``'s values. Raises CastError."""
+    path = find_cast_file(str(path))
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .models import ModelError, ModelSource
 
-log = logging.getLogger("partychat.downloads")
+log = logging.getLogger("partychat.engines.downloads")
 
 WANTED_SUFFIXES = (".json", ".safetensors", ".model", ".txt", ".tiktoken", ".jinja")
 """Top-level files a transformers causal LM may need: config, weights, tokenizer, chat template."""

@@ -9,8 +9,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .engines.base import ChatModel, ChatRequest, PromptTooLong, SystemRoleUnsupported
-from .protocol import Chat
+from ..engines.base import ChatModel, ChatRequest, PromptTooLong, SystemRoleUnsupported
+from ..protocol import Chat
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,9 @@ from pathlib import Path
 
 from websockets.exceptions import ConnectionClosed
 
-from .connection import HubGone, Session, check_refusal, keep_trying
-from .engines.base import ChatModel, EngineError, StopFlag
-from .generation import GenerationSettings, ReplyStream, build_request, clean_reply
-from .protocol import (
+from ..connection import HubGone, Session, check_refusal, keep_trying
+from ..engines.base import ChatModel, EngineError, StopFlag
+from ..protocol import (
     PROTOCOL_VERSION,
     Chat,
     Draft,
@@ -37,6 +36,7 @@ from .protocol import (
     encode,
     parse_server_frame,
 )
+from .generation import GenerationSettings, ReplyStream, build_request, clean_reply
 
 log = logging.getLogger("partychat.client")
 

@@ -10,7 +10,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-from .protocol import Chat
+from ..protocol import Chat
 
 HISTORY_KEPT = 1000
 """Recent messages held in memory for replay and for clients that reconnect."""

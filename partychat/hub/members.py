@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import ErrorCode, Hello, ProtocolError, Role, Speed
+from ..protocol import ErrorCode, Hello, ProtocolError, Role, Speed
 from .settings import RoomSettings
 
 MAX_REFUSALS_IN_A_ROW = 50

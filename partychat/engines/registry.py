@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import models
+from . import models
 from .base import ChatModel, EngineNotInstalled
 from .llama_cpp_engine import INSTALL_HINT as LLAMA_CPP_HINT
 from .llama_cpp_engine import llama_cpp_installed

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import aioconsole
 
-from .commands import COMMANDS
-from .display import DIM, colour_wanted, neutralise, paint, speaker_colour
-from .protocol import Chat, Command, FloorState, Notice, Refusal, Roster, Say, ServerFrame, Stream
+from ..display import DIM, colour_wanted, neutralise, paint, speaker_colour
+from ..hub.commands import COMMANDS
+from ..protocol import Chat, Command, FloorState, Notice, Refusal, Roster, Say, ServerFrame, Stream
 
 HUB_COMMANDS = {name: command.help for name, command in COMMANDS.items() if command.listed}
 LOCAL_COMMANDS = {

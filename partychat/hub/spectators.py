@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
 from .members import Peer
-from .protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError
 
 
 @dataclass(eq=False)

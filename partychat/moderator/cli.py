@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from .connection import HubGone, HubRefused, Session, check_refusal, keep_trying
-from .console import InputError, Local, RoomView, Terminal, help_text, parse_line, transcript_markdown
-from .logs import LEVELS, honour_ctrl_c, setup_logging
-from .protocol import (
+from ..connection import HubGone, HubRefused, Session, check_refusal, keep_trying
+from ..logs import LEVELS, honour_ctrl_c, setup_logging
+from ..protocol import (
     PROTOCOL_VERSION,
     Archive,
     Chat,
@@ -30,6 +29,7 @@ from .protocol import (
     encode,
     parse_server_frame,
 )
+from .console import InputError, Local, RoomView, Terminal, help_text, parse_line, transcript_markdown
 
 log = logging.getLogger("partychat.moderator")
 

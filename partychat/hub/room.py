@@ -16,12 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .audience import Audience, Listener, Spectator
-from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
-from .guards import REPEAT_WINDOW, Earlier, Verdict, check_reply
-from .history import ChatHistory
-from .members import Members, Peer
-from .protocol import (
+from ..guards import REPEAT_WINDOW, Earlier, Verdict, check_reply
+from ..protocol import (
     PROTOCOL_VERSION,
     Chat,
     Draft,
@@ -40,7 +36,11 @@ from .protocol import (
     Stream,
     encode,
 )
+from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
+from .history import ChatHistory
+from .members import Members, Peer
 from .settings import RoomSettings
+from .spectators import Audience, Listener, Spectator
 from .transcript import Transcript, load_history
 
 log = logging.getLogger("partychat.hub")

@@ -2,7 +2,7 @@
 
 Websockets hands every opening request to ``process_request`` first: a websocket upgrade goes on to
 the room (after the Origin check), any other GET is answered here from the files in
-``partychat/web/``. The files ship inside the package and are read once at start, so the page
+``partychat/hub/web/``. The files ship inside the package and are read once at start, so the page
 works on a LAN with no internet and there is no build step. Every response carries a
 Content-Security-Policy that allows only the hub's own script and style: whatever a participant
 manages to get into the page, no inline script and no remote source will run.
@@ -59,7 +59,7 @@ class WebPages:
         self.check_origin = check_origin
         self._files: dict[str, tuple[bytes, str, str]] = {}
         if settings is not None:
-            folder = resources.files("partychat") / "web"
+            folder = resources.files("partychat.hub") / "web"
             for path, (name, kind) in _ASSETS.items():
                 self._add(path, (folder / name).read_bytes(), kind)
             self._add("/config.json", json.dumps(_config(settings)).encode(), "application/json")

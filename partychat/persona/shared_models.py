@@ -12,8 +12,8 @@ import logging
 from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from typing import TypeVar
 
+from ..engines.base import ChatModel, ChatRequest, StopFlag
 from .cast import Persona
-from .engines.base import ChatModel, ChatRequest, StopFlag
 
 log = logging.getLogger("partychat.client")
 
