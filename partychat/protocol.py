@@ -168,6 +168,36 @@ class Command:
 ClientFrame = Say | Draft | Pass | Command
 
 
+@dataclass(frozen=True)
+class CommandHelp:
+    """A moderator command as people see it: its help line, and whether /help lists it."""
+
+    help: str
+    listed: bool = True
+
+
+COMMANDS: dict[str, CommandHelp] = {
+    "who": CommandHelp("who is here, their roles, who holds the turn, mode and budget"),
+    "pause": CommandHelp("stop the models at once (a reply being generated is dropped)"),
+    "resume": CommandHelp("let the models speak again"),
+    "stop": CommandHelp("end the reply in progress now, keeping what was said, and move on"),
+    "mode": CommandHelp("/mode round-robin|mention|moderator|free|natural: how turns are given"),
+    "turns": CommandHelp("/turns N: model messages allowed after each moderator message"),
+    "to": CommandHelp("/to NAME message: hand the turn to one persona with a message"),
+    "mute": CommandHelp("/mute NAME: keep a participant's messages out of the room"),
+    "unmute": CommandHelp("/unmute NAME"),
+    "kick": CommandHelp("/kick NAME: remove a participant"),
+    "history": CommandHelp("the messages the hub holds (what /save writes)", listed=False),
+}
+"""Every command the hub takes, by name. The hub carries them out (``hub/commands.py``); the console
+and the page take the same names and show the same help, without importing the hub."""
+
+
+def listed_commands() -> dict[str, str]:
+    """The commands a moderator types, with their help: /help in the console and on the page."""
+    return {name: command.help for name, command in COMMANDS.items() if command.listed}
+
+
 # ---------------------------------------------------------------- hub -> client
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import join, next_frame, script
+from helpers import ROOT, join, next_frame, script
 
 from partychat.display import neutralise, speaker_colour
 from partychat.moderator.console import InputError, Local, RoomView, describe_roster, parse_line, transcript_markdown
@@ -97,3 +97,12 @@ def test_stopped_replies_quiet_reasons_and_speeds_are_shown_as_such():
     roster = Roster(participants=({"name": "Sage", "role": "model", "talkativeness": 0.8, "ttft": 0.42,
                                    "tokens_per_second": 31.5, "skipped": True},), floor={"mode": "natural"})
     assert "Sage (model, skipped, talkativeness 0.8, first token 0.42 s, 31.5 tok/s)" in describe_roster(roster)
+
+
+def test_the_moderator_console_does_not_import_the_hub():
+    """The console takes the command names and help from the protocol, not from the hub's room."""
+    code = ("import sys; import partychat.moderator.cli, partychat.moderator.console; "
+            "print(sorted(m for m in sys.modules if m.startswith('partychat.hub')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"the moderator pulled in {result.stdout.strip()}"

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from helpers import ROOT
 
-from partychat.hub.commands import run_command
+from partychat.hub.commands import HANDLERS, run_command
 from partychat.hub.members import Peer
 from partychat.hub.room import Room
 from partychat.hub.settings import RoomSettings
 from partychat.hub.transcript import Transcript, read_records
-from partychat.protocol import Command, Hello, Role, Say
+from partychat.protocol import COMMANDS, Command, Hello, Role, Say
 
 
 class KeptOutlet:
@@ -93,3 +93,7 @@ def test_the_room_and_its_rules_do_not_import_websockets():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"the sans-I/O core pulled in {result.stdout.strip()}"
+
+
+def test_every_command_the_protocol_names_is_one_the_hub_carries_out():
+    assert set(HANDLERS) == set(COMMANDS)

@@ -7,9 +7,8 @@ what ``Room`` exposes, so the import arrow runs one way: commands -> room.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from ..protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster
+from ..protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster, listed_commands
 from .floor import Mode
 from .members import Peer
 from .room import Room
@@ -123,26 +122,20 @@ def _kick(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     room.dismiss(target, ErrorCode.KICKED.value)
 
 
-@dataclass(frozen=True)
-class HubCommand:
-    run: Handler
-    help: str
-    listed: bool = True
-
-
-COMMANDS: dict[str, HubCommand] = {
-    "who": HubCommand(_who, "who is here, their roles, who holds the turn, mode and budget"),
-    "pause": HubCommand(_pause, "stop the models at once (a reply being generated is dropped)"),
-    "resume": HubCommand(_resume, "let the models speak again"),
-    "stop": HubCommand(_stop, "end the reply in progress now, keeping what was said, and move on"),
-    "mode": HubCommand(_mode, "/mode round-robin|mention|moderator|free|natural: how turns are given"),
-    "turns": HubCommand(_turns, "/turns N: model messages allowed after each moderator message"),
-    "to": HubCommand(_to, "/to NAME message: hand the turn to one persona with a message"),
-    "mute": HubCommand(_set_muted(True), "/mute NAME: keep a participant's messages out of the room"),
-    "unmute": HubCommand(_set_muted(False), "/unmute NAME"),
-    "kick": HubCommand(_kick, "/kick NAME: remove a participant"),
-    "history": HubCommand(_history, "the messages the hub holds (what /save writes)", listed=False),
+HANDLERS: dict[str, Handler] = {
+    "who": _who,
+    "pause": _pause,
+    "resume": _resume,
+    "stop": _stop,
+    "mode": _mode,
+    "turns": _turns,
+    "to": _to,
+    "mute": _set_muted(True),
+    "unmute": _set_muted(False),
+    "kick": _kick,
+    "history": _history,
 }
+"""What each command in ``protocol.COMMANDS`` does; the names and help live there."""
 
 
 def run_command(room: Room, peer: Peer, command: Command) -> None:
@@ -152,10 +145,10 @@ def run_command(room: Room, peer: Peer, command: Command) -> None:
     room.meter(peer)
     if peer.role is not Role.HUMAN or not peer.is_moderator:
         raise ProtocolError(ErrorCode.NOT_MODERATOR, "Only a moderator may use commands.")
-    known = COMMANDS.get(command.name)
-    if known is None:
-        listed = ", ".join(f"/{name}" for name, c in COMMANDS.items() if c.listed)
+    handler = HANDLERS.get(command.name)
+    if handler is None:
+        listed = ", ".join(f"/{name}" for name in listed_commands())
         raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"Unknown command /{command.name}; the hub knows {listed}.")
-    known.run(room, peer, command.args)
+    handler(room, peer, command.args)
     room.publish_floor()
     room.publish_presence()

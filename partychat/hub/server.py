@@ -31,10 +31,11 @@ from ..protocol import (
     ProtocolError,
     Spectate,
     encode,
+    listed_commands,
     parse_client_frame,
     parse_hello,
 )
-from .commands import COMMANDS, run_command
+from .commands import run_command
 from .pages import PageSettings, WebPages
 from .room import Room
 from .settings import RoomSettings
@@ -140,7 +141,7 @@ class Hub:
             PageSettings(
                 needs_token=settings.token is not None,
                 needs_moderator_token=settings.moderator_token is not None,
-                commands={name: command.help for name, command in COMMANDS.items() if command.listed},
+                commands=listed_commands(),
                 max_message_bytes=config.max_message_bytes,
             ) if config.web else None,
             check_origin=settings.token is not None,

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import aioconsole
 
 from ..display import DIM, colour_wanted, neutralise, paint, speaker_colour
-from ..hub.commands import COMMANDS
-from ..protocol import Chat, Command, FloorState, Notice, Refusal, Roster, Say, ServerFrame, Stream
+from ..protocol import Chat, Command, FloorState, Notice, Refusal, Roster, Say, ServerFrame, Stream, listed_commands
 
-HUB_COMMANDS = {name: command.help for name, command in COMMANDS.items() if command.listed}
+HUB_COMMANDS = listed_commands()
 LOCAL_COMMANDS = {
     "help": "this list",
     "toggle": "show or hide incoming messages",
