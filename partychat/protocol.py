@@ -229,7 +229,8 @@ class Notice:
 
     content: str
     event: str | None = None
-    code: str | None = None
+    code: ErrorCode | str | None = None
+    """An ErrorCode; a code this version does not know stays a string."""
     protocol: int | None = None
     room: str | None = None
     """Welcome only: the id of this conversation, which stays the same when a hub resumes it."""
@@ -247,7 +248,8 @@ class Notice:
 class Refusal:
     """Why the hub refused a frame (extension; baseline clients get a Notice instead)."""
 
-    code: str
+    code: ErrorCode | str
+    """An ErrorCode; a code this version does not know stays a string."""
     content: str
 
     def to_wire(self) -> dict[str, Any]:
@@ -499,14 +501,14 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
         return Notice(
             content=text,
             event=_str_or_none(data.get("event")),
-            code=_str_or_none(data.get("code")),
+            code=_code(data.get("code")),
             protocol=_int_or(data.get("protocol"), None),
             room=_str_or_none(data.get("room")),
             session=_str_or_none(data.get("session")),
             reason=_str_or_none(data.get("reason")),
         )
     if kind == "error":
-        return Refusal(code=str(data.get("code") or ""), content=text)
+        return Refusal(code=_code(data.get("code")) or "", content=text)
     if kind == "turn":
         speakers = data.get("speakers") or []
         return FloorState(
@@ -547,6 +549,15 @@ def _chat(data: dict[str, Any]) -> Chat | None:
         interrupted=data.get("interrupted") is True,
         nonce=_str_or_none(data.get("nonce")),
     )
+
+
+def _code(value: Any) -> ErrorCode | str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return ErrorCode(value)
+    except ValueError:
+        return value  # a newer hub's reason
 
 
 def _int_or(value: Any, default: Any) -> Any:

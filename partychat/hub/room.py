@@ -457,9 +457,9 @@ class Room:
     def refuse(self, peer: Listener, code: ErrorCode, sentence: str) -> None:
         """Tell a peer why something was refused, in the form it understands."""
         frame: ServerFrame = (
-            Refusal(code=code.value, content=sentence)
+            Refusal(code=code, content=sentence)
             if peer.speaks_extensions
-            else Notice(sentence, event="error", code=code.value)
+            else Notice(sentence, event="error", code=code)
         )
         self.deliver(peer, frame)
 

@@ -296,7 +296,7 @@ class Hub:
     async def _reject(self, ws: ServerConnection, error: ProtocolError) -> None:
         """Say why in a ``system`` frame (every client reads those), then close."""
         with contextlib.suppress(ConnectionClosed):
-            await ws.send(encode(Notice(error.message, event="error", code=error.code.value)))
+            await ws.send(encode(Notice(error.message, event="error", code=error.code)))
         await close_peer(ws, _CLOSE_CODES.get(error.code, CloseCode.POLICY_VIOLATION), error.code.value)
 
 
