@@ -492,10 +492,11 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
     kind = data.get("type")
     text = data.get("content") if isinstance(data.get("content"), str) else ""
     if kind == "message":
-        return _chat(data)
+        return chat_from_wire(data)
     if kind == "history":
         messages = data.get("messages")
-        chats = [_chat(item) for item in messages if isinstance(item, dict)] if isinstance(messages, list) else []
+        items = messages if isinstance(messages, list) else []
+        chats = [chat_from_wire(item) for item in items if isinstance(item, dict)]
         return Archive(messages=tuple(chat for chat in chats if chat is not None))
     if kind == "system":
         return Notice(
@@ -534,7 +535,8 @@ def _objects(items: Any) -> tuple[dict[str, Any], ...]:
     return tuple(item for item in items if isinstance(item, dict)) if isinstance(items, list) else ()
 
 
-def _chat(data: dict[str, Any]) -> Chat | None:
+def chat_from_wire(data: dict[str, Any]) -> Chat | None:
+    """A chat message from its wire fields (a frame, or a transcript record); None without a sender."""
     sender = data.get("from")
     if not isinstance(sender, str):
         return None
