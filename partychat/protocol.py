@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
+import zlib
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -18,6 +19,19 @@ PROTOCOL_VERSION = 1
 MAX_NAME_LENGTH = 40
 MAX_NONCE_LENGTH = 64
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024
+
+
+SPEAKER_COLOURS = 8
+"""How many speaker colours there are: the console's terminal palette and the page's style sheet each have this many."""
+
+
+def speaker_colour_index(name: str) -> int:
+    """The colour a speaker is shown in, as an index: the same name gets the same one everywhere, every run.
+
+    The hub sends it with each message, partial and participant, so the page only applies it; the
+    console picks it here too, and reaches the same index even on a baseline hub that sends none.
+    """
+    return zlib.crc32(name.encode("utf-8")) % SPEAKER_COLOURS
 
 
 class Role(str, Enum):
@@ -219,7 +233,7 @@ class Chat:
 
     def to_wire(self) -> dict[str, Any]:
         frame = {"type": "message", "from": self.sender, "content": self.content, "id": self.id, "seq": self.seq,
-                 "ts": self.ts, "role": self.role}
+                 "ts": self.ts, "role": self.role, "colour": speaker_colour_index(self.sender)}
         return _with_set_fields(frame, self, "replay", "interrupted", "nonce")
 
 
@@ -281,7 +295,8 @@ class Stream:
     turn: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "partial", "from": self.sender, "content": self.content, "turn": self.turn}
+        return {"type": "partial", "from": self.sender, "content": self.content, "turn": self.turn,
+                "colour": speaker_colour_index(self.sender)}
 
 
 @dataclass(frozen=True)
@@ -292,10 +307,12 @@ class Roster:
     floor: dict[str, Any] = field(default_factory=dict)
     spectators: int = 0
     """How many watch; spectators are counted, never named."""
+    content: str = ""
+    """All of it in one sentence, as the console and the page show it (rendered by the hub)."""
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "roster", "participants": list(self.participants), "floor": self.floor,
-                "spectators": self.spectators}
+                "spectators": self.spectators, "content": self.content}
 
 
 @dataclass(frozen=True)
@@ -303,9 +320,11 @@ class Archive:
     """The messages the hub holds, sent to a moderator who asked for them (``/save``)."""
 
     messages: tuple[Chat, ...] = ()
+    markdown: str = ""
+    """The messages as the Markdown file the console and the page save (see export.py), rendered by the hub."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "history", "messages": [chat.to_wire() for chat in self.messages]}
+        return {"type": "history", "messages": [chat.to_wire() for chat in self.messages], "markdown": self.markdown}
 
 
 @dataclass(frozen=True)
@@ -497,7 +516,8 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
         messages = data.get("messages")
         items = messages if isinstance(messages, list) else []
         chats = [chat_from_wire(item) for item in items if isinstance(item, dict)]
-        return Archive(messages=tuple(chat for chat in chats if chat is not None))
+        return Archive(messages=tuple(chat for chat in chats if chat is not None),
+                       markdown=data["markdown"] if isinstance(data.get("markdown"), str) else "")
     if kind == "system":
         return Notice(
             content=text,
@@ -524,7 +544,7 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
     if kind == "roster":
         floor = data.get("floor")
         return Roster(participants=_objects(data.get("participants")), floor=floor if isinstance(floor, dict) else {},
-                      spectators=_int_or(data.get("spectators"), 0))
+                      spectators=_int_or(data.get("spectators"), 0), content=text)
     if kind == "presence":
         return Presence(participants=_objects(data.get("participants")),
                         spectators=_int_or(data.get("spectators"), 0))

@@ -147,6 +147,24 @@ def test_spectators_coming_and_going_are_counted_once_a_period_later():
     assert counts == [0, 3]
 
 
+def test_the_hub_renders_who_and_the_saved_markdown_once_for_the_page_and_the_console():
+    def scenario(room: Room, outlet: KeptOutlet) -> None:
+        host = room.admit(Hello("Host", Role.HUMAN, protocol=1), link="host-link")
+        sage = room.admit(Hello("Sage", Role.MODEL, protocol=1, talkativeness=0.8), link="sage-link")
+        room.receive(host, Say("Tell a story"))
+        room.receive(sage, Draft("Once upon a"))
+        run_command(room, host, Command("stop"))
+        run_command(room, host, Command("who"))
+        run_command(room, host, Command("history"))
+
+    outlet, _ = in_a_room(scenario)
+    roster = next(frame for to, frame in outlet.sent if frame["type"] == "roster")
+    assert "Sage (model, talkativeness 0.8)" in roster["content"]
+    markdown = next(frame for to, frame in outlet.sent if frame["type"] == "history")["markdown"]
+    assert "**Sage** (model, " in markdown and "stopped by the moderator):" in markdown
+    assert "> Once upon a" in markdown and " UTC" in markdown
+
+
 IO_MODULES = {"partychat.hub.server", "partychat.hub.pages", "partychat.hub.cli", "partychat.hub.transcript",
               "partychat.hub.__main__"}
 """The hub's modules that do I/O; every other module of partychat.hub is the room's core."""

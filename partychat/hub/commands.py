@@ -7,7 +7,9 @@ what ``Room`` exposes, so the import arrow runs one way: commands -> room.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
+from ..export import transcript_markdown
 from ..protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster, listed_commands
 from .floor import Mode
 from .members import Peer
@@ -35,8 +37,9 @@ def _who(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     participants = tuple(_describe(room, p) for p in room.members)
     floor = room.floor_state().to_wire()
     del floor["type"]
-    room.deliver(peer, Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget},
-                              spectators=len(room.audience)))
+    roster = Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget},
+                    spectators=len(room.audience))
+    room.deliver(peer, replace(roster, content=describe_roster(roster)))
 
 
 def _describe(room: Room, peer: Peer) -> dict[str, object]:
@@ -51,8 +54,33 @@ def _describe(room: Room, peer: Peer) -> dict[str, object]:
     return about
 
 
+def describe_roster(roster: Roster) -> str:
+    """The roster in one sentence: what the console and the page show for /who."""
+    floor = roster.floor
+    people = ", ".join(f"{p.get('name')} ({', '.join(_roster_details(p))})" for p in roster.participants)
+    speakers = ", ".join(floor.get("speakers") or []) or "nobody"
+    watching = f" {roster.spectators} watching." if roster.spectators else ""
+    return (
+        f"In the room: {people or 'nobody'}.{watching} Mode {floor.get('mode')}, "
+        f"{'paused, ' if floor.get('paused') else ''}turn: {speakers}, "
+        f"{floor.get('turns_left')} of {floor.get('max_turns')} model turns left."
+    )
+
+
+def _roster_details(participant: dict) -> list[str]:
+    details = [str(participant.get("role"))]
+    details += [flag for flag in ("moderator", "muted", "skipped") if participant.get(flag)]
+    for key, label, unit in (("talkativeness", "talkativeness ", ""), ("ttft", "first token ", " s"),
+                             ("tokens_per_second", "", " tok/s")):
+        value = participant.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            details.append(f"{label}{value:g}{unit}")
+    return details
+
+
 def _history(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
-    room.deliver(peer, Archive(messages=tuple(room.history)))
+    messages = tuple(room.history)
+    room.deliver(peer, Archive(messages=messages, markdown=transcript_markdown(messages)))
 
 
 def _pause(room: Room, peer: Peer, args: tuple[str, ...]) -> None:

@@ -51,7 +51,7 @@ class Recording(ABC):
     def message(self, chat: Chat) -> None:
         """A relayed message, as its frame says it (the nonce too: a resumed hub still knows a re-sent line)."""
         data = replace(chat, replay=False).to_wire()
-        del data["type"]
+        del data["type"], data["colour"]  # the colour is the frame's, worked out from the name
         self.append("message", data)
 
     def withheld(self, sender: str, role: str, content: str, reason: str) -> None:

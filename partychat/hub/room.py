@@ -35,6 +35,7 @@ from ..protocol import (
     Spectate,
     Stream,
     encode,
+    speaker_colour_index,
 )
 from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
 from .history import ChatHistory
@@ -436,7 +437,8 @@ class Room:
     def _presence(self) -> Presence:
         return Presence(
             participants=tuple(
-                {"name": p.name, "role": p.role.value, "moderator": p.is_moderator, "muted": p.muted}
+                {"name": p.name, "role": p.role.value, "moderator": p.is_moderator, "muted": p.muted,
+                 "colour": speaker_colour_index(p.name)}
                 for p in self.members
             ),
             spectators=len(self.audience),

@@ -10,11 +10,12 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from ..connection import Continuity, HubGone, HubRefused, Session, check_refusal, keep_trying
+from ..export import transcript_markdown
 from ..logs import LEVELS, honour_ctrl_c, setup_logging
 from ..protocol import (
     PROTOCOL_VERSION,
@@ -29,7 +30,7 @@ from ..protocol import (
     encode,
     parse_server_frame,
 )
-from .console import InputError, Local, RoomView, Terminal, help_text, parse_line, transcript_markdown
+from .console import InputError, Local, RoomView, Terminal, help_text, parse_line
 
 log = logging.getLogger("partychat.moderator")
 
@@ -186,15 +187,16 @@ class Moderator:
             if self.session is not None and self.session.extended:
                 self.saves.append(path)  # written when the hub's history arrives
                 self._queue(Command("history"))
-            else:
-                self._save(path, self.view.seen)
+            else:  # a baseline hub holds no history to give: what this console saw, rendered alike
+                self._save(path, Archive(tuple(self.view.seen), transcript_markdown(self.view.seen)))
         return False
 
-    def _save(self, path: Path, messages: Sequence[Chat]) -> None:
+    def _save(self, path: Path, archive: Archive) -> None:
+        """Write the conversation as the hub rendered it (see export.py)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(transcript_markdown(messages), encoding="utf-8")
-            self.terminal.show(self.view.status(f"Saved {len(messages)} messages to {path}."))
+            path.write_text(archive.markdown, encoding="utf-8")
+            self.terminal.show(self.view.status(f"Saved {len(archive.messages)} messages to {path}."))
         except OSError as error:
             self.terminal.show(self.view.status(f"Could not save to {path}: {error.strerror or error}"))
 
@@ -263,7 +265,7 @@ class Moderator:
             if isinstance(frame, Chat) and not self.continuity.is_new(frame):
                 continue
             if isinstance(frame, Archive) and self.saves:
-                self._save(self.saves.popleft(), frame.messages)
+                self._save(self.saves.popleft(), frame)
                 continue
             if isinstance(frame, Refusal) and self.unconfirmed:
                 # The hub answers frames in order, so a refusal is for the oldest line it has not echoed
