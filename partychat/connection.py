@@ -13,7 +13,17 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from .protocol import Chat, ErrorCode, Hello, Notice, Refusal, encode, parse_server_frame
+from .protocol import (
+    ENDS_CONVERSATION,
+    RETRY_LATER,
+    Chat,
+    ErrorCode,
+    Hello,
+    Notice,
+    Refusal,
+    encode,
+    parse_server_frame,
+)
 
 log = logging.getLogger("partychat.connection")
 
@@ -33,10 +43,6 @@ class HubGone(Exception):
     """The hub ended the connection (it stopped or restarted); try to reconnect."""
 
 
-RETRY_LATER = {ErrorCode.SHUTTING_DOWN, ErrorCode.ROOM_FULL}
-"""Refusals that are worth another try after a pause."""
-FINAL = {ErrorCode.KICKED}
-"""Refusals during a conversation that end the client: a kicked participant does not come back."""
 
 
 @dataclass
@@ -84,7 +90,7 @@ class Continuity:
 
 def check_refusal(frame: object) -> None:
     """Raise HubRefused for a refusal that ends the client (being kicked)."""
-    if isinstance(frame, (Refusal, Notice)) and frame.code in FINAL:
+    if isinstance(frame, (Refusal, Notice)) and frame.code in ENDS_CONVERSATION:
         raise HubRefused(frame.code, frame.content)
 
 

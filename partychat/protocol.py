@@ -65,6 +65,12 @@ class ErrorCode(str, Enum):
     NOTHING_TO_STOP = "nothing_to_stop"
 
 
+RETRY_LATER = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.ROOM_FULL})
+"""Refusals of a registration that are worth another try after a pause; every other one is final."""
+ENDS_CONVERSATION = frozenset({ErrorCode.KICKED})
+"""Refusals during a conversation after which a client must not come back."""
+
+
 class ProtocolError(Exception):
     """A frame the hub will not accept; ``fatal`` ones end the connection."""
 

@@ -11,7 +11,6 @@
   const PROTOCOL = 1;
   const RETRY_FIRST_S = 1;
   const RETRY_MAX_S = 30;
-  const FATAL = new Set(["unauthorized", "name_taken", "bad_name", "bad_frame", "kicked"]);
 
   const state = {
     config: null,
@@ -303,7 +302,7 @@
       case "history": download(frame); break;
       case "error":
         quietLine(frame.content, "error");
-        if (FATAL.has(frame.code)) refused(frame);
+        if (state.config.ends_conversation.includes(frame.code)) refused(frame);
         break;
       case "system": system(frame); break;
       default: break; // a newer hub's frame this page does not know
@@ -317,7 +316,8 @@
     }
     if (frame.event === "error") {
       quietLine(frame.content, "error");
-      if (FATAL.has(frame.code)) refused(frame);
+      // A refused registration: only a full or stopping hub is worth trying again (protocol.RETRY_LATER).
+      if (!state.config.retry_later.includes(frame.code)) refused(frame);
       return;
     }
     quietLine(frame.content);
