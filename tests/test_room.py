@@ -11,16 +11,18 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from helpers import ROOT
 
 from partychat.hub.commands import HANDLERS, run_command
 from partychat.hub.floor import Mode
 from partychat.hub.members import Peer
-from partychat.hub.record import MemoryRecorder
+from partychat.hub.record import History, MemoryRecorder
 from partychat.hub.room import SPECTATOR_COUNT_PERIOD, Room
 from partychat.hub.settings import RoomSettings
-from partychat.protocol import COMMANDS, Command, Draft, Hello, Role, Say, Spectate
+from partychat.hub.transcript import Transcript, load_history, read_records
+from partychat.protocol import COMMANDS, Chat, Command, Draft, Hello, Role, Say, Spectate
 
 
 class Timer:
@@ -163,6 +165,19 @@ def test_the_hub_renders_who_and_the_saved_markdown_once_for_the_page_and_the_co
     markdown = next(frame for to, frame in outlet.sent if frame["type"] == "history")["markdown"]
     assert "**Sage** (model, " in markdown and "stopped by the moderator):" in markdown
     assert "> Once upon a" in markdown and " UTC" in markdown
+
+
+def test_a_message_comes_back_from_the_transcript_file_as_it_was_relayed(tmp_path):
+    chat = Chat(sender="Sage", content="Once\nupon a", seq=3, id="abc", ts=12.5, role="model", interrupted=True,
+                nonce="n1")
+    transcript = Transcript(tmp_path / "t.jsonl")
+    transcript.start("room-1")
+    transcript.message(replace(chat, replay=True))
+    transcript.close()
+    assert load_history(tmp_path / "t.jsonl") == History(room_id="room-1", messages=[chat])
+    stored = read_records(tmp_path / "t.jsonl")[1].data
+    assert stored == {"from": "Sage", "content": "Once\nupon a", "id": "abc", "seq": 3, "ts": 12.5, "role": "model",
+                      "interrupted": True, "nonce": "n1"}, "the record has the message frame's own fields"
 
 
 IO_MODULES = {"partychat.hub.server", "partychat.hub.pages", "partychat.hub.cli", "partychat.hub.transcript",
