@@ -142,6 +142,7 @@ class Script:
         """Each relayed tag's personas; None: every persona (an ordinary room)."""
         self.whispered: set[str] = set()
         self.from_moderator: set[str] = set()
+        self.newcomers: set[str] = set()
         self.owed: dict[str, set[str]] = {name: set() for name in PERSONAS}
         self.count = 0
         self.checked = 0
@@ -161,6 +162,8 @@ class Script:
     def arrive(self, name: str, offstage: bool) -> None:
         if name in self.known:
             return
+        if offstage or self.running:
+            self.newcomers.add(name)  # new to a room that runs scenes: no earlier history
         if offstage:
             self.begin()
         elif self.running:
@@ -184,13 +187,22 @@ class Script:
             self.kinds_seen.add(frame.get("event") or frame["type"])
             text = json.dumps(frame)
             for tag in TAG.findall(text):
+                assert tag in self.recipients, f"{listener.name} received {tag}, which was never relayed: {frame}"
                 if listener.kind == "persona":
-                    allowed = self.recipients.get(tag, set())
-                    assert allowed is None or listener.name in allowed, \
-                        f"{listener.name} received {tag} (for {allowed}) in step {step.what}: {frame}"
+                    allowed = self.recipients[tag]
+                    if allowed is None:  # said in the open before the room ran scenes
+                        assert listener.name not in self.newcomers, \
+                            f"{listener.name}, new to a room that runs scenes, was replayed {tag}: {frame}"
+                    else:
+                        assert listener.name in allowed, \
+                            f"{listener.name} received {tag} (for {allowed}) in step {step.what}: {frame}"
                 elif listener.kind in ("observer", "spectator"):
                     assert tag not in self.whispered, f"the {listener.kind} read whisper {tag} in {step.what}: {frame}"
             about = step.private_about
+            if listener.kind == "persona" and frame.get("event") in ("join", "leave"):
+                named = frame["content"].split()[0]
+                assert self.is_on(named) or named == listener.name, \
+                    f"{listener.name} heard news of {named}, who is off stage: {frame}"
             if frame.get("code") in PROBE_ANSWERS:
                 continue
             if listener.kind == "persona" and listener.name not in step.exempt and not self.is_on(listener.name):
@@ -370,6 +382,8 @@ async def run_script(tmp_path: Path, seed: int) -> Script:
             late = room.personas[LATE_OFFSTAGE]
             await late.open(room.hub.url, offstage=True)
             script.arrive(LATE_OFFSTAGE, offstage=True)
+            # Its opening line, said off stage, is kept but reaches nobody.
+            await late.ws.send(json.dumps({"type": "message", "content": f"{script.tag()} hello all", "opening": True}))
             await room.settle(Step(f"{LATE_OFFSTAGE} joins off stage", exempt={LATE_OFFSTAGE}), first=late)
             continue
         if not restarted and whispers >= 25:
