@@ -194,6 +194,12 @@ class Chat:
     whisper: bool = False
     """Said privately: of the humans only moderators receive it, spectators only learn that it happened."""
 
+    @property
+    def whispered_to(self) -> str:
+        """Whom a whisper went to, in words: its recipients but the sender, or else the moderators."""
+        others = [name for name in self.recipients or () if name.casefold() != self.sender.casefold()]
+        return ", ".join(others) or "the moderators"
+
     def to_wire(self) -> dict[str, Any]:
         frame = {"type": "message", "from": self.sender, "content": self.content, "id": self.id, "seq": self.seq,
                  "ts": self.ts, "role": self.role}

@@ -63,8 +63,7 @@ def sight(listener: Listener, recipients: Recipients, show_whispers: bool = Fals
 
 def trace_sentence(chat: Chat) -> str:
     """What a spectator learns of a whisper: who whispered to whom, not what."""
-    others = [name for name in chat.recipients or () if name.casefold() != chat.sender.casefold()]
-    return f"{chat.sender} whispered to {', '.join(others) if others else 'the moderator'}."
+    return f"{chat.sender} whispered to {chat.whispered_to}."
 
 
 @dataclass

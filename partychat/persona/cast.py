@@ -39,10 +39,14 @@ class Persona:
     engine: str = "auto"
     talkativeness: float | None = None
     """Weight in the hub's natural-mode draw, 0 to 1; None leaves the hub's default."""
+    offstage: bool = False
+    """Join off stage: take no turns and hear nothing until the moderator brings it on (``/enter``)."""
 
 
 CAST_FIELDS = ("name", "prompt_file", "temperature", "delay", "max_tokens", "initial_prompt", "model", "engine",
-               "talkativeness")
+               "talkativeness", "secret", "offstage")
+SECRET_LINE = "A secret only you know, which the others have not been told: {secret}"
+"""How a cast entry's ``secret`` joins its persona text: the one prompt it goes into."""
 
 
 def shipped_candidates(value: str, shipped: Path, suffix: str) -> list[Path]:
@@ -168,6 +172,12 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         persona_text = read_persona(prompt_file, name.strip(), path.parent)
     except CastError as error:
         raise CastError(f"{where}, field 'prompt_file': {error}") from None
+    secret = field("secret", str) if "secret" in entry else ""
+    if secret.strip():
+        persona_text = f"{persona_text}\n\n{SECRET_LINE.format(secret=secret.strip())}"
+    offstage = entry.get("offstage", False)
+    if not isinstance(offstage, bool):
+        raise CastError(f"{where}, field 'offstage': must be true or false, not {offstage!r}.")
     model = field("model", str)
     if model.startswith(("./", "../")):
         model = str((path.parent / model).resolve())  # relative to the cast file, like its prompt files
@@ -182,6 +192,7 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         engine=field("engine", str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
         talkativeness=_number_or_none(field("talkativeness", (int, float), lambda v: 0 <= v <= 1,
                                             "must be a number from 0 to 1")),
+        offstage=offstage,
     )
 
 

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             ParticipantConfig(name=persona.name, persona=persona.persona, server=args.server, delay=persona.delay,
                               initial_prompt=persona.initial_prompt, token=args.token, ca_file=args.ca_file,
                               stream=not args.no_stream, talkativeness=persona.talkativeness,
-                              echo_room=index == 0,
+                              echo_room=index == 0, offstage=persona.offstage,
                               castmates=frozenset(p.name for p in cast) - {persona.name}),
             models[persona.name],
             GenerationSettings(temperature=persona.temperature, max_new_tokens=persona.max_tokens,

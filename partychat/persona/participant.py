@@ -57,6 +57,8 @@ class ParticipantConfig:
     """Log what others say; in a cast only the first persona does, so each line is logged once."""
     castmates: frozenset[str] = frozenset()
     """Other personas of this process: they log their own lines."""
+    offstage: bool = False
+    """Ask the hub, on first joining, to start off stage (a cast entry's ``offstage``)."""
 
 
 @dataclass
@@ -111,6 +113,7 @@ class ModelParticipant:
             last_seq=self.last_seq,
             session=self.secret,
             talkativeness=self.config.talkativeness,
+            offstage=self.config.offstage and not self.joined.is_set(),  # a reconnect must not undo an /enter
         )
 
     async def run(self) -> None:
@@ -269,6 +272,7 @@ class ModelParticipant:
         persona is alive before its first sentence is done (see --first-token-timeout).
         """
         request = await build_request(self.model, self.config.persona, self.name, list(self.history), settings)
+        log.debug("%s's prompt: %s", self.name, request.messages, extra={"prompt": request.messages})
         extended = self._session is not None and self._session.extended
         raw: list[str] = []
         try:
