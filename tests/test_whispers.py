@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import command, drain, hub_config, join, next_frame, say, with_hub
+from helpers import command, drain, hub_config, join, next_frame, say, script, with_hub
 from websockets.asyncio.client import connect
 
 from partychat.hub.transcript import load_history, read_records
@@ -235,3 +237,28 @@ def test_a_whisper_frame_reads_back_with_its_recipients():
     frame = parse_server_frame(json.dumps({"type": "message", "from": "Chair", "content": "x", "whisper": True,
                                            "recipients": ["Ann"]}))
     assert frame.whisper and frame.recipients == ("Ann",)
+
+
+def test_the_console_whispers_marks_it_shows_the_stage_and_saves_the_whisper_marked(start_hub, tmp_path):
+    _, url = start_hub()
+
+    async def scenario() -> subprocess.CompletedProcess[str]:
+        ann, _ = await join(url, "Ann", "model", protocol=1)
+        session = "/whisper Ann The cake is a lie.\n/exit Ann She slips out.\n/who\n/enter Nobody\n/save saved.md\n"
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, script("moderator.py"), "--server", url, "--name", "Host"],
+            input=session, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        heard = [f["content"] for f in await drain(ann) if f["type"] == "message"]
+        assert heard == ["The cake is a lie.", "She slips out."]
+        await ann.close()
+        return result
+
+    result = asyncio.run(scenario())
+    out = result.stdout
+    assert result.returncode == 0, result.stderr
+    assert "Host (whispered to Ann): The cake is a lie." in out
+    assert "Ann (model, off stage, talkativeness 0.5)" in out, out
+    assert "No persona called 'Nobody' has been in the room." in out
+    saved = (tmp_path / "saved.md").read_text()
+    assert "whispered to Ann" in saved and "The cake is a lie." in saved
+    assert "Traceback" not in out + result.stderr
