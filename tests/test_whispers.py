@@ -262,3 +262,33 @@ def test_the_console_whispers_marks_it_shows_the_stage_and_saves_the_whisper_mar
     saved = (tmp_path / "saved.md").read_text()
     assert "whispered to Ann" in saved and "The cake is a lie." in saved
     assert "Traceback" not in out + result.stderr
+
+
+def test_the_page_marks_whispers_for_the_moderator_and_shows_spectators_only_that_one_happened(start_hub, browser):
+    from test_web_page import FINALS, join_as_moderator, joined, page_url
+
+    hub, url = start_hub()
+    with joined(url, "Ann", "model"):
+        watcher = browser.open(page_url(hub))
+        moderator = browser.open(page_url(hub) + "moderate")
+        join_as_moderator(moderator, "Chair")
+        ann = moderator.locator("#participants li", has_text="Ann")
+        ann.get_by_role("button", name="Whisper").click()
+        assert moderator.input_value("#say") == "/whisper Ann "
+        moderator.type("#say", "The key is under the mat.")
+        moderator.press("#say", "Enter")
+
+        whisper = moderator.locator(f"{FINALS}.whisper")
+        whisper.wait_for()
+        assert "The key is under the mat." in whisper.inner_text()
+        assert whisper.locator(".note").inner_text() == "whispered to Ann"
+        trace = watcher.locator("#log .event", has_text="Chair whispered to Ann.")
+        trace.wait_for()
+        assert trace.is_visible()
+        assert "under the mat" not in watcher.locator("body").inner_text()
+
+        ann.get_by_role("button", name="Exit").click()
+        watcher.locator("#participants li", has_text="off stage").wait_for()
+        assert "Ann" in watcher.locator("#participants li", has_text="off stage").inner_text()
+        ann.get_by_role("button", name="Enter").wait_for()
+    assert not browser.dialogs and not browser.errors
