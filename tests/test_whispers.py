@@ -292,3 +292,18 @@ def test_the_page_marks_whispers_for_the_moderator_and_shows_spectators_only_tha
         assert "Ann" in watcher.locator("#participants li", has_text="off stage").inner_text()
         ann.get_by_role("button", name="Enter").wait_for()
     assert not browser.dialogs and not browser.errors
+
+
+def test_a_late_joiner_is_replayed_the_last_messages_it_may_read_not_fewer(tmp_path):
+    async def body(hub):
+        chair, _ = await join(hub.url, "Chair", "human", protocol=1)
+        ann, _ = await join(hub.url, "Ann", "model", protocol=1)
+        for line in ("One.", "Two."):
+            await say(chair, line)
+        await command(chair, "whisper", "Ann", "Three, for Ann alone.")
+        await next_frame(ann, "message", content="Three, for Ann alone.")
+        cy, _ = await join(hub.url, "Cy", "model", protocol=1)
+        replayed = [f["content"] for f in await drain(cy) if f["type"] == "message"]
+        assert replayed == ["One.", "Two."], "the last two it may read, the whisper skipped"
+
+    with_hub(hub_config(tmp_path, replay=2), body)
