@@ -11,12 +11,22 @@ from pathlib import Path
 
 import pytest
 from helpers import command, drain, hub_config, join, next_frame, say, script, with_hub
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from partychat.hub.transcript import load_history, read_records
 from partychat.moderator.console import transcript_markdown
 from partychat.persona.cast import CastError, Persona, read_cast_file
 from partychat.protocol import parse_server_frame
+
+
+async def chair_ann_bob(hub, **bob: object) -> tuple[ClientConnection, ClientConnection, ClientConnection]:
+    """A moderator and two personas in the room, with what joining sent them already read."""
+    chair, _ = await join(hub.url, "Chair", "human", protocol=1)
+    ann, _ = await join(hub.url, "Ann", "model", protocol=1)
+    bob_ws, _ = await join(hub.url, "Bob", "model", protocol=1, **bob)
+    for ws in (chair, ann, bob_ws):
+        await drain(ws)
+    return chair, ann, bob_ws
 
 
 def prompts(log: str, name: str) -> list[str]:
@@ -159,10 +169,7 @@ def _resumed(tmp_path: Path):
 ])
 def test_bad_whispers_and_stage_commands_get_one_clear_sentence_and_change_nothing(tmp_path, words, sentence):
     async def body(hub):
-        chair, _ = await join(hub.url, "Chair", "human", protocol=1)
-        ann, _ = await join(hub.url, "Ann", "model", protocol=1)
-        bob, _ = await join(hub.url, "Bob", "model", protocol=1, offstage=True)
-        await drain(chair), await drain(ann), await drain(bob)
+        chair, ann, bob = await chair_ann_bob(hub, offstage=True)
         before = (tmp_path / "transcript.jsonl").read_text()
         await command(chair, *words)
         refusal = await next_frame(chair, "error")
@@ -175,10 +182,7 @@ def test_bad_whispers_and_stage_commands_get_one_clear_sentence_and_change_nothi
 
 def test_a_persona_cannot_whisper_nor_choose_who_hears_it(tmp_path):
     async def body(hub):
-        chair, _ = await join(hub.url, "Chair", "human", protocol=1)
-        ann, _ = await join(hub.url, "Ann", "model", protocol=1)
-        bob, _ = await join(hub.url, "Bob", "model", protocol=1)
-        await drain(chair), await drain(ann), await drain(bob)
+        chair, ann, bob = await chair_ann_bob(hub)
         await command(ann, "whisper", "Bob", "psst")
         assert (await next_frame(ann, "error"))["code"] == "not_moderator"
         await ann.send(json.dumps({"type": "message", "content": "Only Bob may read this.", "recipients": ["Bob"]}))

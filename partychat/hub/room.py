@@ -308,6 +308,15 @@ class Room:
         self._send(full, encode(chat))
         self._send(traced, encode(Notice(trace_sentence(chat), event="whisper")))
 
+    def _readers(self, recipients: Recipients) -> list[Listener]:
+        """Everyone in the room who may read in full what is said to ``recipients``.
+
+        The one filter for partials, room events and turn frames; messages go through ``_send_chat``,
+        which also sends traces.
+        """
+        return [listener for listener in self._audience()
+                if sight(listener, recipients, self.settings.show_whispers) is Sight.FULL]
+
     def visible_to(self, listener: Listener, chats: Iterable[Chat]) -> list[Chat]:
         """The messages among ``chats`` that ``listener`` is entitled to read in full."""
         return [chat for chat in chats
@@ -380,9 +389,8 @@ class Room:
         if peer.draft_bytes > DRAFT_BYTES_PER_TURN:
             return  # a reply that long streams no further; its final message still goes out whole
         peer.drafted += draft.content
-        recipients = self._reply_recipients(peer.name)
-        self._send([other for other in self._audience() if other.wants_stream and other is not peer
-                    and sight(other, recipients, self.settings.show_whispers) is Sight.FULL],
+        self._send([other for other in self._readers(self._reply_recipients(peer.name))
+                     if other.wants_stream and other is not peer],
                    encode(Stream(sender=peer.name, content=draft.content, turn=floor.turn)))
 
     def _replay_to(self, peer: Listener, last_seq: int | None) -> None:
@@ -477,9 +485,8 @@ class Room:
             return
         self._last_floor, self._last_floor_text = state, encode(state)
         self._time_turn(state)
-        public = self.stage.public()
-        self._send([peer for peer in self._audience()
-                    if peer.speaks_extensions and sight(peer, public) is not Sight.NOTHING], self._last_floor_text)
+        self._send([peer for peer in self._readers(self.stage.public()) if peer.speaks_extensions],
+                   self._last_floor_text)
 
     def _pass_turn(self, peer: Peer, frame: Pass) -> None:
         stale = frame.turn is not None and frame.turn != self.floor.turn
@@ -577,9 +584,8 @@ class Room:
         """Record a room event and tell whoever may hear it: by default, everyone on stage."""
         self.transcript.event(event, sentence, **fields)
         log.info("%s", sentence, extra={"speaker": fields.get("name")})
-        recipients = self.stage.public() if recipients is None else recipients
-        self._send([listener for listener in self._audience() if listener is not exclude
-                    and sight(listener, recipients, self.settings.show_whispers) is Sight.FULL],
+        readers = self._readers(self.stage.public() if recipients is None else recipients)
+        self._send([listener for listener in readers if listener is not exclude],
                    encode(Notice(sentence, event=event, reason=fields.get("reason"))))
 
     def _send(self, recipients: Iterable[Listener], text: str) -> None:

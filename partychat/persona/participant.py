@@ -272,7 +272,7 @@ class ModelParticipant:
         persona is alive before its first sentence is done (see --first-token-timeout).
         """
         request = await build_request(self.model, self.config.persona, self.name, list(self.history), settings)
-        log.debug("%s's prompt: %s", self.name, request.messages, extra={"prompt": request.messages})
+        log.debug("%s's prompt: %s", self.name, request.messages)
         extended = self._session is not None and self._session.extended
         raw: list[str] = []
         try:
