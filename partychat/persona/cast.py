@@ -87,10 +87,8 @@ def find_cast_file(value: str) -> Path:
     """The cast file (or folder of cards) as given, else the same name among the shipped casts (``panel``)."""
     given = Path(value).expanduser()
     shipped = casts_folder()
-    if given.is_dir():
-        return given
     for candidate in [given, *shipped_candidates(value, shipped, ".toml")]:
-        if candidate.is_file():
+        if candidate.is_file() or candidate.is_dir():
             return candidate
     raise CastError(f"Cast file not found: {value} (looked here and in {shipped})")
 
@@ -184,7 +182,9 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
     where = f"{path}: persona {number}"
     if not isinstance(entry, dict):
         raise CastError(f"{where} is not a table; write it as [[persona]] with name = \"...\" below.")
-    card = _entry_card(where, entry, path.parent)
+    given = entry.get("name")
+    card = _entry_card(f"{where} ({given!r})" if isinstance(given, str) and given.strip() else where, entry,
+                       path.parent)
     name = entry.get("name", card.name if card is not None else None)
     if not isinstance(name, str) or not name.strip():
         raise CastError(f"{where}, field 'name': every persona needs a name (a non-empty string).")

@@ -145,7 +145,8 @@ class ModelParticipant:
         try:
             if self.config.initial_prompt and not self.opening_sent:
                 self.opening_sent = True
-                await session.ws.send(encode(Say(self._fill(self.config.initial_prompt), opening=True)))
+                opening = fill_macros(self.config.initial_prompt, char=self.name, user=self._user())
+                await session.ws.send(encode(Say(opening, opening=True)))
             async for raw in session.ws:
                 self._on_frame(parse_server_frame(raw))
             raise HubGone
@@ -279,11 +280,10 @@ class ModelParticipant:
         On our hub an empty partial goes out at the first token in any case: it tells the hub this
         persona is alive before its first sentence is done (see --first-token-timeout).
         """
-        extras = self._extras()
+        persona, extras = prompt_parts(self.config, self._user())
         history = list(self.history)
-        request = await build_request(self.model, self._fill(self.config.persona), self.name, history, settings,
-                                      extras)
-        if extras.lore is not None:
+        request = await build_request(self.model, persona, self.name, history, settings, extras)
+        if extras.lore is not None and settings.history_length > 0:
             self._log_lore(extras.lore, request, history[-settings.history_length:])
         extended = self._session is not None and self._session.extended
         raw: list[str] = []
@@ -302,25 +302,28 @@ class ModelParticipant:
             timing.pieces += len(raw)  # over every attempt, like the span from the first token
         return "".join(raw)
 
-
-    def _fill(self, text: str) -> str:
-        """Card macros: ``{{char}}`` is this persona, ``{{user}}`` the one human who has spoken, else everyone."""
-        user = self._humans[0] if len(self._humans) == 1 else "everyone"
-        return fill_macros(text, char=self.name, user=user)
-
-    def _extras(self) -> PromptExtras:
-        lore = Lore(self.config.books, self._fill) if self.config.books else None
-        return PromptExtras(self._fill(self.config.examples), self._fill(self.config.after_history), lore)
+    def _user(self) -> str:
+        """``{{user}}`` in a card: the one human who has spoken here, else everyone."""
+        return self._humans[0] if len(self._humans) == 1 else "everyone"
 
     def _log_lore(self, lore: Lore, request: ChatRequest, window: list[Chat]) -> None:
         """Which entries this turn's newest messages fired, and which the budget left out of the prompt."""
         prompt = "\n".join(message["content"] for message in request.messages)
-        fired = lore.fired(window)
         placed = [ref for refs in lore.placements(window) for ref in refs]
         left_out = [lore.entry(ref).label for ref in placed if lore.text(ref) not in prompt]
         log.debug("Lore for %s's turn: fired %s; in the prompt %d entries%s", self.name,
-                  ", ".join(entry.label for entry in fired) or "none", len(placed) - len(left_out),
+                  ", ".join(entry.label for entry in lore.fired(window)) or "none", len(placed) - len(left_out),
                   f"; left out for room: {', '.join(left_out)}" if left_out else "")
+
+
+def prompt_parts(config: ParticipantConfig, user: str) -> tuple[str, PromptExtras]:
+    """The persona text and what a card and lorebooks add, for one request, with the macros filled in."""
+
+    def fill(text: str) -> str:
+        return fill_macros(text, char=config.name, user=user)
+
+    lore = Lore(config.books, fill) if config.books else None
+    return fill(config.persona), PromptExtras(fill(config.examples), fill(config.after_history), lore)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
