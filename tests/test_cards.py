@@ -373,3 +373,14 @@ def test_a_persona_from_a_card_greets_and_answers_in_a_room_with_its_lore(tmp_pa
         assert "Lore for Mira's turn: fired Lamp; in the prompt 1 entries" in client.output, client.output
 
     asyncio.run(scenario())
+
+
+def test_the_shipped_card_examples_are_valid():
+    from helpers import ROOT
+
+    mira, bramble = read_cast_file(ROOT / "casts" / "harbour.toml", BASE)
+    assert (mira.name, bramble.name) == ("Mira Hale", "Bramble")
+    assert mira.initial_prompt and mira.examples and mira.books and bramble.books
+    assert "Bramble" in bramble.persona and "{{char}}" not in bramble.persona
+    assert [p.name for p in read_cast_file(ROOT / "casts" / "cards", BASE)] == ["Captain Tobias Bramble", "Mira Hale"]
+    assert len(read_lorebook(ROOT / "casts" / "harbour-lore.json").entries) == 2
