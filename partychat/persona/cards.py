@@ -90,8 +90,8 @@ def card_from_json(obj: Any, path: Path) -> Card:
         if not isinstance(data, dict):
             raise PersonaFileError(f"{path}: the card has no 'data' object, which {spec} cards keep their fields in.")
     else:
-        raise PersonaFileError(f"{path}: unknown card spec {spec!r}; this reads chara_card_v2, chara_card_v3 "
-                               "and V1 cards.")
+        what = "the card has 'data' but no 'spec'" if spec is None else f"unknown card spec {spec!r}"
+        raise PersonaFileError(f"{path}: {what}; this reads chara_card_v2, chara_card_v3 and V1 cards.")
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         raise PersonaFileError(f"{path}: the card has no name.")
