@@ -144,7 +144,7 @@ def fetch_or_exit(source: ModelSource) -> ModelSource:
 
 
 def build_cast(args: argparse.Namespace) -> list[Persona]:
-    """Every persona this process plays, in the order they join: --name, then --persona flags, then --cast."""
+    """Every persona this process plays, in the order they join: --name or --card, then --persona flags, then --cast."""
     if not (args.name or args.persona or args.cast or args.card):
         raise CastError("Say who to play: --name NAME (one persona), --card FILE, --persona \"NAME=PROMPT_FILE\" "
                         "(repeatable) or --cast FILE.")

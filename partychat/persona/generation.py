@@ -60,7 +60,8 @@ async def build_request(
     extras = extras or PromptExtras()
     fold_persona = False
     while True:
-        messages = extras.apply(build_messages(extras.persona(persona), name, extras.history(recent)))
+        messages = extras.with_after_history(build_messages(extras.with_examples(persona), name,
+                                                            extras.with_lore(recent)))
         if fold_persona:
             system, first, *rest = messages
             messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
@@ -112,13 +113,13 @@ class PromptExtras:
     after_history: str = ""
     lore: Lore | None = None
 
-    def persona(self, persona: str) -> str:
+    def with_examples(self, persona: str) -> str:
         return f"{persona.strip()}\n\n{self.examples}" if self.examples else persona
 
-    def history(self, recent: list[Chat]) -> list[Chat]:
+    def with_lore(self, recent: list[Chat]) -> list[Chat]:
         return self.lore.interleave(recent) if self.lore is not None else recent
 
-    def apply(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    def with_after_history(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
         if self.after_history:  # build_messages always ends on a user turn
             messages[-1] = {**messages[-1], "content": f"{messages[-1]['content']}\n\n{self.after_history}"}
         return messages

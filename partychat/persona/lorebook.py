@@ -145,9 +145,9 @@ def _entry(raw: Any, where: str) -> LoreEntry | None:
     # World info entries are all selective; a character_book entry uses its secondary keys only when selective.
     if not (world_info or raw.get("selective") is True):
         secondary = ()
-    logic = pick("selectiveLogic") if pick("selectiveLogic") is not None else pick("selectiveLogic", source=extensions)
-    if logic is None:
-        logic = AND_ANY
+    logic = pick("selectiveLogic")
+    logic = pick("selectiveLogic", source=extensions) if logic is None else logic
+    logic = AND_ANY if logic is None else logic
     if logic not in (AND_ANY, NOT_ALL, NOT_ANY, AND_ALL) or isinstance(logic, bool):
         raise PersonaFileError(f"{where}: 'selectiveLogic' must be 0, 1, 2 or 3, not {logic!r}.")
     case = pick("case_sensitive", "caseSensitive")
@@ -157,7 +157,7 @@ def _entry(raw: Any, where: str) -> LoreEntry | None:
     scan_depth = pick("scanDepth")
     scan_depth = pick("scan_depth", source=extensions) if scan_depth is None else scan_depth
     order = pick("insertion_order", "order")
-    label = pick("name", "comment") or (keys[0] if keys else "constant entry")
+    label = next((raw[n] for n in ("name", "comment") if raw.get(n)), None) or (keys[0] if keys else "an entry")
     return LoreEntry(
         keys=keys, content=content, label=str(label)[:60], secondary_keys=secondary, logic=logic,
         constant=raw.get("constant") is True, order=_as_number(order, where, "insertion_order", 100),
