@@ -34,6 +34,7 @@ def prompts(log: str, name: str) -> list[str]:
     return re.findall(rf"{re.escape(name)}'s prompt: (.*)", log)
 
 
+@pytest.mark.slow  # a real persona on the embedded model
 def test_a_whispered_code_word_and_a_cast_secret_reach_only_their_personas_prompts(tmp_path, start_hub,
                                                                                       start_client):
     _, url = start_hub("--max-turns", "1")
@@ -268,6 +269,7 @@ def test_the_console_whispers_marks_it_shows_the_stage_and_saves_the_whisper_mar
     assert "Traceback" not in out + result.stderr
 
 
+@pytest.mark.slow  # Chromium
 def test_the_page_marks_whispers_for_the_moderator_and_shows_spectators_only_that_one_happened(start_hub, browser):
     from test_web_page import FINALS, join_as_moderator, joined, page_url
 
