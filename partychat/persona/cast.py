@@ -48,10 +48,14 @@ class Persona:
     """Instructions after the newest message, from a card."""
     books: tuple[Lorebook, ...] = ()
     """Lorebooks only this persona reads: its card's own."""
+    offstage: bool = False
+    """Join off stage: take no turns and hear nothing until the moderator brings it on (``/enter``)."""
 
 
 CAST_FIELDS = ("name", "prompt_file", "temperature", "delay", "max_tokens", "initial_prompt", "model", "engine",
-               "talkativeness", "card")
+               "talkativeness", "card", "secret", "offstage")
+SECRET_LINE = "A secret only you know, which the others have not been told: {secret}"
+"""How a cast entry's ``secret`` joins its persona text: the one prompt it goes into."""
 
 
 def shipped_candidates(value: str, shipped: Path, suffix: str) -> list[Path]:
@@ -216,6 +220,12 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
             text = base.persona
     except CastError as error:
         raise CastError(f"{where}, field 'prompt_file': {error}") from None
+    secret = field("secret", str) if "secret" in entry else ""
+    if secret.strip():
+        text = f"{text}\n\n{SECRET_LINE.format(secret=secret.strip())}"
+    offstage = entry.get("offstage", False)
+    if not isinstance(offstage, bool):
+        raise CastError(f"{where}, field 'offstage': must be true or false, not {offstage!r}.")
     model = field("model", str)
     if model.startswith(("./", "../")):
         model = str((path.parent / model).resolve())  # relative to the cast file, like its prompt files
@@ -233,6 +243,7 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         examples=base.examples,
         after_history=base.after_history,
         books=base.books,
+        offstage=offstage,
     )
 
 

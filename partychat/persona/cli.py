@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             ParticipantConfig(name=persona.name, persona=persona.persona, server=args.server, delay=persona.delay,
                               initial_prompt=persona.initial_prompt, token=args.token, ca_file=args.ca_file,
                               stream=not args.no_stream, talkativeness=persona.talkativeness,
-                              echo_room=index == 0,
+                              echo_room=index == 0, offstage=persona.offstage,
                               castmates=frozenset(p.name for p in cast) - {persona.name},
                               examples=persona.examples, after_history=persona.after_history, books=persona.books),
             models[persona.name],

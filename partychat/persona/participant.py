@@ -65,6 +65,8 @@ class ParticipantConfig:
     """Instructions after the newest message (a card's ``post_history_instructions``)."""
     books: tuple[Lorebook, ...] = ()
     """This persona's lorebooks: its card's own, then the shared ``--lorebook`` ones."""
+    offstage: bool = False
+    """Ask the hub, on first joining, to start off stage (a cast entry's ``offstage``)."""
 
 
 @dataclass
@@ -120,6 +122,7 @@ class ModelParticipant:
             last_seq=self.last_seq,
             session=self.secret,
             talkativeness=self.config.talkativeness,
+            offstage=self.config.offstage and not self.joined.is_set(),  # a reconnect must not undo an /enter
         )
 
     async def run(self) -> None:
@@ -283,6 +286,7 @@ class ModelParticipant:
         persona, extras = prompt_parts(self.config, self._user())
         history = list(self.history)
         request = await build_request(self.model, persona, self.name, history, settings, extras)
+        log.debug("%s's prompt: %s", self.name, request.messages)
         if extras.lore is not None and settings.history_length > 0:
             self._log_lore(extras.lore, request, history[-settings.history_length:])
         extended = self._session is not None and self._session.extended
