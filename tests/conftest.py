@@ -29,8 +29,8 @@ SLOW_MODULES = frozenset({
     "test_turn_taking", "test_downloads", "test_web_page", "test_run_script", "test_client_process", "test_packaging",
 })
 """Modules whose every test loads a model, starts a model server or a browser, or builds an environment."""
-SLOW_FIXTURES = frozenset({"start_client", "browser"})
-"""Fixtures that start a persona process (which loads torch and a model) or a browser."""
+SLOW_FIXTURES = frozenset({"start_client", "browser", "model"})
+"""Fixtures that start a persona process (which loads torch and a model), load a model, or start a browser."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
