@@ -13,6 +13,7 @@ from ..export import transcript_markdown
 from ..protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster, listed_commands
 from .floor import Mode
 from .members import Peer
+from .recipients import Recipients
 from .room import Room
 
 Handler = Callable[[Room, Peer, tuple[str, ...]], None]
@@ -51,6 +52,7 @@ def _describe(room: Room, peer: Peer) -> dict[str, object]:
         about["skipped"] = peer.name in room.floor.skipped
         if peer.speed is not None:
             about.update(peer.speed.to_wire())
+        about.update(room.stage_mark(peer))
     return about
 
 
@@ -70,6 +72,8 @@ def describe_roster(roster: Roster) -> str:
 def _roster_details(participant: dict) -> list[str]:
     details = [str(participant.get("role"))]
     details += [flag for flag in ("moderator", "muted", "skipped") if participant.get(flag)]
+    if "on_stage" in participant:
+        details.append("on stage" if participant["on_stage"] else "off stage")
     for key, label, unit in (("talkativeness", "talkativeness ", ""), ("ttft", "first token ", " s"),
                              ("tokens_per_second", "", " tok/s")):
         value = participant.get(key)
@@ -79,7 +83,7 @@ def _roster_details(participant: dict) -> list[str]:
 
 
 def _history(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
-    messages = tuple(room.history)
+    messages = tuple(room.visible_to(peer, room.history))
     room.deliver(peer, Archive(messages=messages, markdown=transcript_markdown(messages)))
 
 
@@ -128,7 +132,80 @@ def _to(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
                 raise _bad("Usage: /to NAME message (the message is missing).")
             room.post(peer, message, addressed=name)
             return
-    raise _bad(f"No model called {args[0]!r} is in the room.")
+    name, _ = _persona_and_text(room, args, "to NAME message")  # a clearer sentence for an unknown name
+    if room.stage.is_on(name):
+        raise _bad(f"{name} is not connected now.")
+    raise _bad(f"{name} is off stage; bring it on with /enter {name} first.")
+
+
+def _persona_and_text(room: Room, args: tuple[str, ...], usage: str) -> tuple[str, str]:
+    """The persona named at the start of ``args`` (a name may hold spaces) and the text after it."""
+    if not args:
+        raise _bad(f"Usage: /{usage}")
+    joined = " ".join(args)
+    folded = joined.casefold()
+    for name in sorted(room.stage.known(), key=len, reverse=True):
+        if folded == name.casefold() or folded.startswith(name.casefold() + " "):
+            return name, joined[len(name):].strip()
+    for human in room.members:
+        if human.role is Role.HUMAN and (folded == human.key or folded.startswith(human.key + " ")):
+            raise _bad(f"{human.name} is a human, not a persona; whispers and the stage are for personas.")
+    raise _bad(f"No persona called {args[0]!r} has been in the room.")
+
+
+def _whisper(private: bool) -> Handler:
+    """``/whisper NAME text``: like ``/to``, but only NAME and the moderators hear it; ``!`` keeps the reply private."""
+    usage = f"whisper{'!' if private else ''} NAME message"
+
+    def handler(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+        name, message = _persona_and_text(room, args, usage)
+        if not message:
+            raise _bad(f"Usage: /{usage} (the message is missing).")
+        target = room.find(name)
+        if target is None:
+            raise _bad(f"{name} is not connected; nobody would hear the whisper.")
+        if not room.stage.is_on(name):
+            raise _bad(f"{name} is off stage; bring it on with /enter {name} first.")
+        room.post(peer, message, addressed=target.name, recipients=Recipients((target.name,), whisper=True))
+        if private:
+            room.keep_reply_private(target.name)
+
+    return handler
+
+
+def _enter(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+    name, line = _persona_and_text(room, args, "enter NAME [entry line]")
+    if room.stage.is_on(name):
+        raise _bad(f"{name} is already on stage.")
+    room.enter([name], peer)
+    if line:
+        room.post(peer, line)
+
+
+def _exit(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+    name, line = _persona_and_text(room, args, "exit NAME [exit line]")
+    if not room.stage.is_on(name):
+        raise _bad(f"{name} is already off stage.")
+    room.exit([name], peer)
+    if line:  # said as it goes: the one leaving hears it too
+        room.post(peer, line, recipients=Recipients((*room.stage.on_stage(), name)))
+
+
+def _scene(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+    names: list[str] = []
+    rest = " ".join(args)
+    while rest:
+        name, rest = _persona_and_text(room, tuple(rest.split()), "scene NAME...")
+        names.append(name)
+    if not names:
+        raise _bad("Usage: /scene NAME... (the personas on stage from now on; /exit takes the last one off).")
+    wanted = {name.casefold() for name in names}
+    leaving = [name for name in room.stage.known() if room.stage.is_on(name) and name.casefold() not in wanted]
+    entering = [name for name in names if not room.stage.is_on(name)]
+    if not leaving and not entering:
+        raise _bad("Those personas are on stage already; nothing changed.")
+    room.exit(leaving, peer)
+    room.enter(entering, peer)
 
 
 def _set_muted(muted: bool) -> Handler:
@@ -158,6 +235,11 @@ HANDLERS: dict[str, Handler] = {
     "mode": _mode,
     "turns": _turns,
     "to": _to,
+    "whisper": _whisper(False),
+    "whisper!": _whisper(True),
+    "enter": _enter,
+    "exit": _exit,
+    "scene": _scene,
     "mute": _set_muted(True),
     "unmute": _set_muted(False),
     "kick": _kick,

@@ -1,8 +1,10 @@
 """What the room records: the transcript's records and the interface that keeps them. No I/O here.
 
 Every line of a transcript is one record with a ``kind``: ``start`` (a hub began serving this
-room), ``message`` (a relayed chat message, in the protocol's own fields), ``withheld`` (a message
-kept out of the room, with the reason) or ``event`` (joins, leaves, commands...). ``Recording``
+room), ``message`` (a relayed chat message, in the protocol's own fields: with its ``recipients``
+and ``whisper`` when it did not go to every persona), ``withheld`` (a message kept out of the
+room, with the reason), ``stage`` (who is on and off stage, each time that changes in a room that
+runs scenes) or ``event`` (joins, leaves, commands...). ``Recording``
 builds them, once, for every recorder: the hub's JSONL file (``transcript.py``, which also reads a
 file back for ``--resume``) and ``MemoryRecorder`` for tests of the room.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,6 +39,8 @@ class History:
 
     room_id: str | None = None
     messages: list[Chat] = field(default_factory=list)
+    stage: tuple[list[str], list[str]] | None = None
+    """Who was on and off stage last, if the room ran scenes."""
 
 
 class Recording(ABC):
@@ -49,10 +53,14 @@ class Recording(ABC):
         self.append("start", {"room": room_id, "ts": time.time()})
 
     def message(self, chat: Chat) -> None:
-        """A relayed message, as its frame says it (the nonce too: a resumed hub still knows a re-sent line)."""
+        """A relayed message, as its frame says it: the nonce too (a resumed hub still knows a re-sent line),
+        and the recipients (a resumed hub replays it to them alone)."""
         data = replace(chat, replay=False).to_wire()
         del data["type"], data["colour"]  # the colour is the frame's, worked out from the name
         self.append("message", data)
+
+    def stage(self, on_stage: Sequence[str], off_stage: Sequence[str]) -> None:
+        self.append("stage", {"on_stage": list(on_stage), "off_stage": list(off_stage), "ts": time.time()})
 
     def withheld(self, sender: str, role: str, content: str, reason: str) -> None:
         self.append("withheld", {"from": sender, "role": role, "content": content, "reason": reason,
@@ -95,4 +103,10 @@ def history_of(records: Iterable[Record]) -> History:
             chat = chat_from_wire(record.data)
             if chat is not None:
                 history.messages.append(chat)
+        elif record.kind == "stage":
+            history.stage = (_names(record.data.get("on_stage")), _names(record.data.get("off_stage")))
     return history
+
+
+def _names(value: Any) -> list[str]:
+    return [name for name in value if isinstance(name, str)] if isinstance(value, list) else []

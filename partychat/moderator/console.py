@@ -86,6 +86,9 @@ class RoomView:
             marker = paint(" (earlier)", DIM, self.colour) if frame.replay else ""
             if frame.interrupted:
                 marker += paint(" (stopped)", DIM, self.colour)
+            if frame.whisper:
+                marker += paint(f" (whispered to {neutralise(frame.whispered_to, keep_newlines=False)})", DIM,
+                                self.colour)
             return f"{self.stamp(frame.ts or None)} {name}{marker}: {neutralise(frame.content)}"
         if isinstance(frame, Stream):
             self.drafts[frame.sender] = self.drafts.get(frame.sender, "") + frame.content

@@ -126,6 +126,14 @@
       note.textContent = "interrupted by the moderator";
       el.append(note);
     }
+    if (frame.whisper === true) {
+      // Only the moderators (and the recipients) read this; everyone else was told only that it happened.
+      el.classList.add("whisper");
+      const note = document.createElement("p");
+      note.className = "note";
+      note.textContent = `whispered to ${whisperedTo(frame)}`;
+      el.append(note);
+    }
     const draft = state.drafts.get(frame.from);
     if (draft) {
       state.drafts.delete(frame.from);
@@ -135,6 +143,11 @@
     } else {
       append(el);
     }
+  }
+
+  function whisperedTo(message) {
+    const others = (message.recipients || []).filter((n) => n.toLowerCase() !== message.from.toLowerCase());
+    return others.length ? others.join(", ") : "the moderators";
   }
 
   function growDraft(frame) {
@@ -227,6 +240,7 @@
       const roles = [person.role];
       if (person.moderator) roles.push("moderator");
       if (person.muted) roles.push("muted");
+      if ("on_stage" in person) roles.push(person.on_stage ? "on stage" : "off stage");
       if (speakers.has(person.name)) roles.push("has the turn");
       role.textContent = roles.join(", ");
       item.append(name, role);
@@ -249,11 +263,15 @@
       return b;
     };
     if (person.role === "model") {
-      button("To", () => {
+      const prefill = (text) => {
         const input = byId("say");
-        input.value = `/to ${person.name} `;
+        input.value = text;
         input.focus();
-      });
+      };
+      button("To", () => prefill(`/to ${person.name} `));
+      button("Whisper", () => prefill(`/whisper ${person.name} `));
+      if (person.on_stage === false) button("Enter", () => command("enter", [person.name]));
+      else button("Exit", () => command("exit", [person.name]));
     }
     if (person.name.toLowerCase() !== (stored("name") || "").toLowerCase()) {
       button(person.muted ? "Unmute" : "Mute", () => command(person.muted ? "unmute" : "mute", [person.name]));
