@@ -4,6 +4,9 @@ Every line is one object with a ``kind``: ``start`` (a hub began serving this ro
 (a relayed chat message), ``withheld`` (a message kept out of the room, with the reason) or
 ``event`` (joins, leaves, commands...). This module is the only one that writes or reads them.
 
+A ``message`` with ``replaces`` is a new version of the earlier message with that id (``/retry``):
+the earlier line stays in the file as it was said, and from then on counts as replaced.
+
 Durability: each record is written and flushed to the operating system before the hub relays the
 message, so a hub killed with SIGKILL loses nothing it relayed. ``fsync=True`` also forces every
 record to disk, which survives power loss at the cost of a disk sync per message.
@@ -68,6 +71,8 @@ class Transcript:
             data["interrupted"] = True
         if chat.nonce:
             data["nonce"] = chat.nonce  # so a resumed hub still recognises a line its sender re-sends
+        if chat.replaces:
+            data["replaces"] = chat.replaces
         self._append("message", data)
 
     def withheld(self, sender: str, role: str, content: str, reason: str) -> None:
@@ -108,7 +113,7 @@ def read_records(path: Path) -> list[Record]:
 
 
 def load_history(path: Path) -> History:
-    """The room id and the relayed messages of a transcript, for ``--resume``."""
+    """The room id and the relayed messages of a transcript, for ``--resume``; replaced versions left out."""
     history = History()
     for record in read_records(path):
         data = record.data
@@ -125,8 +130,11 @@ def load_history(path: Path) -> History:
                     role=str(data.get("role", Role.MODEL.value)),
                     interrupted=data.get("interrupted") is True,
                     nonce=data["nonce"] if isinstance(data.get("nonce"), str) else None,
+                    replaces=data["replaces"] if isinstance(data.get("replaces"), str) else None,
                 )
             )
+    replaced = {chat.replaces for chat in history.messages if chat.replaces}
+    history.messages = [chat for chat in history.messages if chat.id not in replaced]
     return history
 
 
