@@ -19,6 +19,7 @@ else:  # pragma: no cover - Python 3.10
 
 from ..bundled import casts_folder, prompts_folder
 from ..engines.registry import BACKENDS
+from .retries import DEFAULT_RETRIES, MAX_RETRIES
 
 
 class CastError(Exception):
@@ -39,10 +40,12 @@ class Persona:
     engine: str = "auto"
     talkativeness: float | None = None
     """Weight in the hub's natural-mode draw, 0 to 1; None leaves the hub's default."""
+    retries: int = DEFAULT_RETRIES
+    """Attempts after the first when a guard would withhold the reply (see persona/retries.py)."""
 
 
 CAST_FIELDS = ("name", "prompt_file", "temperature", "delay", "max_tokens", "initial_prompt", "model", "engine",
-               "talkativeness")
+               "talkativeness", "retries")
 
 
 def shipped_candidates(value: str, shipped: Path, suffix: str) -> list[Path]:
@@ -182,6 +185,8 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         engine=field("engine", str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
         talkativeness=_number_or_none(field("talkativeness", (int, float), lambda v: 0 <= v <= 1,
                                             "must be a number from 0 to 1")),
+        retries=field("retries", int, lambda v: 0 <= v <= MAX_RETRIES,
+                      f"must be a whole number from 0 to {MAX_RETRIES}"),
     )
 
 
