@@ -205,7 +205,7 @@ def test_a_persona_judges_its_reply_as_the_hub_would_and_names_a_cleaned_away_re
     nothing = judge("   ", "", "Echo", ["Moderator"], recent)
     assert nothing.guard is Guard.EMPTY
     assert not judge("Stories float.", "Stories float.", "Echo", ["Moderator"], recent).withheld
-    assert gave_up([copy, nothing]) == "all 2 attempts would have been withheld (repeat, empty)"
+    assert gave_up([copy, nothing]) == "all 2 attempts would have been withheld: repeat, empty"
 
 
 def test_a_personas_history_takes_a_new_version_where_the_old_one_was():

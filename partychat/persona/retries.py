@@ -56,6 +56,5 @@ def judge(raw: str, reply: str, author: str, participants: Sequence[str], recent
 def gave_up(verdicts: Sequence[Verdict]) -> str:
     """Why a persona passes after every attempt was taken back: the reason the room is told."""
     reasons = ", ".join(verdict.guard.value for verdict in verdicts if verdict.guard is not None)
-    if len(verdicts) == 1:
-        return f"its reply would have been withheld ({reasons}) and it had no retry left"
-    return f"all {len(verdicts)} attempts would have been withheld ({reasons})"
+    attempts = "its only attempt" if len(verdicts) == 1 else f"all {len(verdicts)} attempts"
+    return f"{attempts} would have been withheld: {reasons}"
