@@ -338,14 +338,17 @@ class Room:
 
         Clients that understand ``replaces`` put it in the old one's place; others see a new message.
         """
-        asked = peer.role is Role.MODEL and peer.redo is not None and say.replaces == peer.redo
-        refusal = ((ErrorCode.MUTED, "You are muted by the moderator; your message was kept but not relayed.")
-                   if peer.muted else None if asked else
-                   (ErrorCode.NOT_YOUR_TURN, "Nobody asked for that message again; it was kept but not relayed."))
+        refusal = None
+        if peer.muted:
+            refusal = ErrorCode.MUTED, "You are muted by the moderator; your message was kept but not relayed."
+        elif peer.role is not Role.MODEL or peer.redo is None or say.replaces != peer.redo:
+            refusal = ErrorCode.NOT_YOUR_TURN, "Nobody asked for that message again; it was kept but not relayed."
         if refusal is not None:
             self.transcript.withheld(peer.name, peer.role.value, say.content, refusal[0].value)
             self.refuse(peer, *refusal)
             return
+        if not say.content.strip() and not self.settings.guards:
+            raise ProtocolError(ErrorCode.EMPTY, "The message is empty.")
         peer.redo = None
         old = next((chat for chat in self.history if chat.id == say.replaces), None)
         content = say.content
