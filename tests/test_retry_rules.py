@@ -18,10 +18,11 @@ from test_floor_health import StandIn, command, moderator, quiet_reason, replies
 from partychat.guards import Earlier, Guard
 from partychat.hub.server import Hub
 from partychat.hub.transcript import load_history
+from partychat.moderator.console import RoomView, transcript_markdown
 from partychat.persona.generation import GenerationSettings
 from partychat.persona.participant import ModelParticipant, ParticipantConfig
 from partychat.persona.retries import gave_up, judge, settings_for_attempt
-from partychat.protocol import Chat
+from partychat.protocol import Chat, Stream, Withdrawn
 
 
 def takes_back_then(final: str):
@@ -215,3 +216,16 @@ def test_a_personas_history_takes_a_new_version_where_the_old_one_was():
                  Chat("Bot", "I agree.", seq=3, id="c"), Chat("Sage", "New words.", seq=4, id="d", replaces="b")):
         persona._on_chat(chat)
     assert [chat.content for chat in persona.history] == ["Rivers?", "New words.", "I agree."]
+
+
+def test_the_console_drops_a_withdrawn_draft_and_saves_a_new_version_in_place_of_the_old():
+    view = RoomView("Moderator", colour=False)
+    view.render(Stream(sender="Echo", content="A copy of what you said."))
+    line = view.render(Withdrawn(sender="Echo", content="Echo took back a reply: it repeated a recent message."))
+    assert view.toolbar() == "" and "Echo took back a reply" in line
+    view.render(Chat("Echo", "Old words.", seq=1, id="a"))
+    view.render(Chat("Bot", "I agree.", seq=2, id="b"))
+    line = view.render(Chat("Echo", "New words.", seq=3, id="c", replaces="a"))
+    assert "written again" in line and "New words." in line
+    saved = transcript_markdown(view.seen)
+    assert "Old words" not in saved and saved.index("New words") < saved.index("I agree")
