@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 
 from helpers import close_all, drain, hub_config, join, next_frame, say, with_hub
 from test_floor_health import StandIn, command, moderator, quiet_reason, replies, stand_in, transcript_of
+from test_web_page import join_as_moderator, shown, type_line
+from websockets.sync.client import connect
 
 from partychat.guards import Earlier, Guard
 from partychat.hub.server import Hub
@@ -229,3 +232,39 @@ def test_the_console_drops_a_withdrawn_draft_and_saves_a_new_version_in_place_of
     assert "written again" in line and "New words." in line
     saved = transcript_markdown(view.seen)
     assert "Old words" not in saved and saved.index("New words") < saved.index("I agree")
+
+
+def test_the_page_drops_a_withdrawn_draft_and_shows_why_then_the_new_attempt(start_hub, browser):
+    _, url = start_hub()
+    copy, own = "Say hello to the river.", "Rivers greet every stone they pass."
+    taken_back = threading.Event()
+
+    def persona() -> None:
+        with connect(url) as ws:
+            ws.send(json.dumps({"name": "Echo", "type": "model", "protocol": 1}))
+            for raw in ws:
+                frame = json.loads(raw)
+                if frame["type"] == "turn" and frame["speakers"] == ["Echo"]:
+                    ws.send(json.dumps({"type": "partial", "content": copy}))
+                    taken_back.wait(60)  # until the page has shown the draft
+                    ws.send(json.dumps({"type": "discard", "content": copy, "reason": "repeat",
+                                        "turn": frame["turn"]}))
+                    ws.send(json.dumps({"type": "partial", "content": own}))
+                    ws.send(json.dumps({"type": "message", "content": own, "turn": frame["turn"]}))
+                    return
+
+    speaker = threading.Thread(target=persona, daemon=True)
+    speaker.start()
+    page = browser.open(url.replace("ws://", "http://") + "/moderate")
+    join_as_moderator(page)
+    page.locator("#participants li", has_text="Echo").wait_for()
+    type_line(page, copy)
+    draft = page.locator("#log .msg.draft")
+    draft.wait_for()
+    assert draft.locator(".body").inner_text() == copy
+    taken_back.set()
+    page.locator("#log .msg.final").nth(1).wait_for()
+    assert [m["text"] for m in shown(page)] == [copy, own]
+    assert page.locator("#log .msg.draft, #log .msg.stopped").count() == 0, "nothing of the attempt is left"
+    assert page.locator("#log .event", has_text="Echo took back a reply: it repeated a recent message.").is_visible()
+    speaker.join(10)
