@@ -21,7 +21,7 @@ from pathlib import Path
 from websockets.exceptions import ConnectionClosed
 
 from ..connection import HubGone, Session, check_refusal, keep_trying
-from ..engines.base import ChatModel, EngineError, StopFlag
+from ..engines.base import ChatModel, ChatRequest, EngineError, StopFlag
 from ..guards import REPEAT_WINDOW, Earlier, Verdict
 from ..protocol import (
     PROTOCOL_VERSION,
@@ -40,7 +40,9 @@ from ..protocol import (
     encode,
     parse_server_frame,
 )
-from .generation import GenerationSettings, ReplyStream, build_request, clean_reply
+from .cards import fill_macros
+from .generation import GenerationSettings, PromptExtras, ReplyStream, build_request, clean_reply
+from .lorebook import Lore, Lorebook
 from .retries import DEFAULT_RETRIES, gave_up, judge, settings_for_attempt
 
 log = logging.getLogger("partychat.client")
@@ -64,6 +66,14 @@ class ParticipantConfig:
     """Other personas of this process: they log their own lines."""
     retries: int = DEFAULT_RETRIES
     """Attempts after the first, in one turn, when a guard would withhold the reply (see retries.py)."""
+    examples: str = ""
+    """Example dialogue (a card's ``mes_example``); left out first when the prompt is tight."""
+    after_history: str = ""
+    """Instructions after the newest message (a card's ``post_history_instructions``)."""
+    books: tuple[Lorebook, ...] = ()
+    """This persona's lorebooks: its card's own, then the shared ``--lorebook`` ones."""
+    offstage: bool = False
+    """Ask the hub, on first joining, to start off stage (a cast entry's ``offstage``)."""
 
 
 @dataclass
@@ -106,6 +116,7 @@ class ModelParticipant:
         """Draws each retry's new seed."""
         self._session: Session | None = None
         self._names: set[str] = set()
+        self._humans: list[str] = []
         self.joined = asyncio.Event()
         """Set once the hub has first let this participant in."""
 
@@ -122,6 +133,7 @@ class ModelParticipant:
             last_seq=self.last_seq,
             session=self.secret,
             talkativeness=self.config.talkativeness,
+            offstage=self.config.offstage and not self.joined.is_set(),  # a reconnect must not undo an /enter
         )
 
     async def run(self) -> None:
@@ -149,7 +161,8 @@ class ModelParticipant:
         try:
             if self.config.initial_prompt and not self.opening_sent:
                 self.opening_sent = True
-                await session.ws.send(encode(Say(self.config.initial_prompt, opening=True)))
+                opening = fill_macros(self.config.initial_prompt, char=self.name, user=self._user())
+                await session.ws.send(encode(Say(opening, opening=True)))
             async for raw in session.ws:
                 self._on_frame(parse_server_frame(raw))
             raise HubGone
@@ -180,6 +193,8 @@ class ModelParticipant:
         if chat.seq:
             self.last_seq = chat.seq
         self._names.add(chat.sender)
+        if chat.role == Role.HUMAN.value and chat.sender not in self._humans:
+            self._humans.append(chat.sender)
         replaced = next((i for i, old in enumerate(self.history) if chat.replaces and old.id == chat.replaces), None)
         if replaced is not None:
             self.history[replaced] = chat  # a new version (/retry) stands where the old one was said
@@ -345,7 +360,11 @@ class ModelParticipant:
         On our hub an empty partial goes out at the first token in any case: it tells the hub this
         persona is alive before its first sentence is done (see --first-token-timeout).
         """
-        request = await build_request(self.model, self.config.persona, self.name, context, settings)
+        persona, extras = prompt_parts(self.config, self._user())
+        request = await build_request(self.model, persona, self.name, context, settings, extras)
+        log.debug("%s's prompt: %s", self.name, request.messages)
+        if extras.lore is not None and settings.history_length > 0:
+            self._log_lore(extras.lore, request, context[-settings.history_length:])
         extended = self._session is not None and self._session.extended
         raw: list[str] = []
         try:
@@ -362,6 +381,29 @@ class ModelParticipant:
             timing.finished = time.monotonic()
             timing.pieces += len(raw)  # over every attempt, like the span from the first token
         return "".join(raw)
+
+    def _user(self) -> str:
+        """``{{user}}`` in a card: the one human who has spoken here, else everyone."""
+        return self._humans[0] if len(self._humans) == 1 else "everyone"
+
+    def _log_lore(self, lore: Lore, request: ChatRequest, window: list[Chat]) -> None:
+        """Which entries this turn's newest messages fired, and which the budget left out of the prompt."""
+        prompt = "\n".join(message["content"] for message in request.messages)
+        placed = [ref for refs in lore.placements(window) for ref in refs]
+        left_out = [lore.entry(ref).label for ref in placed if lore.text(ref) not in prompt]
+        log.debug("Lore for %s's turn: fired %s; in the prompt %d entries%s", self.name,
+                  ", ".join(entry.label for entry in lore.fired(window)) or "none", len(placed) - len(left_out),
+                  f"; left out for room: {', '.join(left_out)}" if left_out else "")
+
+
+def prompt_parts(config: ParticipantConfig, user: str) -> tuple[str, PromptExtras]:
+    """The persona text and what a card and lorebooks add, for one request, with the macros filled in."""
+
+    def fill(text: str) -> str:
+        return fill_macros(text, char=config.name, user=user)
+
+    lore = Lore(config.books, fill) if config.books else None
+    return fill(config.persona), PromptExtras(fill(config.examples), fill(config.after_history), lore)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
