@@ -21,6 +21,7 @@ def transcript_markdown(messages: Sequence[Chat]) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(chat.ts)) if chat.ts else ""
         stopped = ", stopped by the moderator" if chat.interrupted else ""
         stopped += f", whispered to {_markdown_escape(chat.whispered_to)}" if chat.whisper else ""
+        stopped += ", written again" if chat.replaces else ""
         lines.append(f"**{_markdown_escape(chat.sender)}** ({chat.role}{', ' + when if when else ''}{stopped}):")
         lines.append("")
         lines.extend("> " + _markdown_escape(line) for line in chat.content.splitlines() or [""])

@@ -65,6 +65,8 @@ class ChatRequest:
     speaker: str
     temperature: float = 0.7
     max_tokens: int = 100
+    seed: int | None = None
+    """Seeds the sampling, so a retry draws differently from the attempt before it; None leaves it random."""
 
 
 class StopFlag:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .base import ChatRequest, ThreadedChatModel, chat_template_error, plain_transcript
@@ -44,7 +45,7 @@ class TransformersChatModel(ThreadedChatModel):
             if request.temperature > 0
             else {"do_sample": False}
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), _seeded(request.seed, model.device):
             model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -54,6 +55,19 @@ class TransformersChatModel(ThreadedChatModel):
                 streamer=_TokenByToken(tokenizer, emit),
                 **sampling,
             )
+
+
+@contextmanager
+def _seeded(seed: int | None, device: Any) -> Iterator[None]:
+    """Sample from ``seed`` without moving the process's own random state on; None leaves that state in use."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class _TokenByToken:

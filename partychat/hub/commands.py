@@ -101,6 +101,10 @@ def _stop(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     room.stop_replies(peer)
 
 
+def _retry(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+    room.ask_again(peer, " ".join(args) or None)
+
+
 def _mode(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     names = ", ".join(mode.value for mode in Mode)
     if len(args) != 1:
@@ -232,6 +236,7 @@ HANDLERS: dict[str, Handler] = {
     "pause": _pause,
     "resume": _resume,
     "stop": _stop,
+    "retry": _retry,
     "mode": _mode,
     "turns": _turns,
     "to": _to,

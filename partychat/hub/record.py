@@ -94,7 +94,7 @@ class MemoryRecorder(Recording):
 
 
 def history_of(records: Iterable[Record]) -> History:
-    """The room id and the relayed messages among these records, for ``--resume``."""
+    """The room id and the relayed messages among these records, for ``--resume``; replaced versions left out."""
     history = History()
     for record in records:
         if record.kind == "start" and isinstance(record.data.get("room"), str):
@@ -105,6 +105,8 @@ def history_of(records: Iterable[Record]) -> History:
                 history.messages.append(chat)
         elif record.kind == "stage":
             history.stage = (_names(record.data.get("on_stage")), _names(record.data.get("off_stage")))
+    replaced = {chat.replaces for chat in history.messages if chat.replaces}  # /retry: the new version counts
+    history.messages = [chat for chat in history.messages if chat.id not in replaced]
     return history
 
 

@@ -3,6 +3,9 @@
 The records themselves (``start``, ``message``, ``withheld``, ``event``) are defined in
 ``record.py``; this module writes them to a file and reads a file back for ``--resume``.
 
+A ``message`` with ``replaces`` is a new version of the earlier message with that id (``/retry``):
+the earlier line stays in the file as it was said, and from then on counts as replaced.
+
 Durability: each record is written and flushed to the operating system before the hub relays the
 message, so a hub killed with SIGKILL loses nothing it relayed. ``fsync=True`` also forces every
 record to disk, which survives power loss at the cost of a disk sync per message.

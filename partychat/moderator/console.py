@@ -15,7 +15,19 @@ from dataclasses import dataclass
 import aioconsole
 
 from ..display import DIM, colour_wanted, neutralise, paint, speaker_colour
-from ..protocol import Chat, Command, FloorState, Notice, Refusal, Roster, Say, ServerFrame, Stream, listed_commands
+from ..protocol import (
+    Chat,
+    Command,
+    FloorState,
+    Notice,
+    Refusal,
+    Roster,
+    Say,
+    ServerFrame,
+    Stream,
+    Withdrawn,
+    listed_commands,
+)
 
 HUB_COMMANDS = listed_commands()
 LOCAL_COMMANDS = {
@@ -79,7 +91,7 @@ class RoomView:
     def render(self, frame: ServerFrame) -> str | None:
         if isinstance(frame, Chat):
             self.drafts.pop(frame.sender, None)
-            self.seen.append(frame)
+            self._keep(frame)
             if not self.show_messages and frame.sender != self.own_name:
                 return None
             name = paint(neutralise(frame.sender, keep_newlines=False), speaker_colour(frame.sender), self.colour)
@@ -89,10 +101,15 @@ class RoomView:
             if frame.whisper:
                 marker += paint(f" (whispered to {neutralise(frame.whispered_to, keep_newlines=False)})", DIM,
                                 self.colour)
+            if frame.replaces:
+                marker += paint(" (written again, in place of its last message)", DIM, self.colour)
             return f"{self.stamp(frame.ts or None)} {name}{marker}: {neutralise(frame.content)}"
         if isinstance(frame, Stream):
             self.drafts[frame.sender] = self.drafts.get(frame.sender, "") + frame.content
             return None
+        if isinstance(frame, Withdrawn):
+            self.drafts.pop(frame.sender, None)  # what it streamed of that attempt was never said
+            return self.status(frame.content)
         if isinstance(frame, Notice):
             return self.status(frame.content)
         if isinstance(frame, Refusal):
@@ -103,6 +120,14 @@ class RoomView:
         if isinstance(frame, Roster):
             return self.status(frame.content)
         return None
+
+    def _keep(self, chat: Chat) -> None:
+        """Remember a message for /save; a new version (``/retry``) takes the old one's place."""
+        index = next((i for i, old in enumerate(self.seen) if chat.replaces and old.id == chat.replaces), None)
+        if index is None:
+            self.seen.append(chat)
+        else:
+            self.seen[index] = chat
 
     def _turn_change(self, floor: FloorState) -> str | None:
         """A status line when the floor passes to someone else (pauses have their own notices)."""

@@ -21,6 +21,8 @@ class GenerationSettings:
     max_context_tokens: int = 2048
     auto_truncate: bool = True
     history_length: int = 5
+    seed: int | None = None
+    """The sampling seed; None leaves it random. Retries set a new one each (see persona/retries.py)."""
 
 
 GROUP_CHAT_RULES = "This is a group chat. You speak only as {name}. Reply in one to three sentences."
@@ -65,7 +67,8 @@ async def build_request(
         if fold_persona:
             system, first, *rest = messages
             messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
-        request = ChatRequest(tuple(messages), name, settings.temperature, settings.max_new_tokens)
+        request = ChatRequest(tuple(messages), name, settings.temperature, settings.max_new_tokens,
+                              seed=settings.seed)
         try:
             size = await model.count_tokens(request)
         except SystemRoleUnsupported:
