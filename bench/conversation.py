@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(HERE))  # this checkout's partychat, for the fluency scorer
 PANEL_SIZE = 7
 
 QUESTIONS = (

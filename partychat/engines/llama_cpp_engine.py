@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .anticopy import Vocabulary, ban_for
 from .base import (
     ChatRequest,
     EngineNotInstalled,
@@ -85,6 +86,8 @@ class LlamaCppChatModel(ThreadedChatModel):
                                                       eos_token=self._token_text(self.llama.token_eos()),
                                                       bos_token=self._token_text(self.llama.token_bos()))
         self._vocab = self.llama._model.vocab  # for llama_vocab_is_eog: the public API has no wrapper for it
+        self._words: Vocabulary | None = None
+        """Each token's text for anti-copy, read from the model on the first request that needs it."""
 
     def _token_text(self, token: int) -> str:
         return self.llama.detokenize([token], special=True).decode("utf-8", "replace") if token >= 0 else ""
@@ -117,6 +120,8 @@ class LlamaCppChatModel(ThreadedChatModel):
         )
         decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two tokens
         limit = min(request.max_tokens, room)
+        if request.anti_copy is not None:
+            sampling["logits_processor"] = [self._anti_copy(request, len(tokens))]
         for produced, token in enumerate(self.llama.generate(tokens, reset=True, **sampling), start=1):
             if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                 break
@@ -128,6 +133,34 @@ class LlamaCppChatModel(ThreadedChatModel):
         tail = decoder.decode(b"", final=True)
         if tail:
             emit(tail)
+
+    def _anti_copy(self, request: ChatRequest, prompt_length: int) -> Callable[[Any, Any], Any]:
+        """A logits processor that rules out the tokens anti-copy bans, given the reply generated so far.
+
+        llama-cpp-python 0.3.36 builds its sampler chain itself, and its DRY sampler is not among the
+        options ``generate`` takes (only the private ``_internals`` can add it); DRY would also
+        penalise the whole context alike (the persona's own prompt, the moderator's question), where
+        anti-copy aims at the other speakers' words. So the engine uses the shared word bans.
+        """
+        assert request.anti_copy is not None
+        ban = ban_for(request.anti_copy, self._vocabulary,
+                      lambda text: self.llama.tokenize(text.encode(), add_bos=False, special=False))
+
+        def processor(input_ids: Any, scores: Any) -> Any:
+            reply_ids = [int(token) for token in input_ids[prompt_length:]]
+            reply = self.llama.detokenize(reply_ids).decode("utf-8", "ignore")
+            banned = ban.banned_tokens(reply_ids, reply)
+            if banned:
+                scores[banned] = -float("inf")
+            return scores
+
+        return processor
+
+    def _vocabulary(self) -> Vocabulary:
+        if self._words is None:
+            self._words = Vocabulary(self.llama.detokenize([token]).decode("utf-8", "ignore")
+                                     for token in range(self.llama.n_vocab()))
+        return self._words
 
     async def aclose(self) -> None:
         await super().aclose()

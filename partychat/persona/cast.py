@@ -39,10 +39,12 @@ class Persona:
     engine: str = "auto"
     talkativeness: float | None = None
     """Weight in the hub's natural-mode draw, 0 to 1; None leaves the hub's default."""
+    anti_copy: bool = True
+    """Decode so the reply never copies a word n-gram of the other recent messages."""
 
 
 CAST_FIELDS = ("name", "prompt_file", "temperature", "delay", "max_tokens", "initial_prompt", "model", "engine",
-               "talkativeness")
+               "talkativeness", "anti_copy")
 
 
 def shipped_candidates(value: str, shipped: Path, suffix: str) -> list[Path]:
@@ -168,6 +170,9 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         persona_text = read_persona(prompt_file, name.strip(), path.parent)
     except CastError as error:
         raise CastError(f"{where}, field 'prompt_file': {error}") from None
+    anti_copy = entry.get("anti_copy", base.anti_copy)
+    if not isinstance(anti_copy, bool):
+        raise CastError(f"{where}, field 'anti_copy': must be true or false, not {anti_copy!r}.")
     model = field("model", str)
     if model.startswith(("./", "../")):
         model = str((path.parent / model).resolve())  # relative to the cast file, like its prompt files
@@ -182,6 +187,7 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         engine=field("engine", str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
         talkativeness=_number_or_none(field("talkativeness", (int, float), lambda v: 0 <= v <= 1,
                                             "must be a number from 0 to 1")),
+        anti_copy=anti_copy,
     )
 
 

@@ -24,7 +24,7 @@ from ..engines.registry import BACKENDS, EngineOptions, open_chat_model, pick_ba
 from ..logs import LEVELS, honour_ctrl_c, setup_logging
 from .cast import CastError, Persona, from_flag, read_cast_file, read_persona
 from .cast_runner import run_cast
-from .generation import GenerationSettings
+from .generation import PROMPT_SHAPES, GenerationSettings
 from .participant import ModelParticipant, ParticipantConfig
 from .shared_models import SharedChatModel, load_once
 
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the hub's access token (or set PARTYCHAT_TOKEN)")
     parser.add_argument("--ca-file", type=Path, help="CA certificate to trust for a wss:// hub")
     parser.add_argument("--no-stream", action="store_true", help="send replies whole, without live partials")
+    parser.add_argument("--no-anti-copy", action="store_true",
+                        help="let replies copy word trigrams of the other recent messages (see README: anti-copy)")
+    parser.add_argument("--prompt-shape", choices=sorted(PROMPT_SHAPES), default="turns",
+                        help="turns: each message its own chat turn; transcript: the conversation as one user turn")
     parser.add_argument("--no-speedups", action="store_true",
                         help="run the model as plain transformers would: no bfloat16 on CPU, no static cache")
     parser.add_argument("--log-level", default="INFO", choices=LEVELS, type=str.upper)
@@ -147,7 +151,7 @@ def build_cast(args: argparse.Namespace) -> list[Persona]:
                         "give NAME=PROMPT_FILE, and use a --cast file for an opening line.")
     base = Persona(name="", persona="", temperature=args.temperature, delay=args.delay,
                    max_tokens=args.max_generation_tokens, model=args.model, engine=args.backend,
-                   talkativeness=args.talkativeness)
+                   talkativeness=args.talkativeness, anti_copy=not args.no_anti_copy)
     cast = []
     if args.name:
         cast.append(replace(base, name=args.name, persona=read_persona(args.prompt_file, args.name),
@@ -191,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             models[persona.name],
             GenerationSettings(temperature=persona.temperature, max_new_tokens=persona.max_tokens,
                                max_context_tokens=args.max_context_tokens, auto_truncate=not args.no_auto_truncate,
-                               history_length=args.history_length),
+                               history_length=args.history_length, anti_copy=persona.anti_copy,
+                               prompt_shape=args.prompt_shape),
         )
         for index, persona in enumerate(cast)
     ]

@@ -9,8 +9,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..engines.anticopy import DEFAULT_N, AntiCopy
 from ..engines.base import ChatModel, ChatRequest, PromptTooLong, SystemRoleUnsupported
-from ..protocol import Chat
+from ..protocol import Chat, Role
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,17 @@ class GenerationSettings:
     max_context_tokens: int = 2048
     auto_truncate: bool = True
     history_length: int = 5
+    anti_copy: bool = True
+    """Never continue a word n-gram of the other messages in the prompt (see engines/anticopy.py)."""
+    anti_copy_n: int = DEFAULT_N
+    anti_copy_unit: str = "words"
+    prompt_shape: str = "turns"
+    """How the history is laid out for the model: one of PROMPT_SHAPES."""
+
+
+ANTI_COPY_MODERATOR = False
+"""Whether a moderator's lines are among those a reply must not copy: no, since restating the question
+is natural and keeps a reply on topic (bench/README.md has the figures both ways)."""
 
 
 GROUP_CHAT_RULES = "This is a group chat. You speak only as {name}. Reply in one to three sentences."
@@ -44,6 +56,25 @@ def build_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dic
     return [{"role": "system", "content": system}, *turns]
 
 
+TRANSCRIPT_OPENING = "The conversation so far:"
+TRANSCRIPT_CLOSING = "Write {name}'s next message: add something the others have not said yet."
+
+
+def build_transcript_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dict[str, str]]:
+    """The recent conversation as one transcript in a single user turn, every speaker alike ``Name: text``.
+
+    It closes with a line naming who writes next. Between history cuts the turn grows only where
+    the transcript ends, before that fixed closing line.
+    """
+    system = f"{persona.strip()}\n\n{GROUP_CHAT_RULES.format(name=name)}".strip()
+    lines = [f"{chat.sender}: {chat.content}" for chat in history] or ["(The conversation begins.)"]
+    text = "\n".join([TRANSCRIPT_OPENING, *lines, "", TRANSCRIPT_CLOSING.format(name=name)])
+    return [{"role": "system", "content": system}, {"role": "user", "content": text}]
+
+
+PROMPT_SHAPES = {"turns": build_messages, "transcript": build_transcript_messages}
+
+
 async def build_request(
     model: ChatModel, persona: str, name: str, history: Sequence[Chat], settings: GenerationSettings
 ) -> ChatRequest:
@@ -55,11 +86,12 @@ async def build_request(
     recent = list(history)[-settings.history_length:] if settings.history_length > 0 else []
     fold_persona = False
     while True:
-        messages = build_messages(persona, name, recent)
+        messages = PROMPT_SHAPES[settings.prompt_shape](persona, name, recent)
         if fold_persona:
             system, first, *rest = messages
             messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
-        request = ChatRequest(tuple(messages), name, settings.temperature, settings.max_new_tokens)
+        request = ChatRequest(tuple(messages), name, settings.temperature, settings.max_new_tokens,
+                              anti_copy=anti_copy_for(recent, settings))
         try:
             size = await model.count_tokens(request)
         except SystemRoleUnsupported:
@@ -87,6 +119,16 @@ async def build_request(
             f"The persona alone needs {size} tokens, more than the {budget} the context allows; "
             "raise --max-context-tokens or shorten the persona."
         )
+
+
+def anti_copy_for(recent: Sequence[Chat], settings: GenerationSettings) -> AntiCopy | None:
+    """What the reply must not copy: every message of the prompt's window (its own earlier ones too,
+    which the hub's repeat guard would withhold just the same), the moderator's unless
+    ANTI_COPY_MODERATOR."""
+    if not settings.anti_copy:
+        return None
+    avoid = tuple(chat.content for chat in recent if ANTI_COPY_MODERATOR or chat.role != Role.HUMAN.value)
+    return AntiCopy(avoid, settings.anti_copy_n, settings.anti_copy_unit)
 
 
 def speaker_line_pattern(names: Sequence[str]) -> re.Pattern[str]:
