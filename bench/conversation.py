@@ -346,9 +346,11 @@ class Fluency:
     def __init__(self) -> None:
         from llama_cpp import Llama
 
+        from partychat.engines.llama_cpp_engine import without_weight_repacking
         from partychat.engines.models import embedded_gguf
 
-        self.llama = Llama(model_path=str(embedded_gguf()), n_ctx=512, logits_all=True, verbose=False)
+        with without_weight_repacking():
+            self.llama = Llama(model_path=str(embedded_gguf()), n_ctx=512, logits_all=True, verbose=False)
 
     def median_nll(self, text: str) -> float | None:
         import numpy as np

@@ -10,7 +10,8 @@ with the previous speaker's.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,31 @@ def gpu_layers(device: str) -> int:
     )
 
 
+@contextmanager
+def without_weight_repacking() -> Iterator[None]:
+    """Load models with llama.cpp's extra CPU buffer types off (weight repacking, AMX tiles).
+
+    A llama-cpp-python built on a CPU that reports AMX (as this project's 2-core Xeons do) segfaults
+    on the first prompt of more than one token when the process may not actually use those
+    kernels, as in a sandbox. ``Llama()`` has no option for it, so its default model parameters are
+    wrapped while it loads; decoding one token at a time is unaffected either way.
+    """
+    import llama_cpp.llama_cpp as api
+
+    original = api.llama_model_default_params
+
+    def params() -> Any:
+        found = original()
+        found.use_extra_bufts = False
+        return found
+
+    api.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        api.llama_model_default_params = original
+
+
 class LlamaCppChatModel(ThreadedChatModel):
     engine = "llama.cpp"
 
@@ -74,8 +100,10 @@ class LlamaCppChatModel(ThreadedChatModel):
             )
         super().__init__(path.name)
         try:
-            self.llama = Llama(model_path=str(path), n_ctx=context_tokens, n_threads=threads,
-                               n_threads_batch=threads, n_gpu_layers=gpu_layers(device), main_gpu=gpu_id, verbose=False)
+            with without_weight_repacking():
+                self.llama = Llama(model_path=str(path), n_ctx=context_tokens, n_threads=threads,
+                                   n_threads_batch=threads, n_gpu_layers=gpu_layers(device), main_gpu=gpu_id,
+                                   verbose=False)
         except (ValueError, RuntimeError) as error:
             raise ModelError(f"llama.cpp could not load {path.name}: {error}") from error
         template = self.llama.metadata.get("tokenizer.chat_template")
