@@ -270,7 +270,9 @@ def run_room(folder: Path, config: Config, mode: str, questions: Sequence[str], 
     transcript = out / f"{tag}.jsonl"
     transcript.unlink(missing_ok=True)
     hub = Child(folder, ["server.py", "--host", "127.0.0.1", "--port", "0", "--mode", mode, "--seed", "1",
-                         "--transcript", str(transcript), "--no-web", "--log-level", "WARNING"],
+                         "--transcript", str(transcript), "--no-web", "--log-level", "WARNING",
+                         # a loaded machine may take minutes over a reply: slowness must not change the talk
+                         "--first-token-timeout", "0", "--turn-timeout", "0"],
                 out / f"{tag}-hub.log")
     client = None
     try:
