@@ -192,7 +192,7 @@ class Child:
     def __init__(self, folder: Path, args: list[str], log: Path) -> None:
         self.log = log
         self._out = log.open("wb")
-        env = {**os.environ, "PYTHONPATH": str(folder)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
         self.popen = subprocess.Popen([sys.executable, *args], cwd=folder, stdout=self._out,
                                       stderr=subprocess.STDOUT, env=env)
 
