@@ -295,6 +295,7 @@ def run_room(folder: Path, config: Config, mode: str, questions: Sequence[str], 
 
 
 GUARD_REASONS = ("repeat", "empty", "impersonation")
+MODES = ("round-robin", "mention", "moderator", "free", "natural")
 
 
 @dataclass
@@ -412,7 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="longest wait for one question's round, s")
     parser.add_argument("--out", type=Path, help="folder for the transcripts and logs (default: a temporary one)")
     parser.add_argument("--no-fluency", action="store_true", help="skip the fluency scoring")
+    parser.add_argument("--rescore", type=Path, metavar="FOLDER",
+                        help="only score the transcripts (LABEL-MODE.jsonl) an earlier run left in FOLDER; "
+                             "the speeds are not in them")
     args = parser.parse_args(argv)
+    if args.rescore:
+        return rescore(args.rescore, None if args.no_fluency else Fluency())
     if not 1 <= args.questions <= len(QUESTIONS):
         parser.error(f"--questions must be from 1 to {len(QUESTIONS)}")
     try:
@@ -440,6 +446,21 @@ def main(argv: list[str] | None = None) -> int:
             for mode in [*modes, "both"]:
                 picked = [rooms[config.label, m] for m in modes if mode in (m, "both")]
                 print(json.dumps({"config": config.label, "mode": mode, **figures(picked, fluency)}), flush=True)
+    return 0
+
+
+def rescore(folder: Path, fluency: Fluency | None) -> int:
+    rooms: dict[str, dict[str, Scored]] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        mode = next((m for m in MODES if path.stem.endswith(f"-{m}")), None)
+        if mode is None:
+            continue
+        label = path.stem.removesuffix(f"-{mode}")
+        rooms.setdefault(label, {})[mode] = score_transcript(path, [])
+    for label, modes in rooms.items():
+        for mode in [*modes, "both"]:
+            picked = list(modes.values()) if mode == "both" else [modes[mode]]
+            print(json.dumps({"config": label, "mode": mode, **figures(picked, fluency)}), flush=True)
     return 0
 
 
