@@ -24,7 +24,7 @@ from ..engines.registry import BACKENDS, EngineOptions, open_chat_model, pick_ba
 from ..logs import LEVELS, honour_ctrl_c, setup_logging
 from .cast import CastError, Persona, from_flag, read_cast_file, read_persona
 from .cast_runner import run_cast
-from .generation import PROMPT_SHAPES, GenerationSettings
+from .generation import GenerationSettings
 from .participant import ModelParticipant, ParticipantConfig
 from .shared_models import SharedChatModel, load_once
 
@@ -77,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-stream", action="store_true", help="send replies whole, without live partials")
     parser.add_argument("--no-anti-copy", action="store_true",
                         help="let replies copy word trigrams of the other recent messages (see README: anti-copy)")
-    parser.add_argument("--prompt-shape", choices=sorted(PROMPT_SHAPES), default="turns",
-                        help="turns: each message its own chat turn; transcript: the conversation as one user turn")
     parser.add_argument("--no-speedups", action="store_true",
                         help="run the model as plain transformers would: no bfloat16 on CPU, no static cache")
     parser.add_argument("--log-level", default="INFO", choices=LEVELS, type=str.upper)
@@ -195,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             models[persona.name],
             GenerationSettings(temperature=persona.temperature, max_new_tokens=persona.max_tokens,
                                max_context_tokens=args.max_context_tokens, auto_truncate=not args.no_auto_truncate,
-                               history_length=args.history_length, anti_copy=persona.anti_copy,
-                               prompt_shape=args.prompt_shape),
+                               history_length=args.history_length, anti_copy=persona.anti_copy),
         )
         for index, persona in enumerate(cast)
     ]

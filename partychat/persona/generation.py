@@ -25,8 +25,6 @@ class GenerationSettings:
     """Never continue a word n-gram of the other messages in the prompt (see engines/anticopy.py)."""
     anti_copy_n: int = DEFAULT_N
     anti_copy_unit: str = "words"
-    prompt_shape: str = "turns"
-    """How the history is laid out for the model: one of PROMPT_SHAPES."""
 
 
 ANTI_COPY_MODERATOR = False
@@ -56,25 +54,6 @@ def build_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dic
     return [{"role": "system", "content": system}, *turns]
 
 
-TRANSCRIPT_OPENING = "The conversation so far:"
-TRANSCRIPT_CLOSING = "Write {name}'s next message: add something the others have not said yet."
-
-
-def build_transcript_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dict[str, str]]:
-    """The recent conversation as one transcript in a single user turn, every speaker alike ``Name: text``.
-
-    It closes with a line naming who writes next. Between history cuts the turn grows only where
-    the transcript ends, before that fixed closing line.
-    """
-    system = f"{persona.strip()}\n\n{GROUP_CHAT_RULES.format(name=name)}".strip()
-    lines = [f"{chat.sender}: {chat.content}" for chat in history] or ["(The conversation begins.)"]
-    text = "\n".join([TRANSCRIPT_OPENING, *lines, "", TRANSCRIPT_CLOSING.format(name=name)])
-    return [{"role": "system", "content": system}, {"role": "user", "content": text}]
-
-
-PROMPT_SHAPES = {"turns": build_messages, "transcript": build_transcript_messages}
-
-
 async def build_request(
     model: ChatModel, persona: str, name: str, history: Sequence[Chat], settings: GenerationSettings
 ) -> ChatRequest:
@@ -86,7 +65,7 @@ async def build_request(
     recent = list(history)[-settings.history_length:] if settings.history_length > 0 else []
     fold_persona = False
     while True:
-        messages = PROMPT_SHAPES[settings.prompt_shape](persona, name, recent)
+        messages = build_messages(persona, name, recent)
         if fold_persona:
             system, first, *rest = messages
             messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
