@@ -56,11 +56,13 @@ def reply(model, request: ChatRequest) -> str:
     return asyncio.run(collect())
 
 
+@pytest.mark.slow
 def test_without_anti_copy_the_echo_prompt_copies(engine):
     said = reply(engine, echo_request(None))
     assert ngrams(said, 3) & ngrams(ECHO, 3), said
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 2])
 def test_with_anti_copy_no_word_ngram_of_the_message_is_written(engine, n):
     said = reply(engine, echo_request(AntiCopy((ECHO,), n)))
