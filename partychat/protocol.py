@@ -17,6 +17,8 @@ from typing import Any
 PROTOCOL_VERSION = 1
 MAX_NAME_LENGTH = 40
 MAX_NONCE_LENGTH = 64
+MAX_REASON_LENGTH = 40
+"""A discard's reason is a short code such as ``repeat``."""
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024
 
 
@@ -128,9 +130,12 @@ class Say:
     nonce: str | None = None
     """Chosen by the client, echoed back: a line re-sent after a reconnect is relayed only once."""
     speed: Speed | None = None
+    replaces: str | None = None
+    """A model's new version of its message with this id, written because the hub sent it a ``Redo``."""
 
     def to_wire(self) -> dict[str, Any]:
-        frame = _with_set_fields({"type": "message", "content": self.content}, self, "opening", "turn", "nonce")
+        frame = _with_set_fields({"type": "message", "content": self.content}, self, "opening", "turn", "nonce",
+                                 "replaces")
         return {**frame, **self.speed.to_wire()} if self.speed else frame
 
 
@@ -151,10 +156,28 @@ class Pass:
     reason: str = ""
     turn: int | None = None
     speed: Speed | None = None
+    replaces: str | None = None
+    """Set when the model gives up writing its message with this id again (a ``Redo``), not a turn."""
 
     def to_wire(self) -> dict[str, Any]:
-        frame = _with_set_fields({"type": "pass", "reason": self.reason}, self, "turn")
+        frame = _with_set_fields({"type": "pass", "reason": self.reason}, self, "turn", "replaces")
         return {**frame, **self.speed.to_wire()} if self.speed else frame
+
+
+@dataclass(frozen=True)
+class Discard:
+    """A model takes back an attempt at its reply that a guard would withhold, and tries again (extension).
+
+    ``content`` is the whole attempt and ``reason`` the guard's code (``repeat``, ``empty``,
+    ``impersonation``): the hub keeps both in the transcript and withdraws what was streamed of it.
+    """
+
+    content: str
+    reason: str
+    turn: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _with_set_fields({"type": "discard", "content": self.content, "reason": self.reason}, self, "turn")
 
 
 @dataclass(frozen=True)
@@ -168,7 +191,7 @@ class Command:
         return {"type": "command", "name": self.name, "args": list(self.args)}
 
 
-ClientFrame = Say | Draft | Pass | Command
+ClientFrame = Say | Draft | Pass | Discard | Command
 
 
 # ---------------------------------------------------------------- hub -> client
@@ -189,6 +212,8 @@ class Chat:
     """The moderator stopped this reply (``/stop``); the content is what had been streamed."""
     nonce: str | None = None
     """The sender's own mark for this line, echoed so it knows the line arrived."""
+    replaces: str | None = None
+    """The id of an earlier message of the same sender that this one replaces (``/retry``)."""
     recipients: tuple[str, ...] | None = None
     """The personas this message went to, decided by the hub when it was said; None: every persona."""
     whisper: bool = False
@@ -203,7 +228,7 @@ class Chat:
     def to_wire(self) -> dict[str, Any]:
         frame = {"type": "message", "from": self.sender, "content": self.content, "id": self.id, "seq": self.seq,
                  "ts": self.ts, "role": self.role}
-        frame = _with_set_fields(frame, self, "replay", "interrupted", "nonce", "whisper")
+        frame = _with_set_fields(frame, self, "replay", "interrupted", "nonce", "whisper", "replaces")
         if self.recipients is not None:
             frame["recipients"] = list(self.recipients)
         return frame
@@ -269,6 +294,32 @@ class Stream:
 
 
 @dataclass(frozen=True)
+class Withdrawn:
+    """What a model streamed of an attempt it took back (a ``Discard``) is void: clients drop that draft."""
+
+    sender: str
+    content: str
+    """A sentence for people: whose attempt was withdrawn, and why."""
+    reason: str = ""
+    turn: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "withdrawn", "from": self.sender, "content": self.content, "reason": self.reason,
+                "turn": self.turn}
+
+
+@dataclass(frozen=True)
+class Redo:
+    """Asks a model to write its message ``id`` again (``/retry``), from what was said before it."""
+
+    id: str
+    seq: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": "redo", "id": self.id, "seq": self.seq}
+
+
+@dataclass(frozen=True)
 class Roster:
     """Answer to ``/who``: the room as the hub sees it (extension)."""
 
@@ -307,7 +358,7 @@ class Presence:
         return {"type": "presence", "participants": list(self.participants), "spectators": self.spectators}
 
 
-ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Roster | Archive | Presence
+ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Withdrawn | Redo | Roster | Archive | Presence
 
 
 def _with_set_fields(frame: dict[str, Any], source: object, *names: str) -> dict[str, Any]:
@@ -449,13 +500,20 @@ def parse_client_frame(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BY
             raise ProtocolError(ErrorCode.BAD_FRAME, "Only a moderator chooses who hears a message, with /whisper "
                                                      "or the stage commands; nothing was sent.")
         return Say(content=_content(data, allow_empty=True), opening=data.get("opening") is True,
-                   turn=_optional(data, "turn", int), nonce=_nonce(data), speed=_speed(data))
+                   turn=_optional(data, "turn", int), nonce=_nonce(data), speed=_speed(data),
+                   replaces=_optional(data, "replaces", str))
     if kind == "partial":
         return Draft(content=_content(data, allow_empty=True))
     if kind == "pass":
         reason = data.get("reason", "")
         return Pass(reason=reason if isinstance(reason, str) else "", turn=_optional(data, "turn", int),
-                    speed=_speed(data))
+                    speed=_speed(data), replaces=_optional(data, "replaces", str))
+    if kind == "discard":
+        reason = data.get("reason")
+        if not isinstance(reason, str) or not 0 < len(reason) <= MAX_REASON_LENGTH:
+            raise ProtocolError(ErrorCode.BAD_FRAME,
+                                f'A discard needs a "reason" of 1 to {MAX_REASON_LENGTH} characters.')
+        return Discard(content=_content(data, allow_empty=True), reason=reason, turn=_optional(data, "turn", int))
     if kind == "command":
         name = data.get("name")
         args = data.get("args", [])
@@ -508,6 +566,11 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
         )
     if kind == "partial" and isinstance(data.get("from"), str):
         return Stream(sender=data["from"], content=text, turn=_int_or(data.get("turn"), 0))
+    if kind == "withdrawn" and isinstance(data.get("from"), str):
+        return Withdrawn(sender=data["from"], content=text, reason=str(data.get("reason") or ""),
+                         turn=_int_or(data.get("turn"), 0))
+    if kind == "redo" and isinstance(data.get("id"), str) and data["id"]:
+        return Redo(id=data["id"], seq=_int_or(data.get("seq"), 0))
     if kind == "roster":
         floor = data.get("floor")
         return Roster(participants=_objects(data.get("participants")), floor=floor if isinstance(floor, dict) else {},
@@ -536,6 +599,7 @@ def _chat(data: dict[str, Any]) -> Chat | None:
         replay=data.get("replay") is True,
         interrupted=data.get("interrupted") is True,
         nonce=_str_or_none(data.get("nonce")),
+        replaces=_str_or_none(data.get("replaces")) or None,
         recipients=_names_or_none(data.get("recipients")),
         whisper=data.get("whisper") is True,
     )

@@ -146,6 +146,11 @@ class Process:
             time.sleep(0.1)
         raise AssertionError(f"no {pattern!r} within {timeout} s:\n{self.output}")
 
+    def type_line(self, text: str) -> None:
+        """Write one line to the process's standard input (started with ``stdin=subprocess.PIPE``)."""
+        self.popen.stdin.write(text.encode() + b"\n")
+        self.popen.stdin.flush()
+
     def interrupt(self) -> int:
         self.popen.send_signal(signal.SIGINT)
         return self.popen.wait(timeout=60)

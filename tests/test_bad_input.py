@@ -113,6 +113,11 @@ def test_talkativeness_out_of_range_is_refused_up_front(tmp_path):
     assert_clean_failure(result, "--talkativeness must be a number from 0 to 1")
 
 
+def test_retries_out_of_range_are_refused_up_front(tmp_path):
+    result = run_script(tmp_path, "client.py", "--name", "X", "--retries", "-1")
+    assert_clean_failure(result, "--retries must be a whole number from 0 to 10")
+
+
 def test_client_retries_an_unreachable_hub_and_leaves_cleanly_on_ctrl_c(start_client):
     client = start_client("--name", "Lonely", "--server", "ws://127.0.0.1:9")
     client.wait_for_output(r"not reachable.*retrying in 1 s", timeout=120)

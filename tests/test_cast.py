@@ -102,6 +102,7 @@ def test_the_shipped_casts_are_valid():
     ("[[persona]]\nname = 'A'\n[[persona]]\nname = 'a'\n", ["persona 2 ('a')", "persona 1 already has that name"]),
     ("[[persona]]\nname = 'A'\nprompt_file = 'nobody.txt'\n", ["field 'prompt_file'", "nobody.txt"]),
     ("[[persona]]\nname = 'A'\nengine = 'warp'\n", ["field 'engine'", "transformers"]),
+    ("[[persona]]\nname = 'A'\nretries = 11\n", ["field 'retries'", "from 0 to 10"]),
     ("[[persona]\nname = 'A'\n", ["not valid TOML"]),
     ("title = 'x'\n", ["unknown key 'title'"]),
     ("", ["no [[persona]] tables"]),

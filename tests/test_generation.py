@@ -196,6 +196,16 @@ def test_streamed_pieces_add_up_to_the_libraries_own_reply(engine):
     assert "".join(pieces) == greedy_reference(engine, STORY)
 
 
+def test_a_seed_makes_sampling_repeatable_and_another_seed_draws_differently(engine):
+    """What a persona's retry relies on: a new seed is a new draw; no seed leaves the engine's own state."""
+    def sampled(seed: int | None) -> str:
+        request = ChatRequest(STORY.messages, STORY.speaker, temperature=1.5, max_tokens=24, seed=seed)
+        return "".join(stream_pieces(engine, request))
+
+    assert sampled(7) == sampled(7)
+    assert len({sampled(7), sampled(8), sampled(9)}) > 1
+
+
 def test_a_set_stop_flag_ends_generation_within_a_few_tokens(engine):
     long_story = ChatRequest(STORY.messages, STORY.speaker, temperature=0, max_tokens=200)
     assert text_tokens(engine, "".join(stream_pieces(engine, long_story))) > 60, "the check needs a reply that goes on"

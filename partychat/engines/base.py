@@ -57,6 +57,8 @@ class ChatRequest:
     temperature: float = 0.7
     max_tokens: int = 100
     anti_copy: AntiCopy | None = None
+    seed: int | None = None
+    """Seeds the sampling, so a retry draws differently from the attempt before it; None leaves it random."""
 
 
 class StopFlag:

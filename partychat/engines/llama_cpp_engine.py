@@ -146,6 +146,8 @@ class LlamaCppChatModel(ThreadedChatModel):
             if request.temperature > 0
             else {"temp": 0.0, "repeat_penalty": 1.0}
         )
+        # The seed is sticky on the Llama object: an unseeded request goes back to a random one.
+        self.llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if request.seed is None else request.seed)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two tokens
         limit = min(request.max_tokens, room)
         if request.anti_copy is not None:

@@ -256,7 +256,8 @@ class OpenAIChatModel(ChatModel):
         model = await self._model_name()
         opening = asyncio.ensure_future(self._connection().chat.completions.create(
             model=model, messages=list(request.messages), stream=True,  # type: ignore[arg-type]
-            temperature=request.temperature, max_tokens=request.max_tokens, **self._anti_copy_fields(request)))
+            temperature=request.temperature, max_tokens=request.max_tokens, **self._anti_copy_fields(request),
+            **({} if request.seed is None else {"seed": request.seed})))
         try:
             chunks = await _unless_stopped(opening, stop)
         except openai.NotFoundError as error:

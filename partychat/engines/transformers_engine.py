@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .anticopy import Vocabulary, ban_for
@@ -54,7 +55,7 @@ class TransformersChatModel(ThreadedChatModel):
         )
         if request.anti_copy is not None:
             sampling["logits_processor"] = LogitsProcessorList([self._anti_copy(request, input_ids.shape[1])])
-        with torch.inference_mode():
+        with torch.inference_mode(), _seeded(request.seed, model.device):
             model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -95,6 +96,19 @@ def _token_texts(tokenizer: Any) -> list[str]:
     texts = tokenizer.batch_decode([[token] for token in ids], skip_special_tokens=True)
     return [f" {text}" if isinstance(piece, str) and piece.startswith(_WORD_START_MARKS) and not text.startswith(" ")
             else text for piece, text in zip(pieces, texts, strict=True)]
+
+
+@contextmanager
+def _seeded(seed: int | None, device: Any) -> Iterator[None]:
+    """Sample from ``seed`` without moving the process's own random state on; None leaves that state in use."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class _TokenByToken:

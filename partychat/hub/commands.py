@@ -72,6 +72,10 @@ def _stop(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     room.stop_replies(peer)
 
 
+def _retry(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+    room.ask_again(peer, " ".join(args) or None)
+
+
 def _mode(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     names = ", ".join(mode.value for mode in Mode)
     if len(args) != 1:
@@ -210,6 +214,7 @@ COMMANDS: dict[str, HubCommand] = {
     "pause": HubCommand(_pause, "stop the models at once (a reply being generated is dropped)"),
     "resume": HubCommand(_resume, "let the models speak again"),
     "stop": HubCommand(_stop, "end the reply in progress now, keeping what was said, and move on"),
+    "retry": HubCommand(_retry, "/retry [NAME]: NAME (or the last model to speak) writes its last reply again"),
     "mode": HubCommand(_mode, "/mode round-robin|mention|moderator|free|natural: how turns are given"),
     "turns": HubCommand(_turns, "/turns N: model messages allowed after each moderator message"),
     "to": HubCommand(_to, "/to NAME message: hand the turn to one persona with a message"),

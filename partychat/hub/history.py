@@ -10,7 +10,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
-from ..protocol import Chat
+from ..protocol import Chat, Role
 
 HISTORY_KEPT = 1000
 """Recent messages held in memory for replay and for clients that reconnect."""
@@ -36,8 +36,24 @@ class ChatHistory:
                     ts=round(time.time(), 3), role=role)
 
     def keep(self, chat: Chat) -> None:
+        """Hold a relayed message; one that replaces an earlier message (``/retry``) takes its place.
+
+        The new version keeps its own, higher number and goes last, so numbers stay in order for
+        everyone who replays; the old version is in the transcript only.
+        """
         self.seq = chat.seq
+        if chat.replaces:
+            replaced = next((old for old in self.messages if old.id == chat.replaces), None)
+            if replaced is not None:
+                self.messages.remove(replaced)
         self.messages.append(chat)
+
+    def latest_reply(self, sender: str | None = None) -> Chat | None:
+        """The newest model message still held: ``sender``'s (any case), or any model's when None."""
+        for chat in reversed(self.messages):
+            if chat.role == Role.MODEL.value and (sender is None or chat.sender.casefold() == sender.casefold()):
+                return chat
+        return None
 
     def with_nonce(self, sender: str, nonce: str) -> Chat | None:
         """The message a sender already sent under this nonce, if it is still held."""

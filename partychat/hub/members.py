@@ -58,6 +58,8 @@ class Peer:
     """The last turn in which this peer sent anything while holding the floor."""
     speed: Speed | None = None
     """The speed a model's client reported with its last reply or pass."""
+    redo: str | None = None
+    """The id of the message this model was asked to write again (``/retry``) and has not yet sent."""
 
     @property
     def speaks_extensions(self) -> bool:

@@ -20,6 +20,7 @@ from ..guards import REPEAT_WINDOW, Earlier, Verdict, check_reply
 from ..protocol import (
     PROTOCOL_VERSION,
     Chat,
+    Discard,
     Draft,
     ErrorCode,
     FloorState,
@@ -28,12 +29,14 @@ from ..protocol import (
     Pass,
     Presence,
     ProtocolError,
+    Redo,
     Refusal,
     Role,
     Say,
     ServerFrame,
     Spectate,
     Stream,
+    Withdrawn,
     encode,
 )
 from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
@@ -50,6 +53,12 @@ DRAFT_BYTES_PER_TURN = 64 * 1024
 """Streamed text relayed per model turn; past it the partials stop (the final message still goes)."""
 SPECTATOR_COUNT_PERIOD = 1.0
 """Seconds between presence frames that only change the spectator count, so a join storm costs a few frames, not n²."""
+TAKEN_BACK_BECAUSE = {
+    "repeat": "it repeated a recent message",
+    "empty": "it had no words",
+    "impersonation": "it was written as someone else",
+}
+"""Why a model took an attempt back (``Discard``), by the guard's code, as the room is told."""
 
 
 class Outlet(Protocol):
@@ -205,7 +214,7 @@ class Room:
 
     # ------------------------------------------------------------ routing and history
 
-    def receive(self, peer: Peer, frame: Say | Draft | Pass) -> None:
+    def receive(self, peer: Peer, frame: Say | Draft | Pass | Discard) -> None:
         """Route one validated frame from a peer. Commands go to ``commands.run_command`` instead."""
         if not self.hears(peer):
             return
@@ -214,16 +223,25 @@ class Room:
         if isinstance(frame, Draft):
             self._relay_draft(peer, frame)
             return
+        if isinstance(frame, Discard):
+            self._take_back(peer, frame)
+            return
         if isinstance(frame, Pass):
-            self._pass_turn(peer, frame)
+            if frame.replaces is not None:
+                self._decline_redo(peer, frame)
+            else:
+                self._pass_turn(peer, frame)
             return
         self.meter(peer)
+        if frame.replaces is not None:
+            self._replace(peer, frame)
+            return
         guarded = self.settings.guards and peer.role is Role.MODEL and not frame.opening
         if not frame.content.strip() and not guarded:
             raise ProtocolError(ErrorCode.EMPTY, "The message is empty.")
         self.post(peer, frame.content, opening=frame.opening, turn=frame.turn, nonce=frame.nonce)
 
-    def _heard_from(self, peer: Peer, frame: Say | Draft | Pass) -> None:
+    def _heard_from(self, peer: Peer, frame: Say | Draft | Pass | Discard) -> None:
         """A model sent something: it is alive (back in the rotation if it was skipped), and its speed."""
         if peer.name in self.floor.speakers():
             peer.heard_turn = self.floor.turn
@@ -269,12 +287,16 @@ class Room:
             self.floor.on_moderator_message(content, addressed)
         self.publish_floor()
 
-    def _guard(self, peer: Peer, content: str) -> Verdict:
+    def _guard(self, peer: Peer, content: str, replacing: Chat | None = None) -> Verdict:
         """Check a model's reply; keep what a guard holds back in the transcript and say why.
 
-        A withheld reply ends the turn here; the verdict's ``content`` is then None.
+        A withheld reply ends the turn here; the verdict's ``content`` is then None. A new version
+        of an earlier message (``replacing``) is held no turn, and must not repeat the old one either.
         """
-        verdict = check_reply(content, peer.name, self._names(), self._recent())
+        recent = self._recent()
+        if replacing is not None and replacing.id not in {chat.id for chat in self.history.recent(REPEAT_WINDOW)}:
+            recent = [*recent[1 - REPEAT_WINDOW:], Earlier(replacing.sender, replacing.content)]
+        verdict = check_reply(content, peer.name, self._names(), recent)
         if verdict.guard is None:
             return verdict
         reason = verdict.guard.value
@@ -286,9 +308,97 @@ class Room:
             return verdict
         self.refuse(peer, ErrorCode.WITHHELD, verdict.reason + " It was kept, not relayed.")
         self.announce("withheld", verdict.reason, name=peer.name, reason=reason, recipients=recipients)
-        self.floor.end_turn(peer.name, TurnEnd.WITHHELD, next_speaker=verdict.impersonated)
-        self.publish_floor()
+        if replacing is None:
+            self.floor.end_turn(peer.name, TurnEnd.WITHHELD, next_speaker=verdict.impersonated)
+            self.publish_floor()
         return verdict
+
+    def _take_back(self, peer: Peer, discard: Discard) -> None:
+        """A model took back an attempt a guard would withhold, to try again: keep it, and void what it streamed.
+
+        Listeners that saw its partials get a ``withdrawn`` frame, so nothing of the attempt stays
+        on a screen as if it had been said.
+        """
+        if peer.role is not Role.MODEL:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "Only a model takes back a reply.")
+        self.meter(peer)
+        self.transcript.withheld(peer.name, peer.role.value, discard.content, discard.reason)
+        log.info("%s took back an attempt (%s): %s", peer.name, discard.reason, discard.content)
+        turn = self.floor.turn
+        if discard.turn != turn or peer.name not in self.floor.speakers():
+            return  # not this turn's reply (a /retry's, or a late one): nothing of it was streamed now
+        if peer.draft_turn == turn:
+            peer.drafted, peer.draft_bytes = "", 0  # /stop keeps only what the next attempt streams
+        why = TAKEN_BACK_BECAUSE.get(discard.reason, "a guard would have withheld it")
+        self._send([other for other in self._readers(self._reply_recipients(peer.name))
+                    if other.wants_stream and other is not peer],
+                   encode(Withdrawn(peer.name, f"{peer.name} took back a reply: {why}.", discard.reason, turn)))
+
+    def ask_again(self, by: Peer, name: str | None) -> None:
+        """``/retry [NAME]``: ask the author of the latest reply (NAME's, or any model's) to write it again.
+
+        The new version comes back as a message naming the old one (``_replace``); it is held no turn.
+        """
+        author = None
+        if name is not None:
+            author = self.find(name)
+            if author is None or author.role is not Role.MODEL:
+                raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"No model called {name!r} is in the room.")
+        target = self.history.latest_reply(author.name if author else None)
+        if target is None:
+            whose = f"{author.name}'s" if author else "a model's"
+            raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"The hub holds no reply of {whose} to write again.")
+        author = author or self.find(target.sender)
+        if author is None:
+            raise ProtocolError(ErrorCode.BAD_ARGUMENT,
+                                f"{target.sender} wrote the latest reply and has left, so it cannot write it again.")
+        if not author.speaks_extensions:
+            raise ProtocolError(ErrorCode.BAD_ARGUMENT,
+                                f"{author.name}'s client speaks only the original protocol: it cannot write a "
+                                "message again.")
+        author.redo = target.id
+        self.announce("retry", f"{by.name} asked {author.name} to write its last message again.", name=author.name,
+                      recipients=Recipients.of(target))
+        self.deliver(author, Redo(id=target.id, seq=target.seq))
+
+    def _replace(self, peer: Peer, say: Say) -> None:
+        """A model's new version of a message it was asked for again: a new number, naming the old message.
+
+        Clients that understand ``replaces`` put it in the old one's place; others see a new message.
+        """
+        refusal = None
+        if peer.muted:
+            refusal = ErrorCode.MUTED, "You are muted by the moderator; your message was kept but not relayed."
+        elif peer.role is not Role.MODEL or peer.redo is None or say.replaces != peer.redo:
+            refusal = ErrorCode.NOT_YOUR_TURN, "Nobody asked for that message again; it was kept but not relayed."
+        if refusal is not None:
+            self.transcript.withheld(peer.name, peer.role.value, say.content, refusal[0].value)
+            self.refuse(peer, *refusal)
+            return
+        if not say.content.strip() and not self.settings.guards:
+            raise ProtocolError(ErrorCode.EMPTY, "The message is empty.")
+        peer.redo = None
+        old = next((chat for chat in self.history if chat.id == say.replaces), None)
+        content = say.content
+        if self.settings.guards:
+            verdict = self._guard(peer, content, replacing=old)
+            if verdict.content is None:
+                return
+            content = verdict.content
+        # The new version goes to whoever the old one went to (a whispered reply stays whispered).
+        recipients = Recipients.of(old) if old is not None else self._reply_recipients(peer.name)
+        self._relay(replace(self.history.draft(peer.name, content, peer.role.value), nonce=say.nonce,
+                            replaces=say.replaces, recipients=recipients.personas, whisper=recipients.whisper), peer)
+
+    def _decline_redo(self, peer: Peer, frame: Pass) -> None:
+        """The model gave up writing its message again (``/retry``); the old version stands."""
+        if peer.redo is None or frame.replaces != peer.redo:
+            return
+        old = next((chat for chat in self.history if chat.id == peer.redo), None)
+        peer.redo = None
+        reason = f" ({frame.reason[:200]})" if frame.reason else ""
+        self.announce("retry", f"{peer.name} could not write its message again{reason}; the old one stands.",
+                      name=peer.name, recipients=Recipients.of(old) if old is not None else None)
 
     def _relay(self, chat: Chat, author: Peer) -> None:
         """Store a message (transcript first), then send it to its recipients; an extension author gets its echo."""

@@ -6,6 +6,9 @@ persona), ``withheld`` (a message kept out of the room, with the reason), ``stag
 off stage, each time that changes in a room that runs scenes) or ``event`` (joins, leaves,
 commands...). This module is the only one that writes or reads them.
 
+A ``message`` with ``replaces`` is a new version of the earlier message with that id (``/retry``):
+the earlier line stays in the file as it was said, and from then on counts as replaced.
+
 Durability: each record is written and flushed to the operating system before the hub relays the
 message, so a hub killed with SIGKILL loses nothing it relayed. ``fsync=True`` also forces every
 record to disk, which survives power loss at the cost of a disk sync per message.
@@ -73,6 +76,8 @@ class Transcript:
             data["interrupted"] = True
         if chat.nonce:
             data["nonce"] = chat.nonce  # so a resumed hub still recognises a line its sender re-sends
+        if chat.replaces:
+            data["replaces"] = chat.replaces
         if chat.recipients is not None:
             data["recipients"] = list(chat.recipients)  # so a resumed hub replays it to them alone
         if chat.whisper:
@@ -120,7 +125,7 @@ def read_records(path: Path) -> list[Record]:
 
 
 def load_history(path: Path) -> History:
-    """The room id and the relayed messages of a transcript, for ``--resume``."""
+    """The room id and the relayed messages of a transcript, for ``--resume``; replaced versions left out."""
     history = History()
     for record in read_records(path):
         data = record.data
@@ -137,12 +142,15 @@ def load_history(path: Path) -> History:
                     role=str(data.get("role", Role.MODEL.value)),
                     interrupted=data.get("interrupted") is True,
                     nonce=data["nonce"] if isinstance(data.get("nonce"), str) else None,
+                    replaces=data["replaces"] if isinstance(data.get("replaces"), str) else None,
                     recipients=_names(data.get("recipients")),
                     whisper=data.get("whisper") is True,
                 )
             )
         elif record.kind == "stage":
             history.stage = (list(_names(data.get("on_stage")) or ()), list(_names(data.get("off_stage")) or ()))
+    replaced = {chat.replaces for chat in history.messages if chat.replaces}
+    history.messages = [chat for chat in history.messages if chat.id not in replaced]
     return history
 
 

@@ -17,7 +17,7 @@ import aioconsole
 
 from ..display import DIM, colour_wanted, neutralise, paint, speaker_colour
 from ..hub.commands import COMMANDS
-from ..protocol import Chat, Command, FloorState, Notice, Refusal, Roster, Say, ServerFrame, Stream
+from ..protocol import Chat, Command, FloorState, Notice, Refusal, Roster, Say, ServerFrame, Stream, Withdrawn
 
 HUB_COMMANDS = {name: command.help for name, command in COMMANDS.items() if command.listed}
 LOCAL_COMMANDS = {
@@ -81,7 +81,7 @@ class RoomView:
     def render(self, frame: ServerFrame) -> str | None:
         if isinstance(frame, Chat):
             self.drafts.pop(frame.sender, None)
-            self.seen.append(frame)
+            self._keep(frame)
             if not self.show_messages and frame.sender != self.own_name:
                 return None
             name = paint(neutralise(frame.sender, keep_newlines=False), speaker_colour(frame.sender), self.colour)
@@ -91,10 +91,15 @@ class RoomView:
             if frame.whisper:
                 marker += paint(f" (whispered to {neutralise(frame.whispered_to, keep_newlines=False)})", DIM,
                                 self.colour)
+            if frame.replaces:
+                marker += paint(" (written again, in place of its last message)", DIM, self.colour)
             return f"{self.stamp(frame.ts or None)} {name}{marker}: {neutralise(frame.content)}"
         if isinstance(frame, Stream):
             self.drafts[frame.sender] = self.drafts.get(frame.sender, "") + frame.content
             return None
+        if isinstance(frame, Withdrawn):
+            self.drafts.pop(frame.sender, None)  # what it streamed of that attempt was never said
+            return self.status(frame.content)
         if isinstance(frame, Notice):
             return self.status(frame.content)
         if isinstance(frame, Refusal):
@@ -105,6 +110,14 @@ class RoomView:
         if isinstance(frame, Roster):
             return self.status(describe_roster(frame))
         return None
+
+    def _keep(self, chat: Chat) -> None:
+        """Remember a message for /save; a new version (``/retry``) takes the old one's place."""
+        index = next((i for i, old in enumerate(self.seen) if chat.replaces and old.id == chat.replaces), None)
+        if index is None:
+            self.seen.append(chat)
+        else:
+            self.seen[index] = chat
 
     def _turn_change(self, floor: FloorState) -> str | None:
         """A status line when the floor passes to someone else (pauses have their own notices)."""
@@ -133,6 +146,7 @@ def transcript_markdown(messages: Sequence[Chat]) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(chat.ts)) if chat.ts else ""
         stopped = ", stopped by the moderator" if chat.interrupted else ""
         stopped += f", whispered to {_markdown_escape(chat.whispered_to)}" if chat.whisper else ""
+        stopped += ", written again" if chat.replaces else ""
         lines.append(f"**{_markdown_escape(chat.sender)}** ({chat.role}{', ' + when if when else ''}{stopped}):")
         lines.append("")
         lines.extend("> " + _markdown_escape(line) for line in chat.content.splitlines() or [""])

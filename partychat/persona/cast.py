@@ -22,6 +22,7 @@ from ..bundled import casts_folder, prompts_folder
 from ..engines.registry import BACKENDS
 from .cards import Card, card_files, example_dialogue, fill_macros, persona_text, read_card
 from .lorebook import Lorebook, PersonaFileError
+from .retries import DEFAULT_RETRIES, MAX_RETRIES
 
 
 class CastError(Exception):
@@ -44,6 +45,8 @@ class Persona:
     """Weight in the hub's natural-mode draw, 0 to 1; None leaves the hub's default."""
     anti_copy: bool = True
     """Decode so the reply never copies a word n-gram of the other recent messages."""
+    retries: int = DEFAULT_RETRIES
+    """Attempts after the first when a guard would withhold the reply (see persona/retries.py)."""
     examples: str = ""
     """Example dialogue, from a card."""
     after_history: str = ""
@@ -55,7 +58,7 @@ class Persona:
 
 
 CAST_FIELDS = ("name", "prompt_file", "temperature", "delay", "max_tokens", "initial_prompt", "model", "engine",
-               "talkativeness", "card", "secret", "offstage", "anti_copy")
+               "talkativeness", "card", "secret", "offstage", "retries", "anti_copy")
 SECRET_LINE = "A secret only you know, which the others have not been told: {secret}"
 """How a cast entry's ``secret`` joins its persona text: the one prompt it goes into."""
 
@@ -245,6 +248,8 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         engine=field("engine", str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
         talkativeness=_number_or_none(field("talkativeness", (int, float), lambda v: 0 <= v <= 1,
                                             "must be a number from 0 to 1")),
+        retries=field("retries", int, lambda v: 0 <= v <= MAX_RETRIES,
+                      f"must be a whole number from 0 to {MAX_RETRIES}"),
         examples=base.examples,
         after_history=base.after_history,
         books=base.books,

@@ -27,6 +27,7 @@ from .cast_runner import run_cast
 from .generation import GenerationSettings
 from .lorebook import Lorebook, PersonaFileError, read_lorebook
 from .participant import ModelParticipant, ParticipantConfig
+from .retries import DEFAULT_RETRIES, MAX_RETRIES
 from .shared_models import SharedChatModel, load_once
 
 log = logging.getLogger("partychat.client")
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how eager the persona is to speak in the hub's natural mode, 0 to 1 "
                              "(default: the hub's 0.5); 0 speaks only when named")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before sending each reply")
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                        help="when the hub's guards would withhold a reply (a repeat, no words, a line written as "
+                             f"someone else), generate again this many times in the same turn, each time sampling "
+                             f"differently, before passing (default: {DEFAULT_RETRIES}; 0 never retries)")
     parser.add_argument("--server", default="ws://localhost:8765", help="hub URL, ws:// or wss://")
     parser.add_argument("--token", default=os.environ.get("PARTYCHAT_TOKEN"),
                         help="the hub's access token (or set PARTYCHAT_TOKEN)")
@@ -104,6 +109,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         problems.append("--talkativeness must be a number from 0 to 1")
     if args.delay < 0:
         problems.append("--delay cannot be negative")
+    if not 0 <= args.retries <= MAX_RETRIES:
+        problems.append(f"--retries must be a whole number from 0 to {MAX_RETRIES}")
     if args.threads is not None and args.threads < 1:
         problems.append("--threads must be at least 1")
     if args.backend == "openai" and not args.api_base:
@@ -155,7 +162,7 @@ def build_cast(args: argparse.Namespace) -> list[Persona]:
                         "give NAME=PROMPT_FILE, and use a --cast file for an opening line.")
     base = Persona(name="", persona="", temperature=args.temperature, delay=args.delay,
                    max_tokens=args.max_generation_tokens, model=args.model, engine=args.backend,
-                   talkativeness=args.talkativeness, anti_copy=not args.no_anti_copy)
+                   talkativeness=args.talkativeness, retries=args.retries, anti_copy=not args.no_anti_copy)
     cast = []
     if args.card:
         persona = from_card(load_card(args.card), base, args.name)
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                               stream=not args.no_stream, talkativeness=persona.talkativeness,
                               echo_room=index == 0, offstage=persona.offstage,
                               castmates=frozenset(p.name for p in cast) - {persona.name},
-                              examples=persona.examples, after_history=persona.after_history, books=persona.books),
+                              examples=persona.examples, after_history=persona.after_history, books=persona.books,
+                              retries=persona.retries),
             models[persona.name],
             GenerationSettings(temperature=persona.temperature, max_new_tokens=persona.max_tokens,
                                max_context_tokens=args.max_context_tokens, auto_truncate=not args.no_auto_truncate,

@@ -26,6 +26,8 @@ class GenerationSettings:
     """Never continue a word n-gram of the other messages in the prompt (see engines/anticopy.py)."""
     anti_copy_n: int = DEFAULT_N
     anti_copy_unit: str = "words"
+    seed: int | None = None
+    """The sampling seed; None leaves it random. Retries set a new one each (see persona/retries.py)."""
 
 
 ANTI_COPY_MODERATOR = False
@@ -76,7 +78,7 @@ async def build_request(
             system, first, *rest = messages
             messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
         request = ChatRequest(tuple(messages), name, settings.temperature, settings.max_new_tokens,
-                              anti_copy=anti_copy_for(recent, settings))
+                              anti_copy=anti_copy_for(recent, settings), seed=settings.seed)
         try:
             size = await model.count_tokens(request)
         except SystemRoleUnsupported:

@@ -11,24 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from websockets.exceptions import ConnectionClosed
 
 from ..connection import HubGone, Session, check_refusal, keep_trying
 from ..engines.base import ChatModel, ChatRequest, EngineError, StopFlag
+from ..guards import REPEAT_WINDOW, Earlier, Verdict
 from ..protocol import (
     PROTOCOL_VERSION,
     Chat,
+    Discard,
     Draft,
     FloorState,
     Hello,
     Notice,
     Pass,
+    Redo,
     Refusal,
     Role,
     Say,
@@ -39,6 +43,7 @@ from ..protocol import (
 from .cards import fill_macros
 from .generation import GenerationSettings, PromptExtras, ReplyStream, build_request, clean_reply
 from .lorebook import Lore, Lorebook
+from .retries import DEFAULT_RETRIES, gave_up, judge, settings_for_attempt
 
 log = logging.getLogger("partychat.client")
 
@@ -59,6 +64,8 @@ class ParticipantConfig:
     """Log what others say; in a cast only the first persona does, so each line is logged once."""
     castmates: frozenset[str] = frozenset()
     """Other personas of this process: they log their own lines."""
+    retries: int = DEFAULT_RETRIES
+    """Attempts after the first, in one turn, when a guard would withhold the reply (see retries.py)."""
     examples: str = ""
     """Example dialogue (a card's ``mes_example``); left out first when the prompt is tight."""
     after_history: str = ""
@@ -103,6 +110,10 @@ class ModelParticipant:
         self._reply_task: asyncio.Task[None] | None = None
         self._reply_turn: int | None = None
         self._stop = StopFlag()
+        self._redo_task: asyncio.Task[None] | None = None
+        self._redo_stop = StopFlag()
+        self._seeds = random.Random()
+        """Draws each retry's new seed."""
         self._session: Session | None = None
         self._names: set[str] = set()
         self._humans: list[str] = []
@@ -134,8 +145,10 @@ class ModelParticipant:
             await keep_trying(self.config.server, self.hello, self._converse, ca_file=self.config.ca_file)
         finally:
             self._stop.set()
-            if self._reply_task is not None and not self._reply_task.done():
-                await asyncio.wait({self._reply_task})  # the generation ends within a token of the stop
+            self._redo_stop.set()
+            running = {task for task in (self._reply_task, self._redo_task) if task is not None and not task.done()}
+            if running:
+                await asyncio.wait(running)  # the generation ends within a token of the stop
 
     async def _converse(self, session: Session) -> None:
         if session.room != self.room_id:
@@ -155,6 +168,7 @@ class ModelParticipant:
             raise HubGone
         finally:
             self._cancel_reply()
+            self._redo_stop.set()  # a /retry asked of the old connection cannot be answered on a new one
             self._session = None
 
     def _on_frame(self, frame: object) -> None:
@@ -164,6 +178,8 @@ class ModelParticipant:
         elif isinstance(frame, FloorState):
             self.floor = frame
             self._on_floor(frame)
+        elif isinstance(frame, Redo):
+            self._on_redo(frame)
         elif isinstance(frame, Refusal):
             log.warning("The hub refused %s: %s", self.name, frame.content)
         elif isinstance(frame, Notice) and frame.code:  # about this persona alone
@@ -179,7 +195,11 @@ class ModelParticipant:
         self._names.add(chat.sender)
         if chat.role == Role.HUMAN.value and chat.sender not in self._humans:
             self._humans.append(chat.sender)
-        self.history.append(chat)
+        replaced = next((i for i, old in enumerate(self.history) if chat.replaces and old.id == chat.replaces), None)
+        if replaced is not None:
+            self.history[replaced] = chat  # a new version (/retry) stands where the old one was said
+        else:
+            self.history.append(chat)
         if (self.config.echo_room and not chat.replay and chat.sender != self.name
                 and chat.sender not in self.config.castmates):
             log.info("%s: %s", chat.sender, chat.content, extra={"speaker": chat.sender})
@@ -201,6 +221,37 @@ class ModelParticipant:
             self._start(self._send(Pass("nothing new to answer", turn=floor.turn)))
         else:
             self._start(self._reply(floor.turn, self._fresh_stop()))
+
+    def _on_redo(self, redo: Redo) -> None:
+        """``/retry``: write our message ``redo.id`` again from what was said before it, beside any turn."""
+        self._redo_stop.set()  # a newer request replaces one still being written
+        self._redo_stop = stop = StopFlag()
+        history = list(self.history)
+        index = next((i for i, chat in enumerate(history) if chat.id == redo.id and chat.sender == self.name), None)
+        if index is None:
+            work = self._send(Pass("that message is no longer in its memory", replaces=redo.id))
+        else:
+            work = self._redo(history[index], history[:index], stop)
+        self._redo_task = asyncio.create_task(work)
+        self._redo_task.add_done_callback(_log_failure)
+
+    async def _redo(self, original: Chat, before: list[Chat], stop: StopFlag) -> None:
+        """A new version of ``original``: every attempt samples anew (a retry's settings), none is streamed."""
+        timing = ReplyTiming(started=time.monotonic())
+        try:
+            reply, _, taken_back = await self._attempts(before, stop, None, timing, first=1, replacing=original)
+        except EngineError as error:
+            log.error("%s cannot write its message again: %s", self.name, error)
+            if not stop.is_set():
+                await self._send(Pass(str(error), replaces=original.id))
+            return
+        if stop.is_set():
+            return
+        if not reply:
+            await self._send(Pass(gave_up(taken_back), replaces=original.id, speed=timing.speed()))
+            return
+        if await self._send(Say(reply, replaces=original.id, speed=timing.speed())):
+            log.info("%s (again): %s", self.name, reply, extra={"speaker": self.name})
 
     def _fresh_stop(self) -> StopFlag:
         self._stop = StopFlag()
@@ -237,17 +288,10 @@ class ModelParticipant:
         if session is None:
             return
         streaming = session.extended and self.config.stream
-        reply, stream, raw = "", None, None
         timing = ReplyTiming(started=time.monotonic())
-        # A greedy reply that cleans to nothing is retried once with sampling before giving up the turn.
         try:
-            for settings in (self.settings, replace(self.settings, temperature=max(self.settings.temperature, 0.8))):
-                stream = ReplyStream(self.name, sorted(self._names))
-                raw = await self._generate(stop, settings, stream if streaming else None, timing)
-                reply = clean_reply(raw, self.name, sorted(self._names))
-                if reply or not self._still_mine(turn, stop):
-                    break
-                log.warning("The model gave %s an empty reply; trying once more", self.name)
+            reply, stream, taken_back = await self._attempts(list(self.history), stop, turn, timing,
+                                                             streaming=streaming)
         except EngineError as error:
             log.error("%s passes this turn: %s", self.name, error)
             if session.extended and self._still_mine(turn, stop):
@@ -258,16 +302,17 @@ class ModelParticipant:
             return
         speed = timing.speed()
         if not reply:
-            log.warning("No usable reply for %s; passing the turn", self.name)
+            why = gave_up(taken_back)
+            log.warning("%s passes the turn: %s", self.name, why)
             if session.extended:
-                await self._send(Pass("no usable reply", turn=turn, speed=speed))
+                await self._send(Pass(why, turn=turn, speed=speed))
             return
         if self.config.delay > 0:
             await asyncio.sleep(self.config.delay)
             if not self._still_mine(turn, stop):
                 log.info("Turn withdrawn from %s during --delay; reply not sent", self.name)
                 return
-        rest = stream.rest(reply) if streaming and stream is not None else None
+        rest = stream.rest(reply) if stream is not None else None
         if rest:
             await self._send(Draft(rest))
         if not await self._send(Say(reply, turn=turn, speed=speed)):
@@ -276,19 +321,50 @@ class ModelParticipant:
             self.history.append(Chat(sender=self.name, content=reply))
         log.info("%s: %s", self.name, reply, extra={"speaker": self.name})
 
-    async def _generate(self, stop: StopFlag, settings: GenerationSettings, stream: ReplyStream | None,
-                        timing: ReplyTiming) -> str:
+    async def _attempts(self, context: list[Chat], stop: StopFlag, turn: int | None, timing: ReplyTiming, *,
+                        streaming: bool = False, first: int = 0,
+                        replacing: Chat | None = None) -> tuple[str, ReplyStream | None, list[Verdict]]:
+        """Generate until the guards would let a reply through: at most ``retries`` more attempts.
+
+        Each attempt a guard would withhold is taken back first (a ``Discard``: the hub keeps it in
+        the transcript and withdraws what was streamed of it), so the room never sees it as said.
+        Returns the clean reply ('' when every attempt failed or the turn was withdrawn), the
+        stream that carried it, and the verdicts of the attempts taken back.
+        """
+        names = sorted(self._names | self.config.castmates)
+        recent = [Earlier(chat.sender, chat.content) for chat in list(self.history)[-REPEAT_WINDOW:]]
+        if replacing is not None and replacing not in list(self.history)[-REPEAT_WINDOW:]:
+            recent = [*recent[1 - REPEAT_WINDOW:], Earlier(replacing.sender, replacing.content)]  # not the same again
+        taken_back: list[Verdict] = []
+        for attempt in range(first, first + max(self.config.retries, 0) + 1):
+            stream = ReplyStream(self.name, names) if streaming else None
+            settings = settings_for_attempt(self.settings, attempt, self._seeds)
+            raw = await self._generate(context, stop, settings, stream, timing)
+            if not self._still_mine(turn, stop):
+                break
+            reply = clean_reply(raw, self.name, names)
+            verdict = judge(raw, reply, self.name, names, recent)
+            if not verdict.withheld:
+                return reply, stream, taken_back
+            taken_back.append(verdict)
+            log.warning("%s took back an attempt: %s", self.name, verdict.reason)
+            extended = self._session is not None and self._session.extended
+            if extended and verdict.guard is not None:
+                await self._send(Discard(verdict.removed, verdict.guard.value, turn=turn))
+        return "", None, taken_back
+
+    async def _generate(self, context: list[Chat], stop: StopFlag, settings: GenerationSettings,
+                        stream: ReplyStream | None, timing: ReplyTiming) -> str:
         """Build the request and stream the raw reply; with a stream, whole clean sentences go out as partials.
 
         On our hub an empty partial goes out at the first token in any case: it tells the hub this
         persona is alive before its first sentence is done (see --first-token-timeout).
         """
         persona, extras = prompt_parts(self.config, self._user())
-        history = list(self.history)
-        request = await build_request(self.model, persona, self.name, history, settings, extras)
+        request = await build_request(self.model, persona, self.name, context, settings, extras)
         log.debug("%s's prompt: %s", self.name, request.messages)
         if extras.lore is not None and settings.history_length > 0:
-            self._log_lore(extras.lore, request, history[-settings.history_length:])
+            self._log_lore(extras.lore, request, context[-settings.history_length:])
         extended = self._session is not None and self._session.extended
         raw: list[str] = []
         try:

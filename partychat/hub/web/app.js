@@ -119,6 +119,7 @@
     const el = messageElement(frame.from, frame.role, frame.ts);
     el.classList.add("final");
     if (typeof frame.seq === "number") el.dataset.seq = String(frame.seq);
+    if (frame.id) el.dataset.id = String(frame.id);
     if (frame.replay) el.classList.add("earlier");
     if (state.hideOthers && frame.from !== stored("name")) el.classList.add("hidden");
     renderText(el.querySelector(".body"), frame.content);
@@ -137,6 +138,19 @@
       note.className = "note";
       note.textContent = `whispered to ${whisperedTo(frame)}`;
       el.append(note);
+    }
+    if (typeof frame.replaces === "string") {
+      // /retry: the new version takes the old one's place; replies that came after it stay as they were.
+      el.classList.add("retried");
+      const note = document.createElement("p");
+      note.className = "note";
+      note.textContent = "written again at the moderator's request";
+      el.append(note);
+      const old = [...logEl.querySelectorAll(".msg.final")].find((m) => m.dataset.id === frame.replaces);
+      if (old) {
+        old.replaceWith(el);
+        return;
+      }
     }
     const draft = state.drafts.get(frame.from);
     if (draft) {
@@ -172,6 +186,17 @@
     const follow = nearBottom();
     renderText(draft.el.querySelector(".body"), draft.text);
     if (follow) logEl.scrollTop = logEl.scrollHeight;
+  }
+
+  // A persona took an attempt back (a guard would have withheld it): what it streamed was never said.
+  function withdrawDraft(frame) {
+    if (typeof frame.from !== "string") return;
+    const draft = state.drafts.get(frame.from);
+    if (draft) {
+      state.drafts.delete(frame.from);
+      draft.el.remove();
+    }
+    if (typeof frame.content === "string" && frame.content) quietLine(frame.content);
   }
 
   // A reply that loses the turn (pause, a new question) is kept on screen, marked as unfinished.
@@ -276,6 +301,7 @@
       button("Whisper", () => prefill(`/whisper ${person.name} `));
       if (person.on_stage === false) button("Enter", () => command("enter", [person.name]));
       else button("Exit", () => command("exit", [person.name]));
+      button("Retry", () => command("retry", [person.name])).title = `${person.name} writes its last reply again`;
     }
     if (person.name.toLowerCase() !== (stored("name") || "").toLowerCase()) {
       button(person.muted ? "Unmute" : "Mute", () => command(person.muted ? "unmute" : "mute", [person.name]));
@@ -317,6 +343,7 @@
     switch (frame.type) {
       case "message": showMessage(frame); break;
       case "partial": growDraft(frame); break;
+      case "withdrawn": withdrawDraft(frame); break;
       case "turn": {
         state.floor = frame;
         const speaking = new Set(frame.paused ? [] : frame.speakers);
@@ -506,7 +533,8 @@
     for (const m of messages) {
       const when = m.ts ? new Date(m.ts * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC" : "";
       const whisper = m.whisper === true ? `, whispered to ${markdownEscape(whisperedTo(m))}` : "";
-      lines.push(`**${markdownEscape(m.from)}** (${m.role}${when ? ", " + when : ""}${whisper}):`, "");
+      const again = m.replaces ? ", written again" : "";
+      lines.push(`**${markdownEscape(m.from)}** (${m.role}${when ? ", " + when : ""}${whisper}${again}):`, "");
       for (const line of (m.content || "").split("\n")) lines.push("> " + markdownEscape(line));
       lines.push("");
     }
@@ -582,6 +610,7 @@
     });
     byId("pause").addEventListener("click", () => command(state.floor && state.floor.paused ? "resume" : "pause"));
     byId("stop").addEventListener("click", () => command("stop"));
+    byId("retry").addEventListener("click", () => command("retry"));
     byId("mode").addEventListener("change", (event) => command("mode", [event.target.value]));
     byId("set-turns").addEventListener("click", () => command("turns", [byId("turns").value]));
     byId("download").addEventListener("click", () => command("history"));
