@@ -60,6 +60,13 @@ class Browser:
         return page
 
 
+def expect(target: Any) -> Any:
+    """Playwright's ``expect``, which waits for what a person would see (imported late, like Playwright itself)."""
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(target)
+
+
 @contextmanager
 def chromium(profile: Path) -> Iterator[Browser]:
     executable = chromium_or_skip()
