@@ -251,18 +251,44 @@ def test_model_sources_are_resolved_without_loading(tmp_path):
         resolve(str(tmp_path / "missing.gguf"))
 
 
-def test_conversion_is_cached_and_survives_an_interrupted_attempt(tmp_path, monkeypatch):
-    """A conversion that dies halfway leaves no cache folder that looks complete."""
+def test_conversion_is_cached_and_survives_an_interrupted_attempt(tmp_path, monkeypatch, tiny_folder):
+    """A conversion that dies halfway through writing leaves nothing that looks converted; the next start
+    converts, and the one after that uses the cache."""
     monkeypatch.setenv("PARTYCHAT_CACHE_DIR", str(tmp_path))
     gguf = embedded_gguf()
 
     import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    def explode(*args, **kwargs):
-        raise KeyboardInterrupt
+    conversions = []
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", explode)
+    def small_model(*args, **kwargs):
+        # Reading and saving the real weights takes ~20 s; what is tested here is the cache folder around them.
+        conversions.append(args)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=1, num_key_value_heads=1))
+        if len(conversions) == 1:
+            save = model.save_pretrained
+
+            def save_then_die(folder, *more, **options):
+                save(folder, *more, **options)  # config.json and the weights are written, the tokenizer is not
+                raise KeyboardInterrupt
+
+            model.save_pretrained = save_then_die
+        return model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_folder)  # reading the GGUF's takes ~15 s
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", small_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: tokenizer)
     with pytest.raises(KeyboardInterrupt):
         converted_folder(gguf)
-    assert not any(path.name.startswith("SmolLM2") for path in Path(tmp_path).iterdir())
-    assert not any(path.name.startswith(".converting") for path in Path(tmp_path).iterdir())
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".lock"], "a half-written folder was left behind"
+
+    folder = converted_folder(gguf)
+    assert len(conversions) == 2, "the start after the interrupted one converts again"
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".lock", folder.name]
+
+    assert converted_folder(gguf) == folder
+    assert len(conversions) == 2, "a third start uses the cache instead of converting"
