@@ -203,13 +203,32 @@ def test_a_set_stop_flag_ends_generation_within_a_few_tokens(engine):
     assert generated < 20, f"generation went on for {generated} tokens after the stop"
 
 
-def test_leaving_the_stream_early_frees_the_model_for_the_next_reply(engine):
+def test_leaving_the_stream_early_frees_the_model_for_the_next_reply(engine, monkeypatch):
+    """The abandoned generation stops within a few tokens (not after its 500), and the next reply is whole."""
+    produced: list[list[str]] = []
+    generate = engine.generate
+
+    def counted(request, should_stop, emit):
+        pieces: list[str] = []
+        produced.append(pieces)
+
+        def keep(piece: str) -> None:
+            pieces.append(piece)
+            emit(piece)
+
+        generate(request, should_stop, keep)
+
+    monkeypatch.setattr(engine, "generate", counted)
+
     async def main() -> list[str]:
         async for _ in engine.stream(ChatRequest(STORY.messages, STORY.speaker, 0, 500), StopFlag()):
             break
         return [piece async for piece in engine.stream(STORY, StopFlag())]
 
-    assert "".join(asyncio.run(main())) == "".join(stream_pieces(engine, STORY))
+    after = "".join(asyncio.run(main()))
+    abandoned = text_tokens(engine, "".join(produced[0]))
+    assert abandoned < 20, f"the abandoned generation went on for {abandoned} tokens after its reader left"
+    assert after == "".join(stream_pieces(engine, STORY))
 
 
 def test_llama_cpp_reuses_the_prompt_cache_for_a_growing_conversation():
@@ -220,6 +239,7 @@ def test_llama_cpp_reuses_the_prompt_cache_for_a_growing_conversation():
     try:
         history = chats(("Moderator", "Tell me about gardens. " * 20))
         first = asyncio.run(build_request(model, "You are Sage.", "Sage", history, GenerationSettings()))
+        first = ChatRequest(first.messages, first.speaker, temperature=0, max_tokens=40)  # greedy: one reply every run
         reply = "".join(stream_pieces(model, first))
         history += chats(("Sage", reply), ("Moderator", "And what about deserts?"))
         second = asyncio.run(build_request(model, "You are Sage.", "Sage", history, GenerationSettings()))
@@ -228,8 +248,8 @@ def test_llama_cpp_reuses_the_prompt_cache_for_a_growing_conversation():
         stream_pieces(model, ChatRequest(second.messages, second.speaker, 0, 1))
         evaluated = llama_cpp.llama_perf_context(context).n_p_eval
         prompt = len(model.prompt_tokens(second))
-        new = prompt - len(model.prompt_tokens(first))
-        assert evaluated <= new + len(reply) // 2 + 8, f"{evaluated} of {prompt} prompt tokens evaluated again"
+        # Without reuse the whole prompt is evaluated again; with it, about what the second turn adds.
+        assert evaluated < prompt / 4, f"{evaluated} of {prompt} prompt tokens evaluated again"
     finally:
         asyncio.run(model.aclose())
 
