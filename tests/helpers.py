@@ -156,10 +156,11 @@ class Process:
     """
 
     def __init__(self, args: list[str], log: Path, *, stdin: Any = subprocess.DEVNULL,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None, python: str | None = PYTHON) -> None:
+        """``python`` None runs ``args`` as a program of its own (an installed console script)."""
         self.log = log
         self._out = log.open("wb")
-        self.popen = subprocess.Popen([PYTHON, *args], cwd=cwd or log.parent, stdout=self._out,
+        self.popen = subprocess.Popen([python, *args] if python else args, cwd=cwd or log.parent, stdout=self._out,
                                       stderr=subprocess.STDOUT, stdin=stdin, env={**os.environ, **(env or {})})
 
     @property

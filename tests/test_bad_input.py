@@ -54,6 +54,7 @@ def test_missing_model_path(tmp_path):
     assert_clean_failure(result, "No such model file or folder: ./models/missing-folder")
 
 
+@pytest.mark.slow  # loads torch to find out whether this machine has a GPU
 def test_gpu_without_cuda_is_a_clear_error(tmp_path):
     pytest.importorskip("torch")
     import torch

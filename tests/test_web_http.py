@@ -71,7 +71,7 @@ def test_the_page_and_its_files_are_served_with_a_csp_that_allows_no_inline_or_r
 
 
 def test_the_page_script_never_inserts_text_as_html():
-    source = (resources.files("partychat") / "web" / "app.js").read_text(encoding="utf-8")
+    source = (resources.files("partychat.hub") / "web" / "app.js").read_text(encoding="utf-8")
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in source, sink
 

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seed for natural mode's draws, so a conversation picks the same speakers again")
     floor.add_argument("--no-guards", action="store_true",
                        help="relay model replies unchecked (no repeat, empty or impersonation guards)")
+    floor.add_argument("--show-whispers", action="store_true",
+                       help="let spectators read whispers (otherwise they see only that one went to someone)")
     room = parser.add_argument_group("transcript and history")
     room.add_argument("--transcript", type=Path,
                       help="JSONL transcript to append to (default: logs/transcript-TIME.jsonl)")
@@ -101,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> HubConfig:
             first_token_timeout=args.first_token_timeout,
             seed=args.seed,
             guards=not args.no_guards,
+            show_whispers=args.show_whispers,
             token=args.token or None,
             moderator_token=args.moderator_token or None,
         ),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster
 from .floor import Mode
 from .members import Peer
+from .recipients import Recipients
 from .room import Room
 
 Handler = Callable[[Room, Peer, tuple[str, ...]], None]
@@ -49,11 +50,12 @@ def _describe(room: Room, peer: Peer) -> dict[str, object]:
         about["skipped"] = peer.name in room.floor.skipped
         if peer.speed is not None:
             about.update(peer.speed.to_wire())
+        about.update(room.stage_mark(peer))
     return about
 
 
 def _history(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
-    room.deliver(peer, Archive(messages=tuple(room.history)))
+    room.deliver(peer, Archive(messages=tuple(room.visible_to(peer, room.history))))
 
 
 def _pause(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
@@ -101,7 +103,80 @@ def _to(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
                 raise _bad("Usage: /to NAME message (the message is missing).")
             room.post(peer, message, addressed=name)
             return
-    raise _bad(f"No model called {args[0]!r} is in the room.")
+    name, _ = _persona_and_text(room, args, "to NAME message")  # a clearer sentence for an unknown name
+    if room.stage.is_on(name):
+        raise _bad(f"{name} is not connected now.")
+    raise _bad(f"{name} is off stage; bring it on with /enter {name} first.")
+
+
+def _persona_and_text(room: Room, args: tuple[str, ...], usage: str) -> tuple[str, str]:
+    """The persona named at the start of ``args`` (a name may hold spaces) and the text after it."""
+    if not args:
+        raise _bad(f"Usage: /{usage}")
+    joined = " ".join(args)
+    folded = joined.casefold()
+    for name in sorted(room.stage.known(), key=len, reverse=True):
+        if folded == name.casefold() or folded.startswith(name.casefold() + " "):
+            return name, joined[len(name):].strip()
+    for human in room.members:
+        if human.role is Role.HUMAN and (folded == human.key or folded.startswith(human.key + " ")):
+            raise _bad(f"{human.name} is a human, not a persona; whispers and the stage are for personas.")
+    raise _bad(f"No persona called {args[0]!r} has been in the room.")
+
+
+def _whisper(private: bool) -> Handler:
+    """``/whisper NAME text``: like ``/to``, but only NAME and the moderators hear it; ``!`` keeps the reply private."""
+    usage = f"whisper{'!' if private else ''} NAME message"
+
+    def handler(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+        name, message = _persona_and_text(room, args, usage)
+        if not message:
+            raise _bad(f"Usage: /{usage} (the message is missing).")
+        target = room.find(name)
+        if target is None:
+            raise _bad(f"{name} is not connected; nobody would hear the whisper.")
+        if not room.stage.is_on(name):
+            raise _bad(f"{name} is off stage; bring it on with /enter {name} first.")
+        room.post(peer, message, addressed=target.name, recipients=Recipients((target.name,), whisper=True))
+        if private:
+            room.keep_reply_private(target.name)
+
+    return handler
+
+
+def _enter(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+    name, line = _persona_and_text(room, args, "enter NAME [entry line]")
+    if room.stage.is_on(name):
+        raise _bad(f"{name} is already on stage.")
+    room.enter([name], peer)
+    if line:
+        room.post(peer, line)
+
+
+def _exit(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+    name, line = _persona_and_text(room, args, "exit NAME [exit line]")
+    if not room.stage.is_on(name):
+        raise _bad(f"{name} is already off stage.")
+    room.exit([name], peer)
+    if line:  # said as it goes: the one leaving hears it too
+        room.post(peer, line, recipients=Recipients((*room.stage.on_stage(), name)))
+
+
+def _scene(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
+    names: list[str] = []
+    rest = " ".join(args)
+    while rest:
+        name, rest = _persona_and_text(room, tuple(rest.split()), "scene NAME...")
+        names.append(name)
+    if not names:
+        raise _bad("Usage: /scene NAME... (the personas on stage from now on; /exit takes the last one off).")
+    wanted = {name.casefold() for name in names}
+    leaving = [name for name in room.stage.known() if room.stage.is_on(name) and name.casefold() not in wanted]
+    entering = [name for name in names if not room.stage.is_on(name)]
+    if not leaving and not entering:
+        raise _bad("Those personas are on stage already; nothing changed.")
+    room.exit(leaving, peer)
+    room.enter(entering, peer)
 
 
 def _set_muted(muted: bool) -> Handler:
@@ -138,6 +213,11 @@ COMMANDS: dict[str, HubCommand] = {
     "mode": HubCommand(_mode, "/mode round-robin|mention|moderator|free|natural: how turns are given"),
     "turns": HubCommand(_turns, "/turns N: model messages allowed after each moderator message"),
     "to": HubCommand(_to, "/to NAME message: hand the turn to one persona with a message"),
+    "whisper": HubCommand(_whisper(False), "/whisper NAME message: like /to, but only NAME and the moderators hear it"),
+    "whisper!": HubCommand(_whisper(True), "/whisper! NAME message: a whisper whose reply stays private too"),
+    "enter": HubCommand(_enter, "/enter NAME [line]: bring a persona on stage; it hears what is said from now on"),
+    "exit": HubCommand(_exit, "/exit NAME [line]: take a persona off stage; it takes no turns and hears nothing"),
+    "scene": HubCommand(_scene, "/scene NAME...: exactly these personas are on stage"),
     "mute": HubCommand(_set_muted(True), "/mute NAME: keep a participant's messages out of the room"),
     "unmute": HubCommand(_set_muted(False), "/unmute NAME"),
     "kick": HubCommand(_kick, "/kick NAME: remove a participant"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from ..protocol import Chat
 
@@ -43,8 +43,10 @@ class ChatHistory:
         """The message a sender already sent under this nonce, if it is still held."""
         return next((chat for chat in reversed(self.messages) if chat.nonce == nonce and chat.sender == sender), None)
 
-    def recent(self, count: int) -> list[Chat]:
-        return list(self.messages)[-count:] if count else []
+    def recent(self, count: int, where: Callable[[Chat], bool] | None = None) -> list[Chat]:
+        """The last ``count`` messages, or the last ``count`` of those ``where`` accepts."""
+        chosen = [chat for chat in self.messages if where is None or where(chat)]
+        return chosen[-count:] if count else []
 
     def since(self, last_seq: int) -> tuple[list[Chat], int]:
         """What came after ``last_seq``, and how many messages in between are no longer held."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +39,7 @@ from ..protocol import (
 from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
 from .history import ChatHistory
 from .members import Members, Peer
+from .recipients import EVERYONE, NO_PERSONA, Recipients, Sight, Stage, sight, trace_sentence
 from .settings import RoomSettings
 from .spectators import Audience, Listener, Spectator
 from .transcript import Transcript, load_history
@@ -78,6 +79,9 @@ class Room:
         self.members = Members(settings)
         self.audience = Audience(settings.max_spectators)
         self.history = ChatHistory(settings.replay)
+        self.stage = Stage()
+        self._private_reply: tuple[str, int] | None = None
+        """(persona, turn) whose reply stays private: the turn a ``/whisper!`` gave it."""
         self.closing = False
         self._last_floor: FloorState | None = None
         self._last_floor_text = ""
@@ -89,6 +93,8 @@ class Room:
             earlier = load_history(resume)
             room_id = earlier.room_id
             self.history.extend(earlier.messages)
+            if earlier.stage is not None:
+                self.stage.restore(*earlier.stage)
             log.info("Resumed %d messages from %s; the next sequence number is %d",
                      len(earlier.messages), resume, self.history.seq + 1)
         self.room_id = room_id or uuid.uuid4().hex[:12]
@@ -115,13 +121,22 @@ class Room:
             f"Connected as {peer.name}", event="welcome", protocol=PROTOCOL_VERSION,
             room=self.room_id if extended else None, session=peer.session if extended else None,
         ))
+        newcomer = False
         if peer.role is Role.MODEL:
-            self.floor.add_model(peer.name, DEFAULT_TALKATIVENESS if hello.talkativeness is None
-                                 else hello.talkativeness)
+            newcomer = not self.stage.knows(peer.name)
+            if self.stage.arrive(peer.name, offstage=hello.offstage):
+                self._record_stage()
+            newcomer = newcomer and self.stage.running  # a room that runs scenes replays a newcomer nothing
+            talkativeness = DEFAULT_TALKATIVENESS if hello.talkativeness is None else hello.talkativeness
+            if self.stage.is_on(peer.name):
+                self.floor.add_model(peer.name, talkativeness)
+            else:
+                self.floor.talkativeness[peer.name] = talkativeness  # kept for when it enters
         if stale is None:
             self.announce("join", f"{peer.name} joined the chat", name=peer.name, role=peer.role.value,
-                          exclude=peer)
-        self._replay_to(peer, hello.last_seq)
+                          exclude=peer, recipients=self._about(peer.name))
+        if not newcomer:
+            self._replay_to(peer, hello.last_seq)
         if peer.wants_stream:
             self.deliver(peer, self.floor_state())  # the room as it stands; presence follows below
         self.publish_floor()
@@ -134,10 +149,12 @@ class Room:
         held = peer.name in self.floor.speakers() and self.floor.mode is not Mode.FREE
         if peer.role is Role.MODEL:
             self.floor.remove_model(peer.name)
+        about = self._about(peer.name)
         if announce:
-            self.announce("leave", f"{peer.name} {reason}", name=peer.name)
+            self.announce("leave", f"{peer.name} {reason}", name=peer.name, recipients=about)
         if held:
-            self.announce("skip", f"{peer.name} left while holding the turn; the turn moves on.", name=peer.name)
+            self.announce("skip", f"{peer.name} left while holding the turn; the turn moves on.", name=peer.name,
+                          recipients=self._reply_recipients(peer.name))
         self.publish_floor()
         self.publish_presence()
 
@@ -213,11 +230,16 @@ class Room:
         if isinstance(frame, (Say, Pass)) and frame.speed is not None:
             peer.speed = frame.speed
         if self.floor.answered(peer.name):
-            self.announce("back", f"{peer.name} answered again and is back in the rotation.", name=peer.name)
+            self.announce("back", f"{peer.name} answered again and is back in the rotation.", name=peer.name,
+                          recipients=self._about(peer.name))
 
     def post(self, peer: Peer, content: str, *, opening: bool = False, turn: int | None = None,
-             addressed: str | None = None, nonce: str | None = None) -> None:
-        """Accept a chat message: check it (floor, then guards), store it, then relay it."""
+             addressed: str | None = None, nonce: str | None = None, recipients: Recipients | None = None) -> None:
+        """Accept a chat message: check it (floor, then guards), store it, then relay it.
+
+        ``recipients`` is for the moderator's commands (a whisper, an exit line); otherwise a
+        message goes to whoever is on stage, and a persona's reply to a ``/whisper!`` stays private.
+        """
         if nonce is not None:
             earlier = self.history.with_nonce(peer.name, nonce)
             if earlier is not None:  # a line re-sent after a reconnect: confirm it again, relay it once
@@ -237,7 +259,10 @@ class Room:
                 return
             content = verdict.content
         next_speaker = verdict.impersonated
-        self._relay(replace(self.history.draft(peer.name, content, peer.role.value), nonce=nonce), peer)
+        if recipients is None:
+            recipients = self._reply_recipients(peer.name) if peer.role is Role.MODEL else self.stage.public()
+        self._relay(replace(self.history.draft(peer.name, content, peer.role.value), nonce=nonce,
+                            recipients=recipients.personas, whisper=recipients.whisper), peer)
         if peer.role is Role.MODEL:
             self.floor.end_turn(peer.name, TurnEnd.SPOKE, content, next_speaker=next_speaker)
         elif peer.is_moderator:
@@ -255,22 +280,57 @@ class Room:
         reason = verdict.guard.value
         self.transcript.withheld(peer.name, peer.role.value, verdict.removed, reason)
         log.info("guard %s on %s: %s", reason, peer.name, verdict.removed)
+        recipients = self._reply_recipients(peer.name)
         if not verdict.withheld:
-            self.announce("cut", verdict.reason, name=peer.name, reason=reason)
+            self.announce("cut", verdict.reason, name=peer.name, reason=reason, recipients=recipients)
             return verdict
         self.refuse(peer, ErrorCode.WITHHELD, verdict.reason + " It was kept, not relayed.")
-        self.announce("withheld", verdict.reason, name=peer.name, reason=reason)
+        self.announce("withheld", verdict.reason, name=peer.name, reason=reason, recipients=recipients)
         self.floor.end_turn(peer.name, TurnEnd.WITHHELD, next_speaker=verdict.impersonated)
         self.publish_floor()
         return verdict
 
     def _relay(self, chat: Chat, author: Peer) -> None:
-        """Store a message (transcript first), then send it to everyone; an extension author gets its echo."""
+        """Store a message (transcript first), then send it to its recipients; an extension author gets its echo."""
         self.transcript.message(chat)
         self.history.keep(chat)
         log.info("%s: %s", chat.sender, chat.content, extra={"speaker": chat.sender})
-        self._send([other for other in self._audience() if other is not author or author.speaks_extensions],
-                   encode(chat))
+        self._send_chat([other for other in self._audience() if other is not author or author.speaks_extensions],
+                        chat)
+
+    def _send_chat(self, listeners: Iterable[Listener], chat: Chat) -> None:
+        """Send a message to the listeners entitled to it; those who may only know a whisper happened get a trace."""
+        full: list[Listener] = []
+        traced: list[Listener] = []
+        for listener in listeners:
+            seen = sight(listener, Recipients.of(chat), self.settings.show_whispers)
+            (full if seen is Sight.FULL else traced if seen is Sight.TRACE else []).append(listener)
+        self._send(full, encode(chat))
+        self._send(traced, encode(Notice(trace_sentence(chat), event="whisper")))
+
+    def _readers(self, recipients: Recipients) -> list[Listener]:
+        """Everyone in the room who may read in full what is said to ``recipients``.
+
+        The one filter for partials, room events and turn frames; messages go through ``_send_chat``,
+        which also sends traces.
+        """
+        return [listener for listener in self._audience()
+                if sight(listener, recipients, self.settings.show_whispers) is Sight.FULL]
+
+    def visible_to(self, listener: Listener, chats: Iterable[Chat]) -> list[Chat]:
+        """The messages among ``chats`` that ``listener`` is entitled to read in full."""
+        return [chat for chat in chats
+                if sight(listener, Recipients.of(chat), self.settings.show_whispers) is Sight.FULL]
+
+    def _reply_recipients(self, name: str) -> Recipients:
+        """Who hears a persona's reply (and its pieces, and news about it): private only after ``/whisper!``."""
+        if self._private_reply == (name.casefold(), self.floor.turn):
+            return Recipients((name,), whisper=True)
+        return self.stage.public()
+
+    def _about(self, name: str) -> Recipients:
+        """Who hears news about a persona: the room, or, while it is off stage, only humans and spectators."""
+        return self.stage.public() if self.stage.is_on(name) else NO_PERSONA
 
     def _names(self) -> list[str]:
         """Everyone a model could write a line for: who is here, and who spoke lately."""
@@ -289,11 +349,14 @@ class Room:
             raise ProtocolError(ErrorCode.NOTHING_TO_STOP, "No persona is speaking; there is nothing to stop.")
         for peer in talking:
             said = peer.drafted if peer.draft_turn == turn else ""
+            recipients = self._reply_recipients(peer.name)
             if said.strip():
-                self.announce("stop", f"{by.name} stopped {peer.name}.", name=peer.name)
-                self._relay(replace(self.history.draft(peer.name, said, peer.role.value), interrupted=True), peer)
+                self.announce("stop", f"{by.name} stopped {peer.name}.", name=peer.name, recipients=recipients)
+                self._relay(replace(self.history.draft(peer.name, said, peer.role.value), interrupted=True,
+                                    recipients=recipients.personas, whisper=recipients.whisper), peer)
             else:
-                self.announce("stop", f"{by.name} stopped {peer.name} before it said anything.", name=peer.name)
+                self.announce("stop", f"{by.name} stopped {peer.name} before it said anything.", name=peer.name,
+                              recipients=recipients)
             self.floor.end_turn(peer.name, TurnEnd.STOPPED, said)
         self.publish_floor()
 
@@ -304,6 +367,8 @@ class Room:
             return ErrorCode.MUTED, "You are muted by the moderator; your message was kept but not relayed."
         if peer.role is not Role.MODEL:
             return None
+        if not self.stage.is_on(peer.name):
+            return ErrorCode.OFF_STAGE, "You are off stage; your message was kept but not relayed."
         if self.floor.paused:
             return ErrorCode.NOT_YOUR_TURN, "The room is paused; your message was kept but not relayed."
         if not self.floor.may_speak(peer.name, opening=opening):
@@ -324,13 +389,16 @@ class Room:
         if peer.draft_bytes > DRAFT_BYTES_PER_TURN:
             return  # a reply that long streams no further; its final message still goes out whole
         peer.drafted += draft.content
-        self._send([other for other in self._audience() if other.wants_stream and other is not peer],
+        self._send([other for other in self._readers(self._reply_recipients(peer.name))
+                     if other.wants_stream and other is not peer],
                    encode(Stream(sender=peer.name, content=draft.content, turn=floor.turn)))
 
     def _replay_to(self, peer: Listener, last_seq: int | None) -> None:
         """Late joiners get recent history; a reconnecting client gets exactly what it missed.
 
-        Baseline model clients get no replay: they would answer every replayed message.
+        Either way only what it was entitled to when it was said (see ``recipients``); a persona
+        new to a room that runs scenes is replayed nothing at all (``admit``). Baseline model
+        clients get no replay: they would answer every replayed message.
         """
         if isinstance(peer, Peer) and peer.role is Role.MODEL and not peer.speaks_extensions:
             return
@@ -342,9 +410,55 @@ class Room:
                 self.deliver(peer, Notice(f"{lost} older messages are no longer held in memory; "
                                           f"they are in the transcript {self.transcript.path}.", event="gap"))
         else:
-            missed = self.history.recent(self.settings.replay)
+            missed = self.history.recent(self.settings.replay, self._entitles(peer))
         for chat in missed:
-            self.deliver(peer, replace(chat, replay=True))
+            self._send_chat([peer], replace(chat, replay=True))
+
+    def _entitles(self, listener: Listener) -> Callable[[Chat], bool]:
+        """Whether a held message counts for ``listener``'s replay: it may be shown it, at least as a trace."""
+        return lambda chat: sight(listener, Recipients.of(chat), self.settings.show_whispers) is not Sight.NOTHING
+
+    # ------------------------------------------------------------ whispers and the stage
+
+    def keep_reply_private(self, name: str) -> None:
+        """``/whisper!``: the reply ``name`` gives in the turn it was just handed reaches only the moderators."""
+        self._private_reply = (name.casefold(), self.floor.turn)
+
+    def enter(self, names: Sequence[str], by: Peer) -> None:
+        """Put personas on stage: they take turns again and receive what is said from now on."""
+        self.stage.begin()
+        for name in names:
+            self.stage.enter(name)
+            peer = self.find(name)
+            if peer is not None and peer.role is Role.MODEL:
+                self.floor.add_model(peer.name, self.floor.talkativeness.get(peer.name, DEFAULT_TALKATIVENESS))
+        self._record_stage()
+        if names:
+            self.announce("enter", f"{by.name} brought {', '.join(names)} on stage.", names=", ".join(names))
+        self._show_floor(names)
+
+    def exit(self, names: Sequence[str], by: Peer) -> None:
+        """Take personas off stage: still connected, but they take no turns and receive nothing."""
+        self.stage.begin()
+        if names:
+            self.announce("exit", f"{by.name} took {', '.join(names)} off stage.", names=", ".join(names))
+        for name in names:
+            self.stage.exit(name)
+            self.floor.remove_model(name)
+        self._record_stage()
+        self._show_floor(names)
+
+    def _show_floor(self, names: Sequence[str]) -> None:
+        """Who just came on or went off stage learns where the floor stands: turn frames skip the off-stage."""
+        state = self.floor_state()
+        for name in names:
+            peer = self.find(name)
+            if peer is not None and peer.speaks_extensions:
+                self.deliver(peer, state)
+
+    def _record_stage(self) -> None:
+        self.transcript.stage(self.stage.on_stage(), self.stage.off_stage())
+        self.publish_presence()
 
     # ------------------------------------------------------------ the floor and the turn timer
 
@@ -371,14 +485,16 @@ class Room:
             return
         self._last_floor, self._last_floor_text = state, encode(state)
         self._time_turn(state)
-        self._send([peer for peer in self._audience() if peer.speaks_extensions], self._last_floor_text)
+        self._send([peer for peer in self._readers(self.stage.public()) if peer.speaks_extensions],
+                   self._last_floor_text)
 
     def _pass_turn(self, peer: Peer, frame: Pass) -> None:
         stale = frame.turn is not None and frame.turn != self.floor.turn
         if peer.role is not Role.MODEL or peer.name not in self.floor.speakers() or stale:
             return
         reason = f" ({frame.reason[:200]})" if frame.reason else ""
-        self.announce("pass", f"{peer.name} passed its turn{reason}", name=peer.name)
+        self.announce("pass", f"{peer.name} passed its turn{reason}", name=peer.name,
+                      recipients=self._reply_recipients(peer.name))
         self.floor.end_turn(peer.name, TurnEnd.PASSED)
         self.publish_floor()
 
@@ -402,7 +518,7 @@ class Room:
         if self.floor.turn != turn or self.floor.speakers() != (holder,) or (peer and peer.heard_turn == turn):
             return
         self.announce("skip", f"{holder} sent nothing for {self.settings.first_token_timeout:g} s; it is skipped "
-                              "until it answers again.", name=holder)
+                              "until it answers again.", name=holder, recipients=self._reply_recipients(holder))
         self.floor.skip(holder)
         self.floor.end_turn(holder, TurnEnd.TIMED_OUT)
         self.publish_floor()
@@ -411,16 +527,11 @@ class Room:
         if self.floor.turn != turn or self.floor.speakers() != (holder,):
             return
         self.announce("pass", f"{holder} did not answer within {self.settings.turn_timeout:.0f} s; "
-                              "its turn passes on", name=holder)
+                              "its turn passes on", name=holder, recipients=self._reply_recipients(holder))
         self.floor.end_turn(holder, TurnEnd.TIMED_OUT)
         self.publish_floor()
 
     # ------------------------------------------------------------ what goes to whom
-
-    def broadcast(self, frame: ServerFrame, *, only_extensions: bool = False,
-                  exclude: Peer | None = None) -> None:
-        self._send([peer for peer in self._audience()
-                    if peer is not exclude and (peer.speaks_extensions or not only_extensions)], encode(frame))
 
     def deliver(self, peer: Listener, frame: ServerFrame) -> None:
         self._send([peer], encode(frame))
@@ -428,11 +539,16 @@ class Room:
     def _presence(self) -> Presence:
         return Presence(
             participants=tuple(
-                {"name": p.name, "role": p.role.value, "moderator": p.is_moderator, "muted": p.muted}
+                {"name": p.name, "role": p.role.value, "moderator": p.is_moderator, "muted": p.muted,
+                 **self.stage_mark(p)}
                 for p in self.members
             ),
             spectators=len(self.audience),
         )
+
+    def stage_mark(self, peer: Peer) -> dict[str, bool]:
+        """``on_stage`` for a persona in a room that runs scenes, for the roster and the page."""
+        return {"on_stage": self.stage.is_on(peer.name)} if peer.role is Role.MODEL and self.stage.running else {}
 
     def publish_presence(self) -> None:
         """Tell the pages (spectators and streaming humans) who is here, when that changed."""
@@ -463,10 +579,14 @@ class Room:
         )
         self.deliver(peer, frame)
 
-    def announce(self, event: str, sentence: str, *, exclude: Peer | None = None, **fields: str) -> None:
+    def announce(self, event: str, sentence: str, *, exclude: Peer | None = None,
+                 recipients: Recipients | None = None, **fields: str) -> None:
+        """Record a room event and tell whoever may hear it: by default, everyone on stage."""
         self.transcript.event(event, sentence, **fields)
         log.info("%s", sentence, extra={"speaker": fields.get("name")})
-        self.broadcast(Notice(sentence, event=event, reason=fields.get("reason")), exclude=exclude)
+        readers = self._readers(self.stage.public() if recipients is None else recipients)
+        self._send([listener for listener in readers if listener is not exclude],
+                   encode(Notice(sentence, event=event, reason=fields.get("reason"))))
 
     def _send(self, recipients: Iterable[Listener], text: str) -> None:
         """Hand one encoded frame to the outlet for the recipients still in the room."""
@@ -481,7 +601,7 @@ class Room:
         for timer in (*self._turn_timers, self._count_timer):
             if timer is not None:
                 timer.cancel()
-        self.announce("shutdown", "The hub is stopping.")
+        self.announce("shutdown", "The hub is stopping.", recipients=EVERYONE)
         # The shutdown record speaks for everyone; no leave records after it.
         return [*self.members.clear(), *self.audience.clear()]
 

@@ -29,3 +29,5 @@ class RoomSettings:
     """Check every model reply for repeats, emptiness and lines written as someone else."""
     max_spectators: int = 1000
     """Connections watching without taking part (the web page); apart from ``max_clients``."""
+    show_whispers: bool = False
+    """Spectators see what is whispered; without it they learn only that a whisper went to someone."""

@@ -1,8 +1,10 @@
 """The room's transcript: an append-only JSONL file, written before anything is relayed.
 
 Every line is one object with a ``kind``: ``start`` (a hub began serving this room), ``message``
-(a relayed chat message), ``withheld`` (a message kept out of the room, with the reason) or
-``event`` (joins, leaves, commands...). This module is the only one that writes or reads them.
+(a relayed chat message, with its ``recipients`` and ``whisper`` when it did not go to every
+persona), ``withheld`` (a message kept out of the room, with the reason), ``stage`` (who is on and
+off stage, each time that changes in a room that runs scenes) or ``event`` (joins, leaves,
+commands...). This module is the only one that writes or reads them.
 
 Durability: each record is written and flushed to the operating system before the hub relays the
 message, so a hub killed with SIGKILL loses nothing it relayed. ``fsync=True`` also forces every
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -43,6 +46,8 @@ class History:
 
     room_id: str | None = None
     messages: list[Chat] = field(default_factory=list)
+    stage: tuple[list[str], list[str]] | None = None
+    """Who was on and off stage last, if the room ran scenes."""
 
 
 def default_path(directory: Path) -> Path:
@@ -68,7 +73,14 @@ class Transcript:
             data["interrupted"] = True
         if chat.nonce:
             data["nonce"] = chat.nonce  # so a resumed hub still recognises a line its sender re-sends
+        if chat.recipients is not None:
+            data["recipients"] = list(chat.recipients)  # so a resumed hub replays it to them alone
+        if chat.whisper:
+            data["whisper"] = True
         self._append("message", data)
+
+    def stage(self, on_stage: Sequence[str], off_stage: Sequence[str]) -> None:
+        self._append("stage", {"on_stage": list(on_stage), "off_stage": list(off_stage), "ts": time.time()})
 
     def withheld(self, sender: str, role: str, content: str, reason: str) -> None:
         self._append("withheld", {"from": sender, "role": role, "content": content, "reason": reason,
@@ -125,9 +137,17 @@ def load_history(path: Path) -> History:
                     role=str(data.get("role", Role.MODEL.value)),
                     interrupted=data.get("interrupted") is True,
                     nonce=data["nonce"] if isinstance(data.get("nonce"), str) else None,
+                    recipients=_names(data.get("recipients")),
+                    whisper=data.get("whisper") is True,
                 )
             )
+        elif record.kind == "stage":
+            history.stage = (list(_names(data.get("on_stage")) or ()), list(_names(data.get("off_stage")) or ()))
     return history
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    return tuple(name for name in value if isinstance(name, str)) if isinstance(value, list) else None
 
 
 def _ends_with_newline(path: Path) -> bool:

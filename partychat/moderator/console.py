@@ -88,6 +88,9 @@ class RoomView:
             marker = paint(" (earlier)", DIM, self.colour) if frame.replay else ""
             if frame.interrupted:
                 marker += paint(" (stopped)", DIM, self.colour)
+            if frame.whisper:
+                marker += paint(f" (whispered to {neutralise(frame.whispered_to, keep_newlines=False)})", DIM,
+                                self.colour)
             return f"{self.stamp(frame.ts or None)} {name}{marker}: {neutralise(frame.content)}"
         if isinstance(frame, Stream):
             self.drafts[frame.sender] = self.drafts.get(frame.sender, "") + frame.content
@@ -129,6 +132,7 @@ def transcript_markdown(messages: Sequence[Chat]) -> str:
     for chat in messages:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(chat.ts)) if chat.ts else ""
         stopped = ", stopped by the moderator" if chat.interrupted else ""
+        stopped += f", whispered to {_markdown_escape(chat.whispered_to)}" if chat.whisper else ""
         lines.append(f"**{_markdown_escape(chat.sender)}** ({chat.role}{', ' + when if when else ''}{stopped}):")
         lines.append("")
         lines.extend("> " + _markdown_escape(line) for line in chat.content.splitlines() or [""])
@@ -155,6 +159,8 @@ def describe_roster(roster: Roster) -> str:
 def _roster_details(participant: dict) -> list[str]:
     details = [str(participant.get("role"))]
     details += [flag for flag in ("moderator", "muted", "skipped") if participant.get(flag)]
+    if "on_stage" in participant:
+        details.append("on stage" if participant["on_stage"] else "off stage")
     for key, label, unit in (("talkativeness", "talkativeness ", ""), ("ttft", "first token ", " s"),
                              ("tokens_per_second", "", " tok/s")):
         value = participant.get(key)

@@ -1,7 +1,8 @@
-"""Who a client.py process plays: one persona or a whole cast, from flags or a TOML cast file.
+"""Who a client.py process plays: one persona or a whole cast, from flags, a TOML cast file or character cards.
 
-A cast file is a list of ``[[persona]]`` tables (see ``casts/``). Anything a persona leaves out
-comes from client.py's flags. Errors name the file, the entry and the field, so a typo in entry
+A cast file is a list of ``[[persona]]`` tables (see ``casts/``); a folder of character cards is a
+cast too. Anything a persona leaves out comes from client.py's flags; a field or flag given
+overrides the persona's card. Errors name the file, the entry and the field, so a typo in entry
 six of a seven-persona panel is found without guessing.
 """
 
@@ -19,6 +20,8 @@ else:  # pragma: no cover - Python 3.10
 
 from ..bundled import casts_folder, prompts_folder
 from ..engines.registry import BACKENDS
+from .cards import Card, card_files, example_dialogue, fill_macros, persona_text, read_card
+from .lorebook import Lorebook, PersonaFileError
 
 
 class CastError(Exception):
@@ -39,10 +42,20 @@ class Persona:
     engine: str = "auto"
     talkativeness: float | None = None
     """Weight in the hub's natural-mode draw, 0 to 1; None leaves the hub's default."""
+    examples: str = ""
+    """Example dialogue, from a card."""
+    after_history: str = ""
+    """Instructions after the newest message, from a card."""
+    books: tuple[Lorebook, ...] = ()
+    """Lorebooks only this persona reads: its card's own."""
+    offstage: bool = False
+    """Join off stage: take no turns and hear nothing until the moderator brings it on (``/enter``)."""
 
 
 CAST_FIELDS = ("name", "prompt_file", "temperature", "delay", "max_tokens", "initial_prompt", "model", "engine",
-               "talkativeness")
+               "talkativeness", "card", "secret", "offstage")
+SECRET_LINE = "A secret only you know, which the others have not been told: {secret}"
+"""How a cast entry's ``secret`` joins its persona text: the one prompt it goes into."""
 
 
 def shipped_candidates(value: str, shipped: Path, suffix: str) -> list[Path]:
@@ -75,11 +88,11 @@ def find_prompt_file(value: str, folder: Path | None = None) -> Path:
 
 
 def find_cast_file(value: str) -> Path:
-    """The cast file as given, else the same name among the shipped casts (``panel``, ``casts/panel.toml``)."""
+    """The cast file (or folder of cards) as given, else the same name among the shipped casts (``panel``)."""
     given = Path(value).expanduser()
     shipped = casts_folder()
     for candidate in [given, *shipped_candidates(value, shipped, ".toml")]:
-        if candidate.is_file():
+        if candidate.is_file() or candidate.is_dir():
             return candidate
     raise CastError(f"Cast file not found: {value} (looked here and in {shipped})")
 
@@ -110,9 +123,40 @@ def from_flag(value: str, base: Persona) -> Persona:
         raise CastError(f"--persona {value!r}: {error}") from None
 
 
+def load_card(path: Path) -> Card:
+    """A character card, its problems as CastError."""
+    try:
+        return read_card(path)
+    except PersonaFileError as error:
+        raise CastError(str(error)) from None
+
+
+def from_card(card: Card, base: Persona, name: str | None = None) -> Persona:
+    """The persona a card describes; ``name`` renames it (``{{char}}`` follows), ``base`` gives the rest."""
+    char = name or card.nickname or card.name
+    return replace(base, name=name or card.name, persona=persona_text(card, char),
+                   initial_prompt=fill_macros(card.first_mes, char=char) or None,
+                   examples=example_dialogue(card, char),
+                   after_history=fill_macros(card.post_history_instructions, char=char),
+                   books=(card.book,) if card.book is not None and card.book.entries else ())
+
+
+def read_card_folder(folder: Path, base: Persona) -> list[Persona]:
+    """A folder as a cast: each card in it (PNG, JSON, CHARX) is a persona, in file-name order."""
+    paths = card_files(folder)
+    if not paths:
+        raise CastError(f"{folder}: no character cards here (.png, .json or .charx files).")
+    return [from_card(load_card(path), base) for path in paths]
+
+
 def read_cast_file(path: Path, base: Persona) -> list[Persona]:
-    """Every persona of a cast file; fields left out take ``base``'s values. Raises CastError."""
+    """Every persona of a cast file, or of a folder of cards; fields left out take ``base``'s values.
+
+    Raises CastError.
+    """
     path = find_cast_file(str(path))
+    if path.is_dir():
+        return read_card_folder(path, base)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -142,10 +186,15 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
     where = f"{path}: persona {number}"
     if not isinstance(entry, dict):
         raise CastError(f"{where} is not a table; write it as [[persona]] with name = \"...\" below.")
-    name = entry.get("name")
+    given = entry.get("name")
+    card = _entry_card(f"{where} ({given!r})" if isinstance(given, str) and given.strip() else where, entry,
+                       path.parent)
+    name = entry.get("name", card.name if card is not None else None)
     if not isinstance(name, str) or not name.strip():
         raise CastError(f"{where}, field 'name': every persona needs a name (a non-empty string).")
     where = f"{where} ({name!r})"
+    if card is not None:
+        base = from_card(card, base, name.strip() if "name" in entry else None)
     unknown = sorted(set(entry) - set(CAST_FIELDS))
     if unknown:
         raise CastError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(CAST_FIELDS)}.")
@@ -165,15 +214,24 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         prompt_file = entry.get("prompt_file")
         if prompt_file is not None and not isinstance(prompt_file, str):
             raise CastError(f"must be a string, not {prompt_file!r}")
-        persona_text = read_persona(prompt_file, name.strip(), path.parent)
+        if prompt_file is not None or card is None:
+            text = read_persona(prompt_file, name.strip(), path.parent)
+        else:
+            text = base.persona
     except CastError as error:
         raise CastError(f"{where}, field 'prompt_file': {error}") from None
+    secret = field("secret", str) if "secret" in entry else ""
+    if secret.strip():
+        text = f"{text}\n\n{SECRET_LINE.format(secret=secret.strip())}"
+    offstage = entry.get("offstage", False)
+    if not isinstance(offstage, bool):
+        raise CastError(f"{where}, field 'offstage': must be true or false, not {offstage!r}.")
     model = field("model", str)
     if model.startswith(("./", "../")):
         model = str((path.parent / model).resolve())  # relative to the cast file, like its prompt files
     return Persona(
         name=name.strip(),
-        persona=persona_text,
+        persona=text,
         temperature=float(field("temperature", (int, float), lambda v: v >= 0, "must be 0 or more")),
         delay=float(field("delay", (int, float), lambda v: v >= 0, "must be 0 or more")),
         max_tokens=field("max_tokens", int, lambda v: v >= 1, "must be a whole number, at least 1"),
@@ -182,7 +240,24 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         engine=field("engine", str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
         talkativeness=_number_or_none(field("talkativeness", (int, float), lambda v: 0 <= v <= 1,
                                             "must be a number from 0 to 1")),
+        examples=base.examples,
+        after_history=base.after_history,
+        books=base.books,
+        offstage=offstage,
     )
+
+
+def _entry_card(where: str, entry: dict[str, Any], folder: Path) -> Card | None:
+    """The entry's ``card``, relative to the cast file, or None."""
+    value = entry.get("card")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise CastError(f"{where}, field 'card': must be a card file's path, not {value!r}.")
+    try:
+        return load_card(folder / Path(value).expanduser())
+    except CastError as error:
+        raise CastError(f"{where}, field 'card': {error}") from None
 
 
 def _number_or_none(value: float | None) -> float | None:

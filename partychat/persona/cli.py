@@ -22,9 +22,10 @@ from ..engines.downloads import fetch, hub_offline
 from ..engines.models import DTYPES, ModelSource, resolve
 from ..engines.registry import BACKENDS, EngineOptions, open_chat_model, pick_backend
 from ..logs import LEVELS, honour_ctrl_c, setup_logging
-from .cast import CastError, Persona, from_flag, read_cast_file, read_persona
+from .cast import CastError, Persona, from_card, from_flag, load_card, read_cast_file, read_persona
 from .cast_runner import run_cast
 from .generation import GenerationSettings
+from .lorebook import Lorebook, PersonaFileError, read_lorebook
 from .participant import ModelParticipant, ParticipantConfig
 from .shared_models import SharedChatModel, load_once
 
@@ -36,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="the persona's name in the room (must be unique)")
     parser.add_argument("--persona", action="append", default=[], metavar="NAME=PROMPT_FILE",
                         help="another persona in this process, sharing its model; repeatable")
-    parser.add_argument("--cast", type=Path, help="a TOML cast file of personas (see casts/)")
+    parser.add_argument("--cast", type=Path, help="a TOML cast file of personas (see casts/), or a folder of "
+                        "character cards")
+    parser.add_argument("--card", type=Path, help="a character card (PNG, JSON or CHARX, V1-V3) for the persona; "
+                        "--name, --prompt-file and --initial-prompt override its fields")
+    parser.add_argument("--lorebook", type=Path, action="append", default=[], metavar="FILE",
+                        help="a shared lorebook (SillyTavern world info JSON) every persona here reads; repeatable")
     parser.add_argument("--model", default="",
                         help="a .gguf file, a local model folder or a Hugging Face id, downloaded on first use "
                              "(default: the embedded SmolLM2-135M-Instruct); with --api-base, the server's "
@@ -138,18 +144,22 @@ def fetch_or_exit(source: ModelSource) -> ModelSource:
 
 
 def build_cast(args: argparse.Namespace) -> list[Persona]:
-    """Every persona this process plays, in the order they join: --name, then --persona flags, then --cast."""
-    if not (args.name or args.persona or args.cast):
-        raise CastError("Say who to play: --name NAME (one persona), --persona \"NAME=PROMPT_FILE\" "
+    """Every persona this process plays, in the order they join: --name or --card, then --persona flags, then --cast."""
+    if not (args.name or args.persona or args.cast or args.card):
+        raise CastError("Say who to play: --name NAME (one persona), --card FILE, --persona \"NAME=PROMPT_FILE\" "
                         "(repeatable) or --cast FILE.")
-    if not args.name and (args.prompt_file or args.initial_prompt):
+    if not (args.name or args.card) and (args.prompt_file or args.initial_prompt):
         raise CastError("--prompt-file and --initial-prompt describe the --name persona; with --persona, "
                         "give NAME=PROMPT_FILE, and use a --cast file for an opening line.")
     base = Persona(name="", persona="", temperature=args.temperature, delay=args.delay,
                    max_tokens=args.max_generation_tokens, model=args.model, engine=args.backend,
                    talkativeness=args.talkativeness)
     cast = []
-    if args.name:
+    if args.card:
+        persona = from_card(load_card(args.card), base, args.name)
+        cast.append(replace(persona, persona=read_persona(args.prompt_file, persona.name) if args.prompt_file
+                            else persona.persona, initial_prompt=args.initial_prompt or persona.initial_prompt))
+    elif args.name:
         cast.append(replace(base, name=args.name, persona=read_persona(args.prompt_file, args.name),
                             initial_prompt=args.initial_prompt))
     cast += [from_flag(value, base) for value in args.persona]
@@ -161,7 +171,15 @@ def build_cast(args: argparse.Namespace) -> list[Persona]:
             raise CastError(f"The name {persona.name!r} is given twice (as {seen[persona.name.casefold()]!r} too); "
                             "each persona needs its own name.")
         seen[persona.name.casefold()] = persona.name
-    return cast
+    shared = tuple(_lorebook(path) for path in args.lorebook)
+    return [replace(persona, books=persona.books + shared) for persona in cast]
+
+
+def _lorebook(path: Path) -> Lorebook:
+    try:
+        return read_lorebook(path)
+    except PersonaFileError as error:
+        raise CastError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             ParticipantConfig(name=persona.name, persona=persona.persona, server=args.server, delay=persona.delay,
                               initial_prompt=persona.initial_prompt, token=args.token, ca_file=args.ca_file,
                               stream=not args.no_stream, talkativeness=persona.talkativeness,
-                              echo_room=index == 0,
-                              castmates=frozenset(p.name for p in cast) - {persona.name}),
+                              echo_room=index == 0, offstage=persona.offstage,
+                              castmates=frozenset(p.name for p in cast) - {persona.name},
+                              examples=persona.examples, after_history=persona.after_history, books=persona.books),
             models[persona.name],
             GenerationSettings(temperature=persona.temperature, max_new_tokens=persona.max_tokens,
                                max_context_tokens=args.max_context_tokens, auto_truncate=not args.no_auto_truncate,

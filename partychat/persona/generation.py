@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..engines.base import ChatModel, ChatRequest, PromptTooLong, SystemRoleUnsupported
 from ..protocol import Chat
+from .lorebook import LORE_ROLE, Lore
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,10 @@ def build_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dic
     system = f"{persona.strip()}\n\n{GROUP_CHAT_RULES.format(name=name)}".strip()
     turns: list[dict[str, str]] = []
     for chat in history:
-        own = chat.sender == name
+        lore = chat.role == LORE_ROLE  # a lorebook entry placed among the messages (see PromptExtras)
+        own = chat.sender == name and not lore
         role = "assistant" if own else "user"
-        text = chat.content if own else f"{chat.sender}: {chat.content}"
+        text = chat.content if own or lore else f"{chat.sender}: {chat.content}"
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"] += "\n" + text
         else:
@@ -45,17 +47,21 @@ def build_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dic
 
 
 async def build_request(
-    model: ChatModel, persona: str, name: str, history: Sequence[Chat], settings: GenerationSettings
+    model: ChatModel, persona: str, name: str, history: Sequence[Chat], settings: GenerationSettings,
+    extras: PromptExtras | None = None,
 ) -> ChatRequest:
     """The longest recent history that fits the token budget; oldest turns go first, the persona never.
 
     A model whose chat template has no system role gets the persona in its first user turn.
+    ``extras`` (a card's example dialogue, lore) give way before any history does.
     """
     budget = settings.max_context_tokens - settings.max_new_tokens
     recent = list(history)[-settings.history_length:] if settings.history_length > 0 else []
+    extras = extras or PromptExtras()
     fold_persona = False
     while True:
-        messages = build_messages(persona, name, recent)
+        messages = extras.with_after_history(build_messages(extras.with_examples(persona), name,
+                                                            extras.with_lore(recent)))
         if fold_persona:
             system, first, *rest = messages
             messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
@@ -69,6 +75,9 @@ async def build_request(
             continue
         if size <= budget:
             return request
+        if (smaller := extras.smaller(recent)) is not None:
+            extras = smaller
+            continue
         if not settings.auto_truncate:
             raise PromptTooLong(
                 f"The prompt needs {size} tokens but only {budget} fit "
@@ -87,6 +96,40 @@ async def build_request(
             f"The persona alone needs {size} tokens, more than the {budget} the context allows; "
             "raise --max-context-tokens or shorten the persona."
         )
+
+
+@dataclass(frozen=True)
+class PromptExtras:
+    """What a character card and lorebooks add to a persona's prompt (persona/cards.py, persona/lorebook.py).
+
+    ``examples`` (example dialogue) follows the persona in the system turn; ``after_history`` (a
+    card's post-history instructions) follows the newest message, as a fixed tail like the
+    generation prompt; ``lore`` places lorebook entries among the messages (see ``Lore`` for where,
+    and why that keeps the prompt append-only). When the prompt is too long, the examples go first,
+    then lore entries one by one, and only then history.
+    """
+
+    examples: str = ""
+    after_history: str = ""
+    lore: Lore | None = None
+
+    def with_examples(self, persona: str) -> str:
+        return f"{persona.strip()}\n\n{self.examples}" if self.examples else persona
+
+    def with_lore(self, recent: list[Chat]) -> list[Chat]:
+        return self.lore.interleave(recent) if self.lore is not None else recent
+
+    def with_after_history(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        if self.after_history:  # build_messages always ends on a user turn
+            messages[-1] = {**messages[-1], "content": f"{messages[-1]['content']}\n\n{self.after_history}"}
+        return messages
+
+    def smaller(self, recent: list[Chat]) -> PromptExtras | None:
+        """These extras less the part that gives way first; None when nothing is left to give."""
+        if self.examples:
+            return replace(self, examples="")
+        lore = self.lore.smaller(recent) if self.lore is not None else None
+        return replace(self, lore=lore) if lore is not None else None
 
 
 def speaker_line_pattern(names: Sequence[str]) -> re.Pattern[str]:

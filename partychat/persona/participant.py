@@ -20,7 +20,7 @@ from pathlib import Path
 from websockets.exceptions import ConnectionClosed
 
 from ..connection import HubGone, Session, check_refusal, keep_trying
-from ..engines.base import ChatModel, EngineError, StopFlag
+from ..engines.base import ChatModel, ChatRequest, EngineError, StopFlag
 from ..protocol import (
     PROTOCOL_VERSION,
     Chat,
@@ -36,7 +36,9 @@ from ..protocol import (
     encode,
     parse_server_frame,
 )
-from .generation import GenerationSettings, ReplyStream, build_request, clean_reply
+from .cards import fill_macros
+from .generation import GenerationSettings, PromptExtras, ReplyStream, build_request, clean_reply
+from .lorebook import Lore, Lorebook
 
 log = logging.getLogger("partychat.client")
 
@@ -57,6 +59,14 @@ class ParticipantConfig:
     """Log what others say; in a cast only the first persona does, so each line is logged once."""
     castmates: frozenset[str] = frozenset()
     """Other personas of this process: they log their own lines."""
+    examples: str = ""
+    """Example dialogue (a card's ``mes_example``); left out first when the prompt is tight."""
+    after_history: str = ""
+    """Instructions after the newest message (a card's ``post_history_instructions``)."""
+    books: tuple[Lorebook, ...] = ()
+    """This persona's lorebooks: its card's own, then the shared ``--lorebook`` ones."""
+    offstage: bool = False
+    """Ask the hub, on first joining, to start off stage (a cast entry's ``offstage``)."""
 
 
 @dataclass
@@ -95,6 +105,7 @@ class ModelParticipant:
         self._stop = StopFlag()
         self._session: Session | None = None
         self._names: set[str] = set()
+        self._humans: list[str] = []
         self.joined = asyncio.Event()
         """Set once the hub has first let this participant in."""
 
@@ -111,6 +122,7 @@ class ModelParticipant:
             last_seq=self.last_seq,
             session=self.secret,
             talkativeness=self.config.talkativeness,
+            offstage=self.config.offstage and not self.joined.is_set(),  # a reconnect must not undo an /enter
         )
 
     async def run(self) -> None:
@@ -136,7 +148,8 @@ class ModelParticipant:
         try:
             if self.config.initial_prompt and not self.opening_sent:
                 self.opening_sent = True
-                await session.ws.send(encode(Say(self.config.initial_prompt, opening=True)))
+                opening = fill_macros(self.config.initial_prompt, char=self.name, user=self._user())
+                await session.ws.send(encode(Say(opening, opening=True)))
             async for raw in session.ws:
                 self._on_frame(parse_server_frame(raw))
             raise HubGone
@@ -164,6 +177,8 @@ class ModelParticipant:
         if chat.seq:
             self.last_seq = chat.seq
         self._names.add(chat.sender)
+        if chat.role == Role.HUMAN.value and chat.sender not in self._humans:
+            self._humans.append(chat.sender)
         self.history.append(chat)
         if (self.config.echo_room and not chat.replay and chat.sender != self.name
                 and chat.sender not in self.config.castmates):
@@ -268,7 +283,12 @@ class ModelParticipant:
         On our hub an empty partial goes out at the first token in any case: it tells the hub this
         persona is alive before its first sentence is done (see --first-token-timeout).
         """
-        request = await build_request(self.model, self.config.persona, self.name, list(self.history), settings)
+        persona, extras = prompt_parts(self.config, self._user())
+        history = list(self.history)
+        request = await build_request(self.model, persona, self.name, history, settings, extras)
+        log.debug("%s's prompt: %s", self.name, request.messages)
+        if extras.lore is not None and settings.history_length > 0:
+            self._log_lore(extras.lore, request, history[-settings.history_length:])
         extended = self._session is not None and self._session.extended
         raw: list[str] = []
         try:
@@ -285,6 +305,29 @@ class ModelParticipant:
             timing.finished = time.monotonic()
             timing.pieces += len(raw)  # over every attempt, like the span from the first token
         return "".join(raw)
+
+    def _user(self) -> str:
+        """``{{user}}`` in a card: the one human who has spoken here, else everyone."""
+        return self._humans[0] if len(self._humans) == 1 else "everyone"
+
+    def _log_lore(self, lore: Lore, request: ChatRequest, window: list[Chat]) -> None:
+        """Which entries this turn's newest messages fired, and which the budget left out of the prompt."""
+        prompt = "\n".join(message["content"] for message in request.messages)
+        placed = [ref for refs in lore.placements(window) for ref in refs]
+        left_out = [lore.entry(ref).label for ref in placed if lore.text(ref) not in prompt]
+        log.debug("Lore for %s's turn: fired %s; in the prompt %d entries%s", self.name,
+                  ", ".join(entry.label for entry in lore.fired(window)) or "none", len(placed) - len(left_out),
+                  f"; left out for room: {', '.join(left_out)}" if left_out else "")
+
+
+def prompt_parts(config: ParticipantConfig, user: str) -> tuple[str, PromptExtras]:
+    """The persona text and what a card and lorebooks add, for one request, with the macros filled in."""
+
+    def fill(text: str) -> str:
+        return fill_macros(text, char=config.name, user=user)
+
+    lore = Lore(config.books, fill) if config.books else None
+    return fill(config.persona), PromptExtras(fill(config.examples), fill(config.after_history), lore)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

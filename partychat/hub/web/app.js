@@ -130,6 +130,14 @@
       note.textContent = "interrupted by the moderator";
       el.append(note);
     }
+    if (frame.whisper === true) {
+      // Only the moderators (and the recipients) read this; everyone else was told only that it happened.
+      el.classList.add("whisper");
+      const note = document.createElement("p");
+      note.className = "note";
+      note.textContent = `whispered to ${whisperedTo(frame)}`;
+      el.append(note);
+    }
     const draft = state.drafts.get(frame.from);
     if (draft) {
       state.drafts.delete(frame.from);
@@ -139,6 +147,11 @@
     } else {
       append(el);
     }
+  }
+
+  function whisperedTo(message) {
+    const others = (message.recipients || []).filter((n) => n.toLowerCase() !== message.from.toLowerCase());
+    return others.length ? others.join(", ") : "the moderators";
   }
 
   function growDraft(frame) {
@@ -231,6 +244,7 @@
       const roles = [person.role];
       if (person.moderator) roles.push("moderator");
       if (person.muted) roles.push("muted");
+      if ("on_stage" in person) roles.push(person.on_stage ? "on stage" : "off stage");
       if (speakers.has(person.name)) roles.push("has the turn");
       role.textContent = roles.join(", ");
       item.append(name, role);
@@ -253,11 +267,15 @@
       return b;
     };
     if (person.role === "model") {
-      button("To", () => {
+      const prefill = (text) => {
         const input = byId("say");
-        input.value = `/to ${person.name} `;
+        input.value = text;
         input.focus();
-      });
+      };
+      button("To", () => prefill(`/to ${person.name} `));
+      button("Whisper", () => prefill(`/whisper ${person.name} `));
+      if (person.on_stage === false) button("Enter", () => command("enter", [person.name]));
+      else button("Exit", () => command("exit", [person.name]));
     }
     if (person.name.toLowerCase() !== (stored("name") || "").toLowerCase()) {
       button(person.muted ? "Unmute" : "Mute", () => command(person.muted ? "unmute" : "mute", [person.name]));
@@ -284,7 +302,8 @@
 
   function describeRoster(frame) {
     const people = (frame.participants || []).map((p) =>
-      `${p.name} (${p.role}${p.moderator ? ", moderator" : ""}${p.muted ? ", muted" : ""})`).join(", ");
+      `${p.name} (${p.role}${p.moderator ? ", moderator" : ""}${p.muted ? ", muted" : ""}` +
+      `${"on_stage" in p ? (p.on_stage ? ", on stage" : ", off stage") : ""})`).join(", ");
     const floor = frame.floor || {};
     const speakers = (floor.speakers || []).join(", ") || "nobody";
     const watching = typeof frame.spectators === "number" ? ` ${frame.spectators} watching.` : "";
@@ -486,7 +505,8 @@
     const lines = ["# Party Chat transcript", ""];
     for (const m of messages) {
       const when = m.ts ? new Date(m.ts * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC" : "";
-      lines.push(`**${markdownEscape(m.from)}** (${m.role}${when ? ", " + when : ""}):`, "");
+      const whisper = m.whisper === true ? `, whispered to ${markdownEscape(whisperedTo(m))}` : "";
+      lines.push(`**${markdownEscape(m.from)}** (${m.role}${when ? ", " + when : ""}${whisper}):`, "");
       for (const line of (m.content || "").split("\n")) lines.push("> " + markdownEscape(line));
       lines.push("");
     }
