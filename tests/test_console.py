@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
 import pytest
-from helpers import join, next_frame, script
+from helpers import ROOT, join, next_frame, script
 
 from partychat.display import neutralise, speaker_colour
 from partychat.moderator.console import InputError, Local, RoomView, describe_roster, parse_line, transcript_markdown
@@ -36,8 +37,19 @@ def test_escape_sequences_from_the_room_are_shown_not_obeyed():
 
 
 def test_each_speaker_keeps_one_colour_across_runs():
-    assert speaker_colour("Zen Sage") == speaker_colour("Zen Sage")
-    assert len({speaker_colour(n) for n in ("A", "B", "C", "D", "E", "F")}) > 1
+    """Two processes with different string-hash seeds paint every name alike (``hash()`` would not)."""
+    names = ("Zen Sage", "TinkerBot", "Historian", "Moderator", "A", "B", "C", "D")
+    code = ("import sys; from partychat.display import speaker_colour; "
+            "print([speaker_colour(name) for name in sys.argv[1:]])")
+
+    def colours(seed: str) -> str:
+        result = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert colours("1") == colours("2") == f"{[speaker_colour(name) for name in names]}\n"
+    assert len({speaker_colour(name) for name in names}) > 1
 
 
 def test_hidden_messages_are_still_kept_for_save_and_drafts_grow_in_the_toolbar():
