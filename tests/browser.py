@@ -2,7 +2,7 @@
 
 Playwright's own browser download needs the internet, so the tests use the operating system's
 Chromium (Debian's ``chromium`` package, which .ci/run installs) through ``executable_path``.
-Without one, the browser tests are skipped with a sentence saying how to get it.
+Without one, the browser tests are skipped with a sentence saying how to get it; under CI they fail.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
+from helpers import unavailable
 
 CHROMIUM = os.environ.get("PARTYCHAT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -28,13 +28,14 @@ HOW_TO_GET_ONE = (
 
 
 def chromium_or_skip() -> str:
+    """The browser's path; without one the test is skipped, or fails under CI."""
     path = CHROMIUM if os.path.isabs(CHROMIUM) else shutil.which(CHROMIUM)
     if not path or not os.access(path, os.X_OK):
-        pytest.skip(HOW_TO_GET_ONE)
+        unavailable(HOW_TO_GET_ONE)
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        pytest.skip(HOW_TO_GET_ONE)
+        unavailable(HOW_TO_GET_ONE)
     return path
 
 
@@ -58,6 +59,13 @@ class Browser:
         page.on("pageerror", lambda error: self.errors.append(str(error)))
         page.goto(url)
         return page
+
+
+def expect(target: Any) -> Any:
+    """Playwright's ``expect``, which waits for what a person would see (imported late, like Playwright itself)."""
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(target)
 
 
 @contextmanager

@@ -9,7 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, build_tiny_model, command, join, model_messages, next_frame, say, script, silence
+from helpers import (
+    ROOT,
+    build_tiny_model,
+    command,
+    join,
+    model_lines,
+    model_messages,
+    next_frame,
+    quiet_then_marker,
+    say,
+    script,
+)
 
 from partychat.persona.cast import CastError, Persona, read_cast_file
 
@@ -23,12 +34,14 @@ def cast_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_three_personas_in_one_process_take_turns_in_join_order_and_survive_a_kick(start_hub, start_client):
+def test_three_personas_in_one_process_take_turns_in_join_order_and_survive_a_kick(tmp_path, start_hub,
+                                                                                    start_client):
     # Without guards: greedy personas greeting alike would be held back as repeats (tests/test_guards.py
     # covers that); this test counts replies per persona.
-    _, url = start_hub("--no-guards")
+    transcript = tmp_path / "room.jsonl"
+    _, url = start_hub("--no-guards", "--transcript", str(transcript))
 
-    async def scenario() -> None:
+    async def scenario() -> list[dict]:
         ws, _ = await join(url, "Moderator", "human", protocol=1)
         client = start_client(*[arg for name, prompt in TRIO for arg in ("--persona", f"{name}={prompt}")],
                               "--server", url, "--max-generation-tokens", "24", "--temperature", "0")
@@ -41,7 +54,8 @@ def test_three_personas_in_one_process_take_turns_in_join_order_and_survive_a_ki
         replies = await model_messages(ws, 3, timeout=180)
         assert [r["from"] for r in replies] == joined
         assert all(r["content"].strip() for r in replies)
-        assert await silence(ws, 4) == [], "one reply each, then the room waits for the moderator"
+        assert await quiet_then_marker(ws) == [], "one reply each, then the room waits for the moderator"
+        heard = list(replies)
 
         await command(ws, "kick", "TinkerBot")
         left = await next_frame(ws, "system", timeout=30, event="leave")
@@ -49,7 +63,8 @@ def test_three_personas_in_one_process_take_turns_in_join_order_and_survive_a_ki
         await say(ws, "Who is still here? Answer in one sentence.")
         replies = await model_messages(ws, 2, timeout=180)
         assert [r["from"] for r in replies] == ["Zen Sage", "Historian"]
-        assert await silence(ws, 4) == []
+        assert await quiet_then_marker(ws) == []
+        heard += replies
         assert client.popen.poll() is None, "the other personas stay when one is kicked"
         await command(ws, "who")
         roster = await next_frame(ws, "roster")
@@ -57,8 +72,10 @@ def test_three_personas_in_one_process_take_turns_in_join_order_and_survive_a_ki
         await ws.close()
         assert "Traceback" not in client.output
         assert re.search(r"TinkerBot has left the room: You were removed", client.output), client.output
+        return heard
 
-    asyncio.run(scenario())
+    heard = asyncio.run(scenario())
+    assert model_lines(transcript) == [(r["from"], r["content"]) for r in heard]
 
 
 def test_a_cast_file_with_two_models_loads_each_once(tmp_path, start_hub, start_client):
@@ -153,11 +170,15 @@ def test_persona_flags_need_a_name_and_no_duplicates(tmp_path):
 
 
 def test_personas_on_one_model_generate_one_at_a_time_and_say_when_they_wait(tmp_path, start_hub, start_client):
-    """In free mode both personas get the turn at once: the second waits for the first, and logs it."""
+    """In free mode both personas get the turn at once: the second waits for the first, and logs it.
+
+    The client's debug log marks where each persona starts and stops using the model; one process writes
+    them in order, so two generations that overlapped would show as a start between another's start and end.
+    """
     tiny = build_tiny_model(tmp_path / "tiny")  # never stops on its own: each reply runs to max tokens
     _, url = start_hub("--mode", "free")
     client = start_client("--persona", "Alpha", "--persona", "Beta", "--model", str(tiny), "--server", url,
-                          "--max-generation-tokens", "300", "--no-stream")
+                          "--max-generation-tokens", "300", "--no-stream", "--log-level", "DEBUG")
     client.wait_for_output("Beta joined ws://", 240)
 
     async def scenario() -> None:
@@ -165,7 +186,14 @@ def test_personas_on_one_model_generate_one_at_a_time_and_say_when_they_wait(tmp
         await say(ws, "Both of you, talk.")
         await next_frame(ws, "turn", timeout=60, speakers=["Alpha", "Beta"])
         await asyncio.to_thread(client.wait_for_output, r"(Alpha waits: Beta|Beta waits: Alpha) is still writing", 120)
+        for name in ("Alpha", "Beta"):
+            await asyncio.to_thread(client.wait_for_output, rf"{name} is done writing on", 300)
         await ws.close()
 
     asyncio.run(scenario())
     assert client.output.count("Loading ") == 1
+    uses = re.findall(r"(Alpha|Beta) (writes|is done writing) on", client.output)
+    assert {name for name, _ in uses} == {"Alpha", "Beta"}
+    for n, (name, event) in enumerate(uses):  # start, end, start, end, ...: each use ends before the next starts
+        expected = ("writes", name) if n % 2 == 0 else ("is done writing", uses[n - 1][0])
+        assert (event, name) == expected, f"generations overlapped: {uses}"

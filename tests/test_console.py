@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -40,9 +41,23 @@ def test_escape_sequences_from_the_room_are_shown_not_obeyed():
     assert neutralise("bidi \u202e trick") == "bidi \\u202e trick"
 
 
-def test_each_speaker_keeps_one_colour_across_runs_and_the_page_is_told_the_same_one():
-    assert speaker_colour("Zen Sage") == speaker_colour("Zen Sage")
-    assert len({speaker_colour(n) for n in ("A", "B", "C", "D", "E", "F")}) > 1
+def test_each_speaker_keeps_one_colour_across_runs():
+    """Two processes with different string-hash seeds paint every name alike (``hash()`` would not)."""
+    names = ("Zen Sage", "TinkerBot", "Historian", "Moderator", "A", "B", "C", "D")
+    code = ("import sys; from partychat.display import speaker_colour; "
+            "print([speaker_colour(name) for name in sys.argv[1:]])")
+
+    def colours(seed: str) -> str:
+        result = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert colours("1") == colours("2") == f"{[speaker_colour(name) for name in names]}\n"
+    assert len({speaker_colour(name) for name in names}) > 1
+
+
+def test_the_page_is_told_the_colour_the_console_shows():
     names = ("Zen Sage", "TinkerBot", "Moderator", "Ada", "B")
     sent = [json.loads(encode(Chat(sender=name, content="hi")))["colour"] for name in names]
     assert [TERMINAL_COLOURS[index] for index in sent] == [speaker_colour(name) for name in names]

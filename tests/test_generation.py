@@ -213,13 +213,32 @@ def test_a_set_stop_flag_ends_generation_within_a_few_tokens(engine):
     assert generated < 20, f"generation went on for {generated} tokens after the stop"
 
 
-def test_leaving_the_stream_early_frees_the_model_for_the_next_reply(engine):
+def test_leaving_the_stream_early_frees_the_model_for_the_next_reply(engine, monkeypatch):
+    """The abandoned generation stops within a few tokens (not after its 500), and the next reply is whole."""
+    produced: list[list[str]] = []
+    generate = engine.generate
+
+    def counted(request, should_stop, emit):
+        pieces: list[str] = []
+        produced.append(pieces)
+
+        def keep(piece: str) -> None:
+            pieces.append(piece)
+            emit(piece)
+
+        generate(request, should_stop, keep)
+
+    monkeypatch.setattr(engine, "generate", counted)
+
     async def main() -> list[str]:
         async for _ in engine.stream(ChatRequest(STORY.messages, STORY.speaker, 0, 500), StopFlag()):
             break
         return [piece async for piece in engine.stream(STORY, StopFlag())]
 
-    assert "".join(asyncio.run(main())) == "".join(stream_pieces(engine, STORY))
+    after = "".join(asyncio.run(main()))
+    abandoned = text_tokens(engine, "".join(produced[0]))
+    assert abandoned < 20, f"the abandoned generation went on for {abandoned} tokens after its reader left"
+    assert after == "".join(stream_pieces(engine, STORY))
 
 
 def test_llama_cpp_reuses_the_prompt_cache_for_a_growing_conversation():
@@ -230,6 +249,7 @@ def test_llama_cpp_reuses_the_prompt_cache_for_a_growing_conversation():
     try:
         history = chats(("Moderator", "Tell me about gardens. " * 20))
         first = asyncio.run(build_request(model, "You are Sage.", "Sage", history, GenerationSettings()))
+        first = ChatRequest(first.messages, first.speaker, temperature=0, max_tokens=40)  # greedy: one reply every run
         reply = "".join(stream_pieces(model, first))
         history += chats(("Sage", reply), ("Moderator", "And what about deserts?"))
         second = asyncio.run(build_request(model, "You are Sage.", "Sage", history, GenerationSettings()))
@@ -238,8 +258,8 @@ def test_llama_cpp_reuses_the_prompt_cache_for_a_growing_conversation():
         stream_pieces(model, ChatRequest(second.messages, second.speaker, 0, 1))
         evaluated = llama_cpp.llama_perf_context(context).n_p_eval
         prompt = len(model.prompt_tokens(second))
-        new = prompt - len(model.prompt_tokens(first))
-        assert evaluated <= new + len(reply) // 2 + 8, f"{evaluated} of {prompt} prompt tokens evaluated again"
+        # Without reuse the whole prompt is evaluated again; with it, about what the second turn adds.
+        assert evaluated < prompt / 4, f"{evaluated} of {prompt} prompt tokens evaluated again"
     finally:
         asyncio.run(model.aclose())
 
@@ -261,18 +281,44 @@ def test_model_sources_are_resolved_without_loading(tmp_path):
         resolve(str(tmp_path / "missing.gguf"))
 
 
-def test_conversion_is_cached_and_survives_an_interrupted_attempt(tmp_path, monkeypatch):
-    """A conversion that dies halfway leaves no cache folder that looks complete."""
+def test_conversion_is_cached_and_survives_an_interrupted_attempt(tmp_path, monkeypatch, tiny_folder):
+    """A conversion that dies halfway through writing leaves nothing that looks converted; the next start
+    converts, and the one after that uses the cache."""
     monkeypatch.setenv("PARTYCHAT_CACHE_DIR", str(tmp_path))
     gguf = embedded_gguf()
 
     import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    def explode(*args, **kwargs):
-        raise KeyboardInterrupt
+    conversions = []
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", explode)
+    def small_model(*args, **kwargs):
+        # Reading and saving the real weights takes ~20 s; what is tested here is the cache folder around them.
+        conversions.append(args)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=1, num_key_value_heads=1))
+        if len(conversions) == 1:
+            save = model.save_pretrained
+
+            def save_then_die(folder, *more, **options):
+                save(folder, *more, **options)  # config.json and the weights are written, the tokenizer is not
+                raise KeyboardInterrupt
+
+            model.save_pretrained = save_then_die
+        return model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_folder)  # reading the GGUF's takes ~15 s
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", small_model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: tokenizer)
     with pytest.raises(KeyboardInterrupt):
         converted_folder(gguf)
-    assert not any(path.name.startswith("SmolLM2") for path in Path(tmp_path).iterdir())
-    assert not any(path.name.startswith(".converting") for path in Path(tmp_path).iterdir())
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".lock"], "a half-written folder was left behind"
+
+    folder = converted_folder(gguf)
+    assert len(conversions) == 2, "the start after the interrupted one converts again"
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".lock", folder.name]
+
+    assert converted_folder(gguf) == folder
+    assert len(conversions) == 2, "a third start uses the cache instead of converting"

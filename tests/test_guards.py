@@ -7,7 +7,7 @@ import string
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from partychat.guards import REPEAT_THRESHOLD, Earlier, Guard, check_reply
+from partychat.guards import REPEAT_NGRAM, REPEAT_THRESHOLD, REPEAT_WINDOW, Earlier, Guard, check_reply
 
 PEOPLE = ["Zen Sage", "TinkerBot", "Moderator"]
 RECENT = [
@@ -71,7 +71,18 @@ def test_names_inside_a_sentence_and_the_authors_own_label_are_not_impersonation
     assert check("Zen Sage: calm is near.").guard is None
 
 
-@given(st.text(max_size=200))
+SPEAKER_LABELS = st.builds(
+    "{}{}{}{}:{}".format,
+    st.sampled_from(["\n", ". ", "! ", "", " "]),
+    st.sampled_from(["", "**", "_", "@"]),
+    st.sampled_from([name for person in PEOPLE for name in (person, person.upper(), person.lower())]),
+    st.sampled_from(["", "**"]),
+    st.sampled_from(["", " "]),
+)
+"""A speaker label such as "\nTinkerBot: " or ". **zen sage**:", the text the impersonation guard cuts at."""
+
+
+@given(st.lists(st.one_of(st.text(max_size=40), SPEAKER_LABELS), max_size=8).map("".join))
 @settings(max_examples=200)
 def test_whatever_comes_in_what_goes_out_is_a_prefix_and_nothing_is_lost(text):
     verdict = check(text)
@@ -79,9 +90,30 @@ def test_whatever_comes_in_what_goes_out_is_a_prefix_and_nothing_is_lost(text):
         assert verdict.removed == text
     else:
         assert text.startswith(verdict.content)
-        assert verdict.content + verdict.removed == text or verdict.guard is Guard.IMPERSONATION
+        assert verdict.content + verdict.removed == text
         assert verdict.content.strip()
 
 
-def test_the_threshold_is_a_share_between_zero_and_one():
-    assert 0 < REPEAT_THRESHOLD < 1
+def _sharing(shared: int, total: int) -> tuple[str, str]:
+    """A reply with ``total`` distinct word trigrams, and an earlier message holding exactly ``shared`` of them."""
+    words = [f"w{n}" for n in range(total + REPEAT_NGRAM - 1)]
+    return " ".join(words), " ".join(words[:shared + REPEAT_NGRAM - 1]) + " unrelated ending here"
+
+
+def test_a_reply_sharing_exactly_the_threshold_passes_and_one_trigram_more_is_a_repeat():
+    total = 100
+    shared = round(REPEAT_THRESHOLD * total)
+    assert shared / total == REPEAT_THRESHOLD, "the threshold must be a whole number of hundredths for this check"
+    reply, earlier = _sharing(shared, total)
+    assert check(reply, recent=[Earlier("TinkerBot", earlier)]).guard is None
+    reply, earlier = _sharing(shared + 1, total)
+    assert check(reply, recent=[Earlier("TinkerBot", earlier)]).guard is Guard.REPEAT
+
+
+def test_only_the_last_messages_of_the_window_are_compared():
+    copied = Earlier("TinkerBot", "I would build a solar kettle that whistles a tune when the tea is ready.")
+    others = [Earlier("Moderator", f"Question number {n} about something else entirely?") for n in range(REPEAT_WINDOW)]
+    inside = [copied, *others[:REPEAT_WINDOW - 1]]  # the copied message is the window's oldest
+    outside = [copied, *others]  # one newer message pushes it out
+    assert check(copied.content, recent=inside).guard is Guard.REPEAT
+    assert check(copied.content, recent=outside).guard is None

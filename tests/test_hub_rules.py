@@ -315,7 +315,10 @@ def test_a_kicked_peer_cannot_speak_on_before_its_connection_closes(tmp_path):
         victim.transport.abort()
         await close_all(speaker, listener)
 
-    with_hub(hub_config(tmp_path), body)
+    config = hub_config(tmp_path)
+    with_hub(config, body)
+    spoken = [(r.data["from"], r.data["content"]) for r in read_records(config.transcript) if r.kind == "message"]
+    assert spoken == [("Moderator", "after the kick")], "nothing the kicked peer sent may enter the conversation"
 
 
 def test_a_client_with_its_session_secret_takes_over_its_stale_connection(tmp_path):

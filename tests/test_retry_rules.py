@@ -198,6 +198,7 @@ def test_each_retry_samples_anew_and_hotter_and_the_first_attempt_is_the_persona
     first, second = (settings_for_attempt(base, attempt, seeds) for attempt in (1, 2))
     assert first.temperature == 0.8 and second.temperature == 1.0 and first.seed != second.seed
     assert settings_for_attempt(GenerationSettings(temperature=1.5), 3, seeds).temperature == 1.5
+    assert (base.anti_copy_n, first.anti_copy_n, second.anti_copy_n) == (3, 2, 2)  # stronger anti-copy, n >= 2
 
 
 def test_a_persona_judges_its_reply_as_the_hub_would_and_names_a_cleaned_away_reply():

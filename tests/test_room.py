@@ -102,6 +102,8 @@ def test_a_kicked_peer_is_told_why_then_dismissed_and_hears_nothing_more():
     assert told and told[-1]["code"] == "kicked"
     assert outlet.dismissed == [("Pest", "kicked")]
     after_kick = outlet.sent[outlet.sent.index((["Pest"], told[-1])) + 1:]
+    relayed = [(to, frame["content"]) for to, frame in after_kick if frame["type"] == "message"]
+    assert relayed == [(["Host"], "Better now")], "the message after the kick reaches the room, not Pest"
     assert all("Pest" not in to for to, _ in after_kick)
 
 

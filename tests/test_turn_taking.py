@@ -8,14 +8,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Process, command, hub_config, join, model_messages, next_frame, say, script, silence, with_hub
+from helpers import (
+    Process,
+    command,
+    hub_config,
+    join,
+    model_lines,
+    model_messages,
+    next_frame,
+    quiet_then_marker,
+    say,
+    script,
+    with_hub,
+)
 from websockets.asyncio.client import ClientConnection
 
 from partychat.hub.transcript import read_records
 
 PERSONAS = (("Zen Sage", "sage.txt"), ("TinkerBot", "inventor.txt"), ("Historian", "historian.txt"))
 MODELS = [name for name, _ in PERSONAS]
-QUIET_SECONDS = 6.0
 
 
 @dataclass
@@ -63,69 +74,97 @@ async def idle(ws: ClientConnection) -> None:
         pass
 
 
+def said_in(replies: list[dict]) -> list[tuple[str, str]]:
+    return [(reply["from"], reply["content"]) for reply in replies]
+
+
 def test_round_robin_one_message_gets_one_reply_per_persona_in_order_then_silence(party):
-    async def scenario() -> None:
+    before = len(model_lines(party.transcript))
+
+    async def scenario() -> list[dict]:
         ws = await moderator(party.url)
         await command(ws, "mode", "round-robin")
         await say(ws, "Say hello to the others in one short sentence.")
         replies = await model_messages(ws, 3)
         assert [r["from"] for r in replies] == MODELS
         assert all(r["content"].strip() for r in replies)
-        assert await silence(ws, QUIET_SECONDS) == [], "models kept talking after the budget was spent"
+        assert await quiet_then_marker(ws) == [], "models kept talking after the budget was spent"
         await ws.close()
+        return replies
 
-    asyncio.run(scenario())
+    replies = asyncio.run(scenario())
+    assert model_lines(party.transcript)[before:] == said_in(replies)
+
+
+def withdrawals(party: Party) -> int:
+    return sum(client.output.count("Turn withdrawn") for client in party.clients.values())
 
 
 def test_pause_during_a_generation_lets_nothing_through_until_resume(party):
-    async def scenario() -> None:
+    before, withdrawn = len(model_lines(party.transcript)), withdrawals(party)
+
+    async def scenario() -> list[dict]:
         ws = await moderator(party.url)
         await command(ws, "mode", "round-robin")
         await say(ws, "Tell a long story about a lighthouse keeper.")
         await next_frame(ws, "partial", timeout=60)
         await command(ws, "pause")
         await next_frame(ws, "turn", paused=True)
-        assert await silence(ws, QUIET_SECONDS) == []
+        deadline = asyncio.get_running_loop().time() + 120
+        while withdrawals(party) == withdrawn:  # the generating client has dropped its reply: proof it stopped
+            assert asyncio.get_running_loop().time() < deadline, "the generating client should have dropped its reply"
+            await asyncio.sleep(0.1)
+        assert [f for f in await quiet_then_marker(ws, after=None) if f["type"] == "message"] == []
+        assert model_lines(party.transcript)[before:] == [], "nothing a model said while paused was relayed"
         await command(ws, "resume")
         resumed = await model_messages(ws, 1)
         assert resumed[0]["from"] in MODELS
         await idle(ws)
         await ws.close()
+        return resumed
 
-    asyncio.run(scenario())
-    withdrawn = " ".join(client.output for client in party.clients.values())
-    assert "Turn withdrawn" in withdrawn, "the generating client should have dropped its reply"
+    resumed = asyncio.run(scenario())
+    assert model_lines(party.transcript)[before:][:1] == said_in(resumed)
 
 
 def test_mention_mode_hands_the_turn_to_the_named_persona(party):
-    async def scenario() -> None:
+    before = len(model_lines(party.transcript))
+
+    async def scenario() -> list[dict]:
         ws = await moderator(party.url)
         await command(ws, "mode", "mention")
         await command(ws, "turns", "1")
         await say(ws, "Historian, when did the first public railway open?")
         replies = await model_messages(ws, 1)
         assert replies[0]["from"] == "Historian"
-        assert await silence(ws, 3) == []
+        assert await quiet_then_marker(ws) == []
         await command(ws, "turns", "3")
         await ws.close()
+        return replies
 
-    asyncio.run(scenario())
+    replies = asyncio.run(scenario())
+    assert model_lines(party.transcript)[before:] == said_in(replies)
 
 
 def test_moderator_mode_speaks_only_when_addressed(party):
-    async def scenario() -> None:
+    before = len(model_lines(party.transcript))
+
+    async def scenario() -> list[dict]:
         ws = await moderator(party.url)
         await command(ws, "mode", "moderator")
         await say(ws, "Hello everyone, just listen for now.")
-        assert await silence(ws, 4) == []
+        assert await quiet_then_marker(ws) == []
+        assert model_lines(party.transcript)[before:] == []
         await command(ws, "to", "TinkerBot", "Describe", "one", "gadget.")
         replies = await model_messages(ws, 1)
         assert replies[0]["from"] == "TinkerBot"
-        assert await silence(ws, 4) == []
+        assert await quiet_then_marker(ws) == []
         await command(ws, "mode", "round-robin")
         await ws.close()
+        return replies
 
-    asyncio.run(scenario())
+    replies = asyncio.run(scenario())
+    assert model_lines(party.transcript)[before:] == said_in(replies)
 
 
 def test_who_reports_the_room(party):

@@ -8,13 +8,12 @@ own Content-Security-Policy, so anything the page needed inline or from elsewher
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from browser import expect
 from websockets.sync.client import ClientConnection, connect
 
 from partychat.hub.transcript import read_records
@@ -87,14 +86,6 @@ def type_line(page, text: str) -> None:
     page.press("#say", "Enter")
 
 
-def keep_screenshot(page, tmp_path: Path) -> None:
-    """A picture of a live party: under tmp_path always, and where PARTYCHAT_SCREENSHOT says, if set."""
-    picture = tmp_path / "party.png"
-    page.screenshot(path=str(picture))
-    if os.environ.get("PARTYCHAT_SCREENSHOT"):
-        shutil.copyfile(picture, os.environ["PARTYCHAT_SCREENSHOT"])
-
-
 def test_two_personas_in_the_page_stream_then_answer_in_order_and_pause_stops_a_reply(
         tmp_path, start_hub, start_client, browser):
     transcript = tmp_path / "t.jsonl"
@@ -138,7 +129,6 @@ def test_two_personas_in_the_page_stream_then_answer_in_order_and_pause_stops_a_
     draft = moderator.locator("#log .msg.draft").first
     draft.wait_for(timeout=LONG)
     speaker = draft.get_attribute("data-sender")
-    keep_screenshot(moderator, tmp_path)
     moderator.click("#pause")
     moderator.locator(f'#log .msg.stopped[data-sender="{speaker}"]').wait_for()
     moderator.locator("#floor .paused").wait_for()
@@ -273,7 +263,8 @@ def steer(browser, hub, echo: ClientConnection, transcript: Path) -> None:
 def test_a_moderator_token_is_asked_for_and_a_wrong_one_moderates_nothing(tmp_path, start_hub, browser):
     hub, _ = start_hub("--moderator-token", "chair")
     page = browser.open(page_url(hub) + "moderate")
-    assert page.locator("#moderator-token").is_visible()
+    expect(page.locator("#moderator-token")).to_be_visible()
+    expect(page.locator("#token-label")).to_be_hidden()
     page.fill("#name", "Guest")
     page.fill("#moderator-token", "wrong")
     page.click("#join-form button[type=submit]")
@@ -281,6 +272,16 @@ def test_a_moderator_token_is_asked_for_and_a_wrong_one_moderates_nothing(tmp_pa
     assert page.locator("#controls").is_hidden()
     type_line(page, "/pause")
     page.locator("#log .error", has_text="Only a moderator").wait_for()
+
+
+def test_on_a_hub_without_tokens_the_moderator_page_asks_for_a_name_only(tmp_path, start_hub, browser):
+    hub, _ = start_hub()
+    page = browser.open(page_url(hub) + "moderate")
+    expect(page.locator("#name")).to_be_visible()
+    expect(page.locator("#moderator-token")).to_be_hidden()
+    expect(page.locator("#join-form #token")).to_be_hidden()
+    join_as_moderator(page, "Host")
+    expect(page.locator("#join-form")).to_be_hidden()
 
 
 def test_with_a_room_token_the_page_asks_for_it_before_it_shows_anything(tmp_path, start_hub, browser):

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from .anticopy import AntiCopy
+
 Message = dict[str, str]
 
 
@@ -58,13 +60,15 @@ class ChatRequest:
     """One reply to generate: the chat so far, who is to speak, and how.
 
     ``speaker`` is the persona's name; models with no chat template get a plain transcript that
-    ends with it, so they know whose line to write.
+    ends with it, so they know whose line to write. ``anti_copy``, when set, says what the reply
+    must not copy; each engine enforces it its own way (see anticopy.py and the README).
     """
 
     messages: tuple[Message, ...]
     speaker: str
     temperature: float = 0.7
     max_tokens: int = 100
+    anti_copy: AntiCopy | None = None
     seed: int | None = None
     """Seeds the sampling, so a retry draws differently from the attempt before it; None leaves it random."""
 

@@ -10,10 +10,12 @@ with the previous speaker's.
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .anticopy import Vocabulary, ban_for
 from .base import ChatRequest, ModelError, PromptTooLong, ThreadedChatModel, chat_template_error, plain_transcript
 
 
@@ -33,6 +35,31 @@ def gpu_layers(device: str) -> int:
     )
 
 
+@contextmanager
+def without_weight_repacking() -> Iterator[None]:
+    """Load models with llama.cpp's extra CPU buffer types off (weight repacking, AMX tiles).
+
+    A llama-cpp-python built on a CPU that reports AMX (as this project's 2-core Xeons do) segfaults
+    on the first prompt of more than one token when the process may not actually use those
+    kernels, as in a sandbox. ``Llama()`` has no option for it, so its default model parameters are
+    wrapped while it loads; decoding one token at a time is unaffected either way.
+    """
+    import llama_cpp.llama_cpp as api
+
+    original = api.llama_model_default_params
+
+    def params() -> Any:
+        found = original()
+        found.use_extra_bufts = False
+        return found
+
+    api.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        api.llama_model_default_params = original
+
+
 class LlamaCppChatModel(ThreadedChatModel):
     engine = "llama.cpp"
 
@@ -48,8 +75,10 @@ class LlamaCppChatModel(ThreadedChatModel):
             )
         super().__init__(path.name)
         try:
-            self.llama = Llama(model_path=str(path), n_ctx=context_tokens, n_threads=threads,
-                               n_threads_batch=threads, n_gpu_layers=gpu_layers(device), main_gpu=gpu_id, verbose=False)
+            with without_weight_repacking():
+                self.llama = Llama(model_path=str(path), n_ctx=context_tokens, n_threads=threads,
+                                   n_threads_batch=threads, n_gpu_layers=gpu_layers(device), main_gpu=gpu_id,
+                                   verbose=False)
         except (ValueError, RuntimeError) as error:
             raise ModelError(f"llama.cpp could not load {path.name}: {error}") from error
         template = self.llama.metadata.get("tokenizer.chat_template")
@@ -60,6 +89,8 @@ class LlamaCppChatModel(ThreadedChatModel):
                                                       eos_token=self._token_text(self.llama.token_eos()),
                                                       bos_token=self._token_text(self.llama.token_bos()))
         self._vocab = self.llama._model.vocab  # for llama_vocab_is_eog: the public API has no wrapper for it
+        self._words: Vocabulary | None = None
+        """Each token's text for anti-copy, read from the model on the first request that needs it."""
 
     def _token_text(self, token: int) -> str:
         return self.llama.detokenize([token], special=True).decode("utf-8", "replace") if token >= 0 else ""
@@ -92,6 +123,8 @@ class LlamaCppChatModel(ThreadedChatModel):
         self.llama.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if request.seed is None else request.seed)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may span two tokens
         limit = min(request.max_tokens, room)
+        if request.anti_copy is not None:
+            sampling["logits_processor"] = [self._anti_copy(request, len(tokens))]
         for produced, token in enumerate(self.llama.generate(tokens, reset=True, **sampling), start=1):
             if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                 break
@@ -103,6 +136,34 @@ class LlamaCppChatModel(ThreadedChatModel):
         tail = decoder.decode(b"", final=True)
         if tail:
             emit(tail)
+
+    def _anti_copy(self, request: ChatRequest, prompt_length: int) -> Callable[[Any, Any], Any]:
+        """A logits processor that rules out the tokens anti-copy bans, given the reply generated so far.
+
+        llama-cpp-python 0.3.36 builds its sampler chain itself, and its DRY sampler is not among the
+        options ``generate`` takes (only the private ``_internals`` can add it); DRY would also
+        penalise the whole context alike (the persona's own prompt, the moderator's question), where
+        anti-copy aims at the other speakers' words. So the engine uses the shared word bans.
+        """
+        assert request.anti_copy is not None
+        ban = ban_for(request.anti_copy, self._vocabulary,
+                      lambda text: self.llama.tokenize(text.encode(), add_bos=False, special=False))
+
+        def processor(input_ids: Any, scores: Any) -> Any:
+            reply_ids = [int(token) for token in input_ids[prompt_length:]]
+            reply = self.llama.detokenize(reply_ids).decode("utf-8", "ignore")
+            banned = ban.banned_tokens(reply_ids, reply)
+            if banned:
+                scores[banned] = -float("inf")
+            return scores
+
+        return processor
+
+    def _vocabulary(self) -> Vocabulary:
+        if self._words is None:
+            self._words = Vocabulary(self.llama.detokenize([token]).decode("utf-8", "ignore")
+                                     for token in range(self.llama.n_vocab()))
+        return self._words
 
     async def aclose(self) -> None:
         await super().aclose()

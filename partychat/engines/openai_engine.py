@@ -27,6 +27,7 @@ from typing import Any
 
 import openai
 
+from .anticopy import DEFAULT_N
 from .base import (
     ChatModel,
     ChatRequest,
@@ -49,6 +50,12 @@ RETRIES = 3
 """Retries, with the openai client's exponential back-off (about 0.5, 1 and 2 s), before a turn passes."""
 START_TIMEOUT = 10.0
 """Seconds the start-up check waits for the server to list its models."""
+DRY_MULTIPLIER = 0.8
+DRY_BASE = 1.75
+"""llama-server's DRY settings against copying: the values its authors suggest for enabling it."""
+FREQUENCY_PENALTY = 0.5
+PRESENCE_PENALTY = 0.3
+"""The OpenAI penalties against copying at the default n: mild, since they act on every repeated token."""
 
 Counter = Callable[[ChatRequest], Awaitable[int]]
 
@@ -259,7 +266,7 @@ class OpenAIChatModel(ChatModel):
         model = await self._model_name()
         opening = asyncio.ensure_future(self._connection().chat.completions.create(
             model=model, messages=list(request.messages), stream=True,  # type: ignore[arg-type]
-            temperature=request.temperature, max_tokens=request.max_tokens,
+            temperature=request.temperature, max_tokens=request.max_tokens, **self._anti_copy_fields(request),
             **({} if request.seed is None else {"seed": request.seed})))
         try:
             chunks = await _unless_stopped(opening, stop)
@@ -299,6 +306,24 @@ class OpenAIChatModel(ChatModel):
             return self._explain(error, "streaming a reply")
         return EngineUnavailable(f"The model server at {self.base_url} broke off in the middle of the reply "
                                  f"({_cause(error)}).")
+
+    def _anti_copy_fields(self, request: ChatRequest) -> dict[str, Any]:
+        """What the server is asked for against copying: a server decodes by itself, so no word bans here.
+
+        llama-server (recognised by its /apply-template endpoint while counting the prompt) has DRY,
+        which penalises extending any sequence already in the context; its allowed length follows the
+        request's n. Every other server gets the standard OpenAI frequency and presence penalties,
+        stronger for a smaller n.
+        """
+        if request.anti_copy is None:
+            return {}
+        n = request.anti_copy.n
+        if self._counter == self._count_by_llama_server:
+            return {"extra_body": {"dry_multiplier": DRY_MULTIPLIER, "dry_base": DRY_BASE,
+                                   "dry_allowed_length": n - 1, "dry_penalty_last_n": -1}}
+        scale = DEFAULT_N / n
+        return {"frequency_penalty": round(FREQUENCY_PENALTY * scale, 2),
+                "presence_penalty": round(PRESENCE_PENALTY * scale, 2)}
 
     async def _offered_models_or_none(self) -> list[str] | None:
         try:

@@ -6,8 +6,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .anticopy import Vocabulary, ban_for
 from .base import ChatRequest, ThreadedChatModel, chat_template_error, plain_transcript
 from .models import LoadedModel
+
+_WORD_START_MARKS = ("\u0120", "\u2581")
+"""How byte-level BPE (Ġ) and SentencePiece (▁) spell a token's leading space."""
 
 
 class TransformersChatModel(ThreadedChatModel):
@@ -16,6 +20,8 @@ class TransformersChatModel(ThreadedChatModel):
     def __init__(self, loaded: LoadedModel) -> None:
         super().__init__(loaded.source.label)
         self.loaded = loaded
+        self._words: Vocabulary | None = None
+        """Each token's text for anti-copy, read from the tokenizer on the first request that needs it."""
 
     def prompt_tokens(self, request: ChatRequest) -> list[int]:
         """By the model's own chat template when it has one, else a plain transcript."""
@@ -33,7 +39,7 @@ class TransformersChatModel(ThreadedChatModel):
 
     def generate(self, request: ChatRequest, should_stop: Callable[[], bool], emit: Callable[[str], None]) -> None:
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         def stop_when_told(input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
@@ -45,6 +51,8 @@ class TransformersChatModel(ThreadedChatModel):
             if request.temperature > 0
             else {"do_sample": False}
         )
+        if request.anti_copy is not None:
+            sampling["logits_processor"] = LogitsProcessorList([self._anti_copy(request, input_ids.shape[1])])
         with torch.inference_mode(), _seeded(request.seed, model.device):
             model.generate(
                 input_ids=input_ids,
@@ -55,6 +63,37 @@ class TransformersChatModel(ThreadedChatModel):
                 streamer=_TokenByToken(tokenizer, emit),
                 **sampling,
             )
+
+    def _anti_copy(self, request: ChatRequest, prompt_length: int) -> Callable[[Any, Any], Any]:
+        """A logits processor (a plain callable, as generate() accepts) ruling out what anti-copy bans."""
+        assert request.anti_copy is not None
+        tokenizer = self.loaded.tokenizer
+        ban = ban_for(request.anti_copy, self._vocabulary,
+                      lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        def processor(input_ids: Any, scores: Any) -> Any:
+            reply_ids = input_ids[0, prompt_length:].tolist()
+            reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
+            banned = ban.banned_tokens(reply_ids, reply)
+            if banned:
+                scores[:, banned] = -float("inf")
+            return scores
+
+        return processor
+
+    def _vocabulary(self) -> Vocabulary:
+        if self._words is None:
+            self._words = Vocabulary(_token_texts(self.loaded.tokenizer))
+        return self._words
+
+
+def _token_texts(tokenizer: Any) -> list[str]:
+    """The text of every token id with its leading space, which decoding one token alone may drop."""
+    ids = list(range(len(tokenizer)))
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    texts = tokenizer.batch_decode([[token] for token in ids], skip_special_tokens=True)
+    return [f" {text}" if isinstance(piece, str) and piece.startswith(_WORD_START_MARKS) and not text.startswith(" ")
+            else text for piece, text in zip(pieces, texts, strict=True)]
 
 
 @contextmanager

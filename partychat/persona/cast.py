@@ -43,6 +43,8 @@ class Persona:
     engine: str = "auto"
     talkativeness: float | None = None
     """Weight in the hub's natural-mode draw, 0 to 1; None leaves the hub's default."""
+    anti_copy: bool = True
+    """Decode so the reply never copies a word n-gram of the other recent messages."""
     retries: int = DEFAULT_RETRIES
     """Attempts after the first when a guard would withhold the reply (see persona/retries.py)."""
     examples: str = ""
@@ -56,7 +58,7 @@ class Persona:
 
 
 CAST_FIELDS = ("name", "prompt_file", "temperature", "delay", "max_tokens", "initial_prompt", "model", "engine",
-               "talkativeness", "card", "secret", "offstage", "retries")
+               "talkativeness", "card", "secret", "offstage", "retries", "anti_copy")
 SECRET_LINE = "A secret only you know, which the others have not been told: {secret}"
 """How a cast entry's ``secret`` joins its persona text: the one prompt it goes into."""
 
@@ -229,6 +231,9 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
     offstage = entry.get("offstage", False)
     if not isinstance(offstage, bool):
         raise CastError(f"{where}, field 'offstage': must be true or false, not {offstage!r}.")
+    anti_copy = entry.get("anti_copy", base.anti_copy)
+    if not isinstance(anti_copy, bool):
+        raise CastError(f"{where}, field 'anti_copy': must be true or false, not {anti_copy!r}.")
     model = field("model", str)
     if model.startswith(("./", "../")):
         model = str((path.parent / model).resolve())  # relative to the cast file, like its prompt files
@@ -249,6 +254,7 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         after_history=base.after_history,
         books=base.books,
         offstage=offstage,
+        anti_copy=anti_copy,
     )
 
 

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the hub's access token (or set PARTYCHAT_TOKEN)")
     parser.add_argument("--ca-file", type=Path, help="CA certificate to trust for a wss:// hub")
     parser.add_argument("--no-stream", action="store_true", help="send replies whole, without live partials")
+    parser.add_argument("--no-anti-copy", action="store_true",
+                        help="let replies copy word trigrams of the other recent messages (see README: anti-copy)")
     parser.add_argument("--no-speedups", action="store_true",
                         help="run the model as plain transformers would: no bfloat16 on CPU, no static cache")
     parser.add_argument("--log-level", default="INFO", choices=LEVELS, type=str.upper)
@@ -160,7 +162,7 @@ def build_cast(args: argparse.Namespace) -> list[Persona]:
                         "give NAME=PROMPT_FILE, and use a --cast file for an opening line.")
     base = Persona(name="", persona="", temperature=args.temperature, delay=args.delay,
                    max_tokens=args.max_generation_tokens, model=args.model, engine=args.backend,
-                   talkativeness=args.talkativeness, retries=args.retries)
+                   talkativeness=args.talkativeness, retries=args.retries, anti_copy=not args.no_anti_copy)
     cast = []
     if args.card:
         persona = from_card(load_card(args.card), base, args.name)
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             models[persona.name],
             GenerationSettings(temperature=persona.temperature, max_new_tokens=persona.max_tokens,
                                max_context_tokens=args.max_context_tokens, auto_truncate=not args.no_auto_truncate,
-                               history_length=args.history_length),
+                               history_length=args.history_length, anti_copy=persona.anti_copy),
         )
         for index, persona in enumerate(cast)
     ]

@@ -9,8 +9,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from ..engines.anticopy import DEFAULT_N, AntiCopy
 from ..engines.base import ChatModel, ChatRequest, PromptTooLong, SystemRoleUnsupported
-from ..protocol import Chat
+from ..protocol import Chat, Role
 from .lorebook import LORE_ROLE, Lore
 
 
@@ -21,8 +22,17 @@ class GenerationSettings:
     max_context_tokens: int = 2048
     auto_truncate: bool = True
     history_length: int = 5
+    anti_copy: bool = True
+    """Never continue a word n-gram of the other messages in the prompt (see engines/anticopy.py)."""
+    anti_copy_n: int = DEFAULT_N
+    anti_copy_unit: str = "words"
     seed: int | None = None
     """The sampling seed; None leaves it random. Retries set a new one each (see persona/retries.py)."""
+
+
+ANTI_COPY_MODERATOR = False
+"""Whether a moderator's lines are among those a reply must not copy: no, since restating the question
+is natural and keeps a reply on topic (bench/README.md has the figures both ways)."""
 
 
 GROUP_CHAT_RULES = "This is a group chat. You speak only as {name}. Reply in one to three sentences."
@@ -68,7 +78,7 @@ async def build_request(
             system, first, *rest = messages
             messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
         request = ChatRequest(tuple(messages), name, settings.temperature, settings.max_new_tokens,
-                              seed=settings.seed)
+                              anti_copy=anti_copy_for(recent, settings), seed=settings.seed)
         try:
             size = await model.count_tokens(request)
         except SystemRoleUnsupported:
@@ -133,6 +143,16 @@ class PromptExtras:
             return replace(self, examples="")
         lore = self.lore.smaller(recent) if self.lore is not None else None
         return replace(self, lore=lore) if lore is not None else None
+
+
+def anti_copy_for(recent: Sequence[Chat], settings: GenerationSettings) -> AntiCopy | None:
+    """What the reply must not copy: every message of the prompt's window (its own earlier ones too,
+    which the hub's repeat guard would withhold just the same), the moderator's unless
+    ANTI_COPY_MODERATOR."""
+    if not settings.anti_copy:
+        return None
+    avoid = tuple(chat.content for chat in recent if ANTI_COPY_MODERATOR or chat.role != Role.HUMAN.value)
+    return AntiCopy(avoid, settings.anti_copy_n, settings.anti_copy_unit)
 
 
 def speaker_line_pattern(names: Sequence[str]) -> re.Pattern[str]:

@@ -13,6 +13,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import replace
 
+from ..engines.anticopy import MIN_N
 from ..guards import Earlier, Verdict, check_reply
 from .generation import GenerationSettings
 
@@ -36,7 +37,9 @@ def settings_for_attempt(base: GenerationSettings, attempt: int, seeds: random.R
     if attempt <= 0:
         return base
     hotter = min(RETRY_TEMPERATURE + RETRY_TEMPERATURE_STEP * (attempt - 1), MAX_RETRY_TEMPERATURE)
-    return replace(base, temperature=max(base.temperature, hotter), seed=seeds.randrange(2**31))
+    # Stronger anti-copy: banned word n-grams one word shorter on each retry, never under MIN_N.
+    shorter = max(MIN_N, base.anti_copy_n - attempt)
+    return replace(base, temperature=max(base.temperature, hotter), seed=seeds.randrange(2**31), anti_copy_n=shorter)
 
 
 def judge(raw: str, reply: str, author: str, participants: Sequence[str], recent: Sequence[Earlier]) -> Verdict:

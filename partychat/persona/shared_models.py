@@ -75,9 +75,13 @@ class SharedChatModel(ChatModel):
         async with self._turn(request.speaker):
             if stop.is_set():
                 return
-            async with contextlib.aclosing(self.inner.stream(request, stop)) as pieces:
-                async for piece in pieces:
-                    yield piece
+            log.debug("%s writes on %s", request.speaker, self.label)  # the tests check these never interleave
+            try:
+                async with contextlib.aclosing(self.inner.stream(request, stop)) as pieces:
+                    async for piece in pieces:
+                        yield piece
+            finally:
+                log.debug("%s is done writing on %s", request.speaker, self.label)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
