@@ -7,13 +7,23 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from .protocol import Hello, Notice, Refusal, encode, parse_server_frame
+from .protocol import (
+    ENDS_CONVERSATION,
+    RETRY_LATER,
+    Chat,
+    ErrorCode,
+    Hello,
+    Notice,
+    Refusal,
+    encode,
+    parse_server_frame,
+)
 
 log = logging.getLogger("partychat.connection")
 
@@ -33,10 +43,6 @@ class HubGone(Exception):
     """The hub ended the connection (it stopped or restarted); try to reconnect."""
 
 
-RETRY_LATER = {"shutting_down", "room_full"}
-"""Refusals that are worth another try after a pause."""
-FINAL = {"kicked"}
-"""Refusals during a conversation that end the client: a kicked participant does not come back."""
 
 
 @dataclass
@@ -51,9 +57,40 @@ class Session:
     """Presented on reconnecting, so the hub hands back our name even before it notices we left."""
 
 
+@dataclass
+class Continuity:
+    """What a client carries from one connection to the next, so a reconnect misses and repeats nothing.
+
+    The hub replays what came after ``last_seq``, and hands our name back to whoever presents
+    ``secret``; both hold only within one conversation (``room``).
+    """
+
+    last_seq: int | None = None
+    room: str | None = None
+    secret: str | None = None
+
+    def hello(self, hello: Hello) -> Hello:
+        """The registration frame, with what lets the hub resume us where we left off."""
+        return replace(hello, last_seq=self.last_seq, session=self.secret)
+
+    def joined(self, session: Session) -> None:
+        if session.room != self.room:
+            self.last_seq = None  # another conversation: its numbers start afresh
+        self.room, self.secret = session.room, session.secret
+
+    def is_new(self, chat: Chat) -> bool:
+        """False for a message already seen (a replay after a reconnect overlaps); notes the newest number."""
+        if not chat.seq:
+            return True
+        if self.last_seq is not None and chat.seq <= self.last_seq:
+            return False
+        self.last_seq = chat.seq
+        return True
+
+
 def check_refusal(frame: object) -> None:
     """Raise HubRefused for a refusal that ends the client (being kicked)."""
-    if isinstance(frame, (Refusal, Notice)) and frame.code in FINAL:
+    if isinstance(frame, (Refusal, Notice)) and frame.code in ENDS_CONVERSATION:
         raise HubRefused(frame.code, frame.content)
 
 
@@ -68,7 +105,7 @@ async def register(ws: ClientConnection, hello: Hello) -> Session:
     raw = await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT)
     frame = parse_server_frame(raw)
     if not isinstance(frame, Notice):
-        raise HubRefused("bad_frame", "The hub did not answer the registration with a system frame.")
+        raise HubRefused(ErrorCode.BAD_FRAME, "The hub did not answer the registration with a system frame.")
     if frame.event == "error" or frame.code:
         if frame.code in RETRY_LATER:
             raise HubGone(frame.content)
@@ -90,17 +127,20 @@ async def keep_trying(
     make_hello: Callable[[], Hello],
     run: Callable[[Session], object],
     *,
+    continuity: Continuity,
     ca_file: Path | None = None,
     on_retry: Callable[[str, float], None] | None = None,
 ) -> None:
     """Run ``run(session)`` while connected; reconnect with back-off when the hub goes away.
 
+    Every registration carries what ``continuity`` remembers, and every welcome updates it.
     Returns when ``run`` returns; raises HubRefused when the hub refuses us.
     """
     delay = 1.0
     while True:
         try:
-            async with open_session(url, make_hello(), ca_file=ca_file) as session:
+            async with open_session(url, continuity.hello(make_hello()), ca_file=ca_file) as session:
+                continuity.joined(session)
                 delay = 1.0
                 await run(session)  # type: ignore[misc]
                 return

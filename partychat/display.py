@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import unicodedata
-import zlib
 from typing import TextIO
 
 from colorama import Fore, Style
 
-SPEAKER_COLOURS = (
+from .protocol import speaker_colour_index
+
+TERMINAL_COLOURS = (
     Fore.CYAN,
     Fore.GREEN,
     Fore.YELLOW,
@@ -19,6 +20,7 @@ SPEAKER_COLOURS = (
     Fore.LIGHTGREEN_EX,
     Fore.LIGHTCYAN_EX,
 )
+"""The speaker colours in a terminal, by protocol.speaker_colour_index; the page's style.css has the same eight."""
 DIM = Style.DIM
 RESET = Style.RESET_ALL
 
@@ -48,8 +50,8 @@ def neutralise(text: str, *, keep_newlines: bool = True) -> str:
 
 
 def speaker_colour(name: str) -> str:
-    """The same name gets the same colour in every process and every run."""
-    return SPEAKER_COLOURS[zlib.crc32(name.encode("utf-8")) % len(SPEAKER_COLOURS)]
+    """The same name gets the same colour in every process and every run, and on the page."""
+    return TERMINAL_COLOURS[speaker_colour_index(name)]
 
 
 def colour_wanted(stream: TextIO) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
+import zlib
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -20,6 +21,19 @@ MAX_NONCE_LENGTH = 64
 MAX_REASON_LENGTH = 40
 """A discard's reason is a short code such as ``repeat``."""
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024
+
+
+SPEAKER_COLOURS = 8
+"""How many speaker colours there are: the console's terminal palette and the page's style sheet each have this many."""
+
+
+def speaker_colour_index(name: str) -> int:
+    """The colour a speaker is shown in, as an index: the same name gets the same one everywhere, every run.
+
+    The hub sends it with each message, partial and participant, so the page only applies it; the
+    console picks it here too, and reaches the same index even on a baseline hub that sends none.
+    """
+    return zlib.crc32(name.encode("utf-8")) % SPEAKER_COLOURS
 
 
 class Role(str, Enum):
@@ -52,6 +66,12 @@ class ErrorCode(str, Enum):
     WITHHELD = "withheld"
     NOTHING_TO_STOP = "nothing_to_stop"
     OFF_STAGE = "off_stage"
+
+
+RETRY_LATER = frozenset({ErrorCode.SHUTTING_DOWN, ErrorCode.ROOM_FULL})
+"""Refusals of a registration that are worth another try after a pause; every other one is final."""
+ENDS_CONVERSATION = frozenset({ErrorCode.KICKED})
+"""Refusals during a conversation after which a client must not come back."""
 
 
 class ProtocolError(Exception):
@@ -194,6 +214,42 @@ class Command:
 ClientFrame = Say | Draft | Pass | Discard | Command
 
 
+@dataclass(frozen=True)
+class CommandHelp:
+    """A moderator command as people see it: its help line, and whether /help lists it."""
+
+    help: str
+    listed: bool = True
+
+
+COMMANDS: dict[str, CommandHelp] = {
+    "who": CommandHelp("who is here, their roles, who holds the turn, mode and budget"),
+    "pause": CommandHelp("stop the models at once (a reply being generated is dropped)"),
+    "resume": CommandHelp("let the models speak again"),
+    "stop": CommandHelp("end the reply in progress now, keeping what was said, and move on"),
+    "retry": CommandHelp("/retry [NAME]: NAME (or the last model to speak) writes its last reply again"),
+    "mode": CommandHelp("/mode round-robin|mention|moderator|free|natural: how turns are given"),
+    "turns": CommandHelp("/turns N: model messages allowed after each moderator message"),
+    "to": CommandHelp("/to NAME message: hand the turn to one persona with a message"),
+    "whisper": CommandHelp("/whisper NAME message: like /to, but only NAME and the moderators hear it"),
+    "whisper!": CommandHelp("/whisper! NAME message: a whisper whose reply stays private too"),
+    "enter": CommandHelp("/enter NAME [line]: bring a persona on stage; it hears what is said from now on"),
+    "exit": CommandHelp("/exit NAME [line]: take a persona off stage; it takes no turns and hears nothing"),
+    "scene": CommandHelp("/scene NAME...: exactly these personas are on stage"),
+    "mute": CommandHelp("/mute NAME: keep a participant's messages out of the room"),
+    "unmute": CommandHelp("/unmute NAME"),
+    "kick": CommandHelp("/kick NAME: remove a participant"),
+    "history": CommandHelp("the messages the hub holds (what /save writes)", listed=False),
+}
+"""Every command the hub takes, by name. The hub carries them out (``hub/commands.py``); the console
+and the page take the same names and show the same help, without importing the hub."""
+
+
+def listed_commands() -> dict[str, str]:
+    """The commands a moderator types, with their help: /help in the console and on the page."""
+    return {name: command.help for name, command in COMMANDS.items() if command.listed}
+
+
 # ---------------------------------------------------------------- hub -> client
 
 
@@ -227,7 +283,7 @@ class Chat:
 
     def to_wire(self) -> dict[str, Any]:
         frame = {"type": "message", "from": self.sender, "content": self.content, "id": self.id, "seq": self.seq,
-                 "ts": self.ts, "role": self.role}
+                 "ts": self.ts, "role": self.role, "colour": speaker_colour_index(self.sender)}
         frame = _with_set_fields(frame, self, "replay", "interrupted", "nonce", "whisper", "replaces")
         if self.recipients is not None:
             frame["recipients"] = list(self.recipients)
@@ -240,7 +296,8 @@ class Notice:
 
     content: str
     event: str | None = None
-    code: str | None = None
+    code: ErrorCode | str | None = None
+    """An ErrorCode; a code this version does not know stays a string."""
     protocol: int | None = None
     room: str | None = None
     """Welcome only: the id of this conversation, which stays the same when a hub resumes it."""
@@ -258,7 +315,8 @@ class Notice:
 class Refusal:
     """Why the hub refused a frame (extension; baseline clients get a Notice instead)."""
 
-    code: str
+    code: ErrorCode | str
+    """An ErrorCode; a code this version does not know stays a string."""
     content: str
 
     def to_wire(self) -> dict[str, Any]:
@@ -290,7 +348,8 @@ class Stream:
     turn: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "partial", "from": self.sender, "content": self.content, "turn": self.turn}
+        return {"type": "partial", "from": self.sender, "content": self.content, "turn": self.turn,
+                "colour": speaker_colour_index(self.sender)}
 
 
 @dataclass(frozen=True)
@@ -327,10 +386,12 @@ class Roster:
     floor: dict[str, Any] = field(default_factory=dict)
     spectators: int = 0
     """How many watch; spectators are counted, never named."""
+    content: str = ""
+    """All of it in one sentence, as the console and the page show it (rendered by the hub)."""
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "roster", "participants": list(self.participants), "floor": self.floor,
-                "spectators": self.spectators}
+                "spectators": self.spectators, "content": self.content}
 
 
 @dataclass(frozen=True)
@@ -338,9 +399,11 @@ class Archive:
     """The messages the hub holds, sent to a moderator who asked for them (``/save``)."""
 
     messages: tuple[Chat, ...] = ()
+    markdown: str = ""
+    """The messages as the Markdown file the console and the page save (see export.py), rendered by the hub."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "history", "messages": [chat.to_wire() for chat in self.messages]}
+        return {"type": "history", "messages": [chat.to_wire() for chat in self.messages], "markdown": self.markdown}
 
 
 @dataclass(frozen=True)
@@ -538,23 +601,25 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
     kind = data.get("type")
     text = data.get("content") if isinstance(data.get("content"), str) else ""
     if kind == "message":
-        return _chat(data)
+        return chat_from_wire(data)
     if kind == "history":
         messages = data.get("messages")
-        chats = [_chat(item) for item in messages if isinstance(item, dict)] if isinstance(messages, list) else []
-        return Archive(messages=tuple(chat for chat in chats if chat is not None))
+        items = messages if isinstance(messages, list) else []
+        chats = [chat_from_wire(item) for item in items if isinstance(item, dict)]
+        return Archive(messages=tuple(chat for chat in chats if chat is not None),
+                       markdown=data["markdown"] if isinstance(data.get("markdown"), str) else "")
     if kind == "system":
         return Notice(
             content=text,
             event=_str_or_none(data.get("event")),
-            code=_str_or_none(data.get("code")),
+            code=_code(data.get("code")),
             protocol=_int_or(data.get("protocol"), None),
             room=_str_or_none(data.get("room")),
             session=_str_or_none(data.get("session")),
             reason=_str_or_none(data.get("reason")),
         )
     if kind == "error":
-        return Refusal(code=str(data.get("code") or ""), content=text)
+        return Refusal(code=_code(data.get("code")) or "", content=text)
     if kind == "turn":
         speakers = data.get("speakers") or []
         return FloorState(
@@ -574,7 +639,7 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
     if kind == "roster":
         floor = data.get("floor")
         return Roster(participants=_objects(data.get("participants")), floor=floor if isinstance(floor, dict) else {},
-                      spectators=_int_or(data.get("spectators"), 0))
+                      spectators=_int_or(data.get("spectators"), 0), content=text)
     if kind == "presence":
         return Presence(participants=_objects(data.get("participants")),
                         spectators=_int_or(data.get("spectators"), 0))
@@ -585,7 +650,8 @@ def _objects(items: Any) -> tuple[dict[str, Any], ...]:
     return tuple(item for item in items if isinstance(item, dict)) if isinstance(items, list) else ()
 
 
-def _chat(data: dict[str, Any]) -> Chat | None:
+def chat_from_wire(data: dict[str, Any]) -> Chat | None:
+    """A chat message from its wire fields (a frame, or a transcript record); None without a sender."""
     sender = data.get("from")
     if not isinstance(sender, str):
         return None
@@ -603,6 +669,15 @@ def _chat(data: dict[str, Any]) -> Chat | None:
         recipients=_names_or_none(data.get("recipients")),
         whisper=data.get("whisper") is True,
     )
+
+
+def _code(value: Any) -> ErrorCode | str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return ErrorCode(value)
+    except ValueError:
+        return value  # a newer hub's reason
 
 
 def _names_or_none(value: Any) -> tuple[str, ...] | None:

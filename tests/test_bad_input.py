@@ -222,3 +222,27 @@ def test_a_kicked_moderator_console_stays_out(start_hub, processes, tmp_path):
         await host.close()
 
     asyncio.run(scenario())
+
+
+def test_every_engine_is_one_registry_entry_and_a_missing_one_says_what_to_install(monkeypatch):
+    from dataclasses import replace
+
+    from partychat.engines.base import EngineNotInstalled
+    from partychat.engines.registry import BACKENDS, ENGINES, EngineOptions, open_chat_model
+
+    assert ("auto", *ENGINES) == BACKENDS
+    for name, engine in ENGINES.items():
+        assert engine.name == name and "pip install" in engine.install_hint
+        monkeypatch.setitem(ENGINES, name, replace(engine, installed=lambda: False, open=None))
+        with pytest.raises(EngineNotInstalled) as refused:
+            open_chat_model(name, EngineOptions(backend=name))
+        assert str(refused.value) == engine.install_hint
+
+
+def test_a_template_without_a_system_role_is_recognised_the_same_way_for_every_engine():
+    from partychat.engines.base import ModelError, SystemRoleUnsupported, chat_template_error
+
+    system = ({"role": "system", "content": "You are Sage."}, {"role": "user", "content": "hi"})
+    assert isinstance(chat_template_error("m", system, "System role not supported"), SystemRoleUnsupported)
+    assert type(chat_template_error("m", system, "Conversation roles must alternate")) is ModelError
+    assert type(chat_template_error("m", system[1:], "no system here")) is ModelError

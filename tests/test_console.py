@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import subprocess
 import sys
+from importlib import resources
 
 import pytest
 from helpers import ROOT, join, next_frame, script
 
-from partychat.display import neutralise, speaker_colour
-from partychat.moderator.console import InputError, Local, RoomView, describe_roster, parse_line, transcript_markdown
-from partychat.protocol import Chat, Command, FloorState, Notice, Roster, Say, Stream
+from partychat.display import TERMINAL_COLOURS, neutralise, speaker_colour
+from partychat.export import transcript_markdown
+from partychat.hub.commands import describe_roster
+from partychat.moderator.console import InputError, Local, RoomView, parse_line
+from partychat.protocol import SPEAKER_COLOURS, Chat, Command, FloorState, Notice, Roster, Say, Stream, encode
 
 
 def test_typed_lines_become_messages_commands_or_local_actions():
@@ -50,6 +55,15 @@ def test_each_speaker_keeps_one_colour_across_runs():
 
     assert colours("1") == colours("2") == f"{[speaker_colour(name) for name in names]}\n"
     assert len({speaker_colour(name) for name in names}) > 1
+
+
+def test_the_page_is_told_the_colour_the_console_shows():
+    names = ("Zen Sage", "TinkerBot", "Moderator", "Ada", "B")
+    sent = [json.loads(encode(Chat(sender=name, content="hi")))["colour"] for name in names]
+    assert [TERMINAL_COLOURS[index] for index in sent] == [speaker_colour(name) for name in names]
+    style = (resources.files("partychat.hub") / "web" / "style.css").read_text(encoding="utf-8")
+    rules = re.findall(r'\[data-colour="(\d+)"\]', style)
+    assert rules == [str(i) for i in range(SPEAKER_COLOURS)] and len(TERMINAL_COLOURS) == SPEAKER_COLOURS
 
 
 def test_hidden_messages_are_still_kept_for_save_and_drafts_grow_in_the_toolbar():
@@ -109,3 +123,14 @@ def test_stopped_replies_quiet_reasons_and_speeds_are_shown_as_such():
     roster = Roster(participants=({"name": "Sage", "role": "model", "talkativeness": 0.8, "ttft": 0.42,
                                    "tokens_per_second": 31.5, "skipped": True},), floor={"mode": "natural"})
     assert "Sage (model, skipped, talkativeness 0.8, first token 0.42 s, 31.5 tok/s)" in describe_roster(roster)
+    shown = view.render(Roster(content="In the room: as the hub says it."))
+    assert shown.endswith("* In the room: as the hub says it.")
+
+
+def test_the_moderator_console_does_not_import_the_hub():
+    """The console takes the command names and help from the protocol, not from the hub's room."""
+    code = ("import sys; import partychat.moderator.cli, partychat.moderator.console; "
+            "print(sorted(m for m in sys.modules if m.startswith('partychat.hub')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"the moderator pulled in {result.stdout.strip()}"

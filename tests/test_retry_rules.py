@@ -18,10 +18,11 @@ from test_floor_health import StandIn, command, moderator, quiet_reason, replies
 from test_web_page import join_as_moderator, shown, type_line
 from websockets.sync.client import connect
 
+from partychat.export import transcript_markdown
 from partychat.guards import Earlier, Guard
 from partychat.hub.server import Hub
 from partychat.hub.transcript import load_history
-from partychat.moderator.console import RoomView, transcript_markdown
+from partychat.moderator.console import RoomView
 from partychat.persona.generation import GenerationSettings
 from partychat.persona.participant import ModelParticipant, ParticipantConfig
 from partychat.persona.retries import gave_up, judge, settings_for_attempt

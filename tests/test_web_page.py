@@ -17,6 +17,7 @@ from browser import expect
 from websockets.sync.client import ClientConnection, connect
 
 from partychat.hub.transcript import read_records
+from partychat.protocol import speaker_colour_index
 
 LONG = 300_000
 """Milliseconds to wait for the embedded model on a loaded machine."""
@@ -231,6 +232,9 @@ def steer(browser, hub, echo: ClientConnection, transcript: Path) -> None:
     frames_until(echo, "turn", speakers=["Echo"])
     say(echo, "Thank you, chair.")
     page.locator(FINALS, has_text="Thank you, chair.").wait_for()
+    colour = str(speaker_colour_index("Echo"))  # the console's colour for Echo, sent by the hub
+    assert page.locator(FINALS, has_text="Thank you, chair.").get_attribute("data-colour") == colour
+    assert echo_row.get_attribute("data-colour") == colour
     echo_row.locator("button", has_text="Mute").click()
     page.locator("#participants li", has_text="muted").wait_for()
     type_line(page, "/who")
@@ -242,6 +246,7 @@ def steer(browser, hub, echo: ClientConnection, transcript: Path) -> None:
         page.click("#download")
     markdown = Path(download.value.path()).read_text(encoding="utf-8")
     assert "**Chair**" in markdown and "> over to you" in markdown and "> Thank you, chair." in markdown
+    assert markdown.startswith("# Party Chat transcript") and " UTC" in markdown, "the hub's rendering (export.py)"
 
     kick = page.locator("#participants li", has_text="Echo").locator("button", has_text="Kick")
     kick.click()

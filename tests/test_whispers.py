@@ -13,8 +13,8 @@ import pytest
 from helpers import command, drain, hub_config, join, next_frame, say, script, with_hub
 from websockets.asyncio.client import ClientConnection, connect
 
+from partychat.export import transcript_markdown
 from partychat.hub.transcript import load_history, read_records
-from partychat.moderator.console import transcript_markdown
 from partychat.persona.cast import CastError, Persona, read_cast_file
 from partychat.protocol import parse_server_frame
 

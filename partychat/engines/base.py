@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,6 +37,18 @@ class PromptTooLong(EngineError):
 
 class SystemRoleUnsupported(EngineError):
     """The model's chat template has no system role; prompt building then folds the persona into a user turn."""
+
+
+def chat_template_error(label: str, messages: Sequence[Message], complaint: str) -> ModelError | SystemRoleUnsupported:
+    """What a chat template's refusal to render ``messages`` means, for every engine.
+
+    A complaint about "system" when the chat opens with a system message means the template has
+    no system role (prompt building then folds the persona into the first user turn); anything
+    else is a chat this model's template cannot render.
+    """
+    if messages and messages[0]["role"] == "system" and "system" in complaint.lower():
+        return SystemRoleUnsupported(f"The chat template of {label} has no system role.")
+    return ModelError(f"The chat template of {label} cannot render this chat: {complaint}")
 
 
 class EngineUnavailable(EngineError):

@@ -16,30 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .anticopy import Vocabulary, ban_for
-from .base import (
-    ChatRequest,
-    EngineNotInstalled,
-    ModelError,
-    PromptTooLong,
-    SystemRoleUnsupported,
-    ThreadedChatModel,
-    plain_transcript,
-)
-
-INSTALL_HINT = (
-    "The llama.cpp engine needs llama-cpp-python: install it with "
-    "'pip install llama-cpp-python==0.3.36' (it builds from source in a few minutes and needs cmake and a "
-    "C++ compiler), or choose --backend transformers."
-)
-
-
-def llama_cpp_installed() -> bool:
-    """True when llama_cpp imports: a broken install (say, its shared library missing) counts as none."""
-    try:
-        import llama_cpp  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return True
+from .base import ChatRequest, ModelError, PromptTooLong, ThreadedChatModel, chat_template_error, plain_transcript
 
 
 def gpu_layers(device: str) -> int:
@@ -88,11 +65,9 @@ class LlamaCppChatModel(ThreadedChatModel):
 
     def __init__(self, path: Path, *, context_tokens: int, threads: int | None = None, device: str = "cpu",
                  gpu_id: int = 0) -> None:
-        try:
-            from llama_cpp import Llama
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-        except ImportError as error:
-            raise EngineNotInstalled(INSTALL_HINT) from error
+        from llama_cpp import Llama  # registry.ENGINES["llama.cpp"] checked that it is installed
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
         if path.suffix.lower() != ".gguf" or not path.is_file():
             raise ModelError(
                 f"The llama.cpp engine runs .gguf files, and {path} is not one; "
@@ -128,9 +103,7 @@ class LlamaCppChatModel(ThreadedChatModel):
         try:
             text = self.chat_formatter(messages=messages).prompt
         except Exception as error:
-            if messages[0]["role"] == "system" and "system" in str(error).lower():
-                raise SystemRoleUnsupported(f"The chat template of {self.label} has no system role.") from error
-            raise ModelError(f"The chat template of {self.label} cannot render this chat: {error}") from error
+            raise chat_template_error(self.label, messages, str(error)) from error
         return self.llama.tokenize(text.encode(), add_bos=False, special=True)
 
     def generate(self, request: ChatRequest, should_stop: Callable[[], bool], emit: Callable[[str], None]) -> None:

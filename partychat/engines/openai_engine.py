@@ -28,7 +28,16 @@ from typing import Any
 import openai
 
 from .anticopy import DEFAULT_N
-from .base import ChatModel, ChatRequest, EngineError, EngineUnavailable, ModelError, StopFlag, SystemRoleUnsupported
+from .base import (
+    ChatModel,
+    ChatRequest,
+    EngineError,
+    EngineUnavailable,
+    ModelError,
+    StopFlag,
+    SystemRoleUnsupported,
+    chat_template_error,
+)
 
 log = logging.getLogger("partychat.client")
 
@@ -236,9 +245,10 @@ class OpenAIChatModel(ChatModel):
         try:
             answer = await self._post("/tokenize", body)
         except openai.BadRequestError as error:
-            if request.messages[0]["role"] == "system" and "system" in _server_detail(error).lower():
-                raise SystemRoleUnsupported(f"The chat template of {self.model} has no system role.") from error
-            raise
+            refusal = chat_template_error(self.model, request.messages, _server_detail(error))
+            if isinstance(refusal, SystemRoleUnsupported):
+                raise refusal from error
+            raise  # not this kind of server, or a chat it cannot take: the next way of counting decides
         return int(answer["count"])  # llama-server's /tokenize answers too, but with no count
 
     async def _count_by_llama_server(self, request: ChatRequest) -> int:

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .anticopy import Vocabulary, ban_for
-from .base import ChatRequest, ModelError, SystemRoleUnsupported, ThreadedChatModel, plain_transcript
+from .base import ChatRequest, ThreadedChatModel, chat_template_error, plain_transcript
 from .models import LoadedModel
 
 _WORD_START_MARKS = ("\u0120", "\u2581")
@@ -32,9 +32,7 @@ class TransformersChatModel(ThreadedChatModel):
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as error:
-            if messages[0]["role"] == "system" and "system" in str(error).lower():
-                raise SystemRoleUnsupported(f"The chat template of {self.label} has no system role.") from error
-            raise ModelError(f"The chat template of {self.label} cannot render this chat: {error}") from error
+            raise chat_template_error(self.label, messages, str(error)) from error
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)

@@ -7,9 +7,10 @@ what ``Room`` exposes, so the import arrow runs one way: commands -> room.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
-from ..protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster
+from ..export import transcript_markdown
+from ..protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster, listed_commands
 from .floor import Mode
 from .members import Peer
 from .recipients import Recipients
@@ -37,8 +38,9 @@ def _who(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     participants = tuple(_describe(room, p) for p in room.members)
     floor = room.floor_state().to_wire()
     del floor["type"]
-    room.deliver(peer, Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget},
-                              spectators=len(room.audience)))
+    roster = Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget},
+                    spectators=len(room.audience))
+    room.deliver(peer, replace(roster, content=describe_roster(roster)))
 
 
 def _describe(room: Room, peer: Peer) -> dict[str, object]:
@@ -54,8 +56,35 @@ def _describe(room: Room, peer: Peer) -> dict[str, object]:
     return about
 
 
+def describe_roster(roster: Roster) -> str:
+    """The roster in one sentence: what the console and the page show for /who."""
+    floor = roster.floor
+    people = ", ".join(f"{p.get('name')} ({', '.join(_roster_details(p))})" for p in roster.participants)
+    speakers = ", ".join(floor.get("speakers") or []) or "nobody"
+    watching = f" {roster.spectators} watching." if roster.spectators else ""
+    return (
+        f"In the room: {people or 'nobody'}.{watching} Mode {floor.get('mode')}, "
+        f"{'paused, ' if floor.get('paused') else ''}turn: {speakers}, "
+        f"{floor.get('turns_left')} of {floor.get('max_turns')} model turns left."
+    )
+
+
+def _roster_details(participant: dict) -> list[str]:
+    details = [str(participant.get("role"))]
+    details += [flag for flag in ("moderator", "muted", "skipped") if participant.get(flag)]
+    if "on_stage" in participant:
+        details.append("on stage" if participant["on_stage"] else "off stage")
+    for key, label, unit in (("talkativeness", "talkativeness ", ""), ("ttft", "first token ", " s"),
+                             ("tokens_per_second", "", " tok/s")):
+        value = participant.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            details.append(f"{label}{value:g}{unit}")
+    return details
+
+
 def _history(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
-    room.deliver(peer, Archive(messages=tuple(room.visible_to(peer, room.history))))
+    messages = tuple(room.visible_to(peer, room.history))
+    room.deliver(peer, Archive(messages=messages, markdown=transcript_markdown(messages)))
 
 
 def _pause(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
@@ -202,32 +231,26 @@ def _kick(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     room.dismiss(target, ErrorCode.KICKED.value)
 
 
-@dataclass(frozen=True)
-class HubCommand:
-    run: Handler
-    help: str
-    listed: bool = True
-
-
-COMMANDS: dict[str, HubCommand] = {
-    "who": HubCommand(_who, "who is here, their roles, who holds the turn, mode and budget"),
-    "pause": HubCommand(_pause, "stop the models at once (a reply being generated is dropped)"),
-    "resume": HubCommand(_resume, "let the models speak again"),
-    "stop": HubCommand(_stop, "end the reply in progress now, keeping what was said, and move on"),
-    "retry": HubCommand(_retry, "/retry [NAME]: NAME (or the last model to speak) writes its last reply again"),
-    "mode": HubCommand(_mode, "/mode round-robin|mention|moderator|free|natural: how turns are given"),
-    "turns": HubCommand(_turns, "/turns N: model messages allowed after each moderator message"),
-    "to": HubCommand(_to, "/to NAME message: hand the turn to one persona with a message"),
-    "whisper": HubCommand(_whisper(False), "/whisper NAME message: like /to, but only NAME and the moderators hear it"),
-    "whisper!": HubCommand(_whisper(True), "/whisper! NAME message: a whisper whose reply stays private too"),
-    "enter": HubCommand(_enter, "/enter NAME [line]: bring a persona on stage; it hears what is said from now on"),
-    "exit": HubCommand(_exit, "/exit NAME [line]: take a persona off stage; it takes no turns and hears nothing"),
-    "scene": HubCommand(_scene, "/scene NAME...: exactly these personas are on stage"),
-    "mute": HubCommand(_set_muted(True), "/mute NAME: keep a participant's messages out of the room"),
-    "unmute": HubCommand(_set_muted(False), "/unmute NAME"),
-    "kick": HubCommand(_kick, "/kick NAME: remove a participant"),
-    "history": HubCommand(_history, "the messages the hub holds (what /save writes)", listed=False),
+HANDLERS: dict[str, Handler] = {
+    "who": _who,
+    "pause": _pause,
+    "resume": _resume,
+    "stop": _stop,
+    "retry": _retry,
+    "mode": _mode,
+    "turns": _turns,
+    "to": _to,
+    "whisper": _whisper(False),
+    "whisper!": _whisper(True),
+    "enter": _enter,
+    "exit": _exit,
+    "scene": _scene,
+    "mute": _set_muted(True),
+    "unmute": _set_muted(False),
+    "kick": _kick,
+    "history": _history,
 }
+"""What each command in ``protocol.COMMANDS`` does; the names and help live there."""
 
 
 def run_command(room: Room, peer: Peer, command: Command) -> None:
@@ -237,10 +260,10 @@ def run_command(room: Room, peer: Peer, command: Command) -> None:
     room.meter(peer)
     if peer.role is not Role.HUMAN or not peer.is_moderator:
         raise ProtocolError(ErrorCode.NOT_MODERATOR, "Only a moderator may use commands.")
-    known = COMMANDS.get(command.name)
-    if known is None:
-        listed = ", ".join(f"/{name}" for name, c in COMMANDS.items() if c.listed)
+    handler = HANDLERS.get(command.name)
+    if handler is None:
+        listed = ", ".join(f"/{name}" for name in listed_commands())
         raise ProtocolError(ErrorCode.UNKNOWN_COMMAND, f"Unknown command /{command.name}; the hub knows {listed}.")
-    known.run(room, peer, command.args)
+    handler(room, peer, command.args)
     room.publish_floor()
     room.publish_presence()

@@ -23,6 +23,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from ..protocol import ENDS_CONVERSATION, RETRY_LATER
+
 log = logging.getLogger("partychat.hub")
 
 CONTENT_SECURITY_POLICY = (
@@ -98,6 +100,8 @@ def _config(settings: PageSettings) -> dict[str, Any]:
         "needs_moderator_token": settings.needs_moderator_token,
         "commands": settings.commands,
         "max_message_bytes": settings.max_message_bytes,
+        "retry_later": sorted(code.value for code in RETRY_LATER),
+        "ends_conversation": sorted(code.value for code in ENDS_CONVERSATION),
     }
 
 

@@ -3,17 +3,17 @@
 Every chat message is stored (transcript first), numbered, and then handed to the room's
 ``Outlet`` once, with the list of its recipients. The hub implements the outlet over websockets
 (serialise once, write to every recipient without waiting on any); the room only decides what is
-said and who hears it, so its rules can be read, and tested, apart from the sockets.
+said and who hears it, so its rules can be read, and tested, apart from the sockets. The turn
+timers go through the outlet too, and the transcript is any ``record.Recording``: the room needs
+no event loop and no file.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Protocol
 
 from ..guards import REPEAT_WINDOW, Earlier, Verdict, check_reply
@@ -38,14 +38,15 @@ from ..protocol import (
     Stream,
     Withdrawn,
     encode,
+    speaker_colour_index,
 )
 from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
 from .history import ChatHistory
 from .members import Members, Peer
 from .recipients import EVERYONE, NO_PERSONA, Recipients, Sight, Stage, sight, trace_sentence
+from .record import History, Recording
 from .settings import RoomSettings
 from .spectators import Audience, Listener, Spectator
-from .transcript import Transcript, load_history
 
 log = logging.getLogger("partychat.hub")
 
@@ -61,14 +62,22 @@ TAKEN_BACK_BECAUSE = {
 """Why a model took an attempt back (``Discard``), by the guard's code, as the room is told."""
 
 
+class Timer(Protocol):
+    def cancel(self) -> None:
+        """The call has not happened and now never will (or it has, and this does nothing)."""
+
+
 class Outlet(Protocol):
-    """What the room asks of the network layer. Neither call may wait on a peer."""
+    """What the room asks of the network layer. No call may wait on a peer."""
 
     def send(self, peers: Sequence[Listener], text: str) -> None:
         """Write one encoded frame to each of these peers."""
 
     def dismiss(self, peer: Listener, reason: str) -> None:
         """Close a peer's connection (the room has already removed it), once what it is owed is sent."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback`` in ``delay`` seconds, between two of the room's other calls, unless cancelled."""
 
 
 class Room:
@@ -79,8 +88,9 @@ class Room:
     what every peer hears.
     """
 
-    def __init__(self, settings: RoomSettings, transcript: Transcript, outlet: Outlet,
-                 resume: Path | None = None) -> None:
+    def __init__(self, settings: RoomSettings, transcript: Recording, outlet: Outlet,
+                 earlier: History | None = None) -> None:
+        """``earlier`` is what a resumed transcript holds (``--resume``): the room carries on from it."""
         self.settings = settings
         self.transcript = transcript
         self.outlet = outlet
@@ -94,18 +104,17 @@ class Room:
         self.closing = False
         self._last_floor: FloorState | None = None
         self._last_floor_text = ""
-        self._turn_timers: list[asyncio.TimerHandle] = []
+        self._turn_timers: list[Timer] = []
         self._last_presence: Presence | None = None
-        self._count_timer: asyncio.TimerHandle | None = None
+        self._count_timer: Timer | None = None
         room_id = None
-        if resume is not None:
-            earlier = load_history(resume)
+        if earlier is not None:
             room_id = earlier.room_id
             self.history.extend(earlier.messages)
             if earlier.stage is not None:
                 self.stage.restore(*earlier.stage)
-            log.info("Resumed %d messages from %s; the next sequence number is %d",
-                     len(earlier.messages), resume, self.history.seq + 1)
+            log.info("Resumed %d messages; the next sequence number is %d", len(earlier.messages),
+                     self.history.seq + 1)
         self.room_id = room_id or uuid.uuid4().hex[:12]
         """Names this conversation; it survives --resume, so clients know their sequence numbers still hold."""
         transcript.start(self.room_id)
@@ -518,7 +527,7 @@ class Room:
             missed, lost = self.history.since(last_seq)
             if lost:
                 self.deliver(peer, Notice(f"{lost} older messages are no longer held in memory; "
-                                          f"they are in the transcript {self.transcript.path}.", event="gap"))
+                                          f"they are in the transcript {self.transcript.location}.", event="gap"))
         else:
             missed = self.history.recent(self.settings.replay, self._entitles(peer))
         for chat in missed:
@@ -615,13 +624,13 @@ class Room:
         self._turn_timers.clear()
         if len(state.speakers) != 1:
             return
-        loop = asyncio.get_running_loop()
+        holder, turn = state.speakers[0], state.turn
         if self.settings.first_token_timeout > 0:
-            self._turn_timers.append(loop.call_later(self.settings.first_token_timeout, self._first_token_expired,
-                                                     state.speakers[0], state.turn))
+            self._turn_timers.append(self.outlet.call_later(self.settings.first_token_timeout,
+                                                            lambda: self._first_token_expired(holder, turn)))
         if self.settings.turn_timeout > 0:
-            self._turn_timers.append(loop.call_later(self.settings.turn_timeout, self._turn_expired,
-                                                     state.speakers[0], state.turn))
+            self._turn_timers.append(self.outlet.call_later(self.settings.turn_timeout,
+                                                            lambda: self._turn_expired(holder, turn)))
 
     def _first_token_expired(self, holder: str, turn: int) -> None:
         peer = self.find(holder)
@@ -650,7 +659,7 @@ class Room:
         return Presence(
             participants=tuple(
                 {"name": p.name, "role": p.role.value, "moderator": p.is_moderator, "muted": p.muted,
-                 **self.stage_mark(p)}
+                 "colour": speaker_colour_index(p.name), **self.stage_mark(p)}
                 for p in self.members
             ),
             spectators=len(self.audience),
@@ -674,7 +683,7 @@ class Room:
     def _count_spectators_soon(self) -> None:
         """A spectator came or went: say the new count once, a moment later, for every change meanwhile."""
         if self._count_timer is None and not self.closing:
-            self._count_timer = asyncio.get_running_loop().call_later(SPECTATOR_COUNT_PERIOD, self._count_now)
+            self._count_timer = self.outlet.call_later(SPECTATOR_COUNT_PERIOD, self._count_now)
 
     def _count_now(self) -> None:
         self._count_timer = None
@@ -683,9 +692,9 @@ class Room:
     def refuse(self, peer: Listener, code: ErrorCode, sentence: str) -> None:
         """Tell a peer why something was refused, in the form it understands."""
         frame: ServerFrame = (
-            Refusal(code=code.value, content=sentence)
+            Refusal(code=code, content=sentence)
             if peer.speaks_extensions
-            else Notice(sentence, event="error", code=code.value)
+            else Notice(sentence, event="error", code=code)
         )
         self.deliver(peer, frame)
 

@@ -31,15 +31,16 @@ from ..protocol import (
     ProtocolError,
     Spectate,
     encode,
+    listed_commands,
     parse_client_frame,
     parse_hello,
 )
-from .commands import COMMANDS, run_command
+from .commands import run_command
 from .pages import PageSettings, WebPages
-from .room import Room
+from .room import Room, Timer
 from .settings import RoomSettings
 from .spectators import Listener, Spectator
-from .transcript import Transcript, default_path
+from .transcript import Transcript, default_path, load_history
 
 log = logging.getLogger("partychat.hub")
 
@@ -110,6 +111,9 @@ class SocketOutlet:
     def dismiss(self, peer: Listener, reason: str) -> None:
         self.close_later(peer, CloseCode.POLICY_VIOLATION, reason)
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay, callback)
+
     def close_later(self, peer: Listener, code: int, reason: str) -> None:
         """Close a peer's connection from synchronous code; what it is owed is sent first."""
         task = asyncio.create_task(close_peer(_connection(peer), code, reason))
@@ -132,7 +136,11 @@ class Hub:
         self.config = config
         path = config.transcript or config.resume or default_path(config.logs_dir)
         self.outlet = SocketOutlet(config.room.max_buffered_bytes, self._cut_off)
-        self.room = Room(config.room, Transcript(path, fsync=config.fsync), self.outlet, resume=config.resume)
+        earlier = load_history(config.resume) if config.resume is not None else None
+        if earlier is not None:
+            log.info("Resuming the conversation in %s", config.resume)
+        self.transcript = Transcript(path, fsync=config.fsync)
+        self.room = Room(config.room, self.transcript, self.outlet, earlier=earlier)
         self.server: Server | None = None
         self._connections = 0
         settings = config.room
@@ -140,7 +148,7 @@ class Hub:
             PageSettings(
                 needs_token=settings.token is not None,
                 needs_moderator_token=settings.moderator_token is not None,
-                commands={name: command.help for name, command in COMMANDS.items() if command.listed},
+                commands=listed_commands(),
                 max_message_bytes=config.max_message_bytes,
             ) if config.web else None,
             check_origin=settings.token is not None,
@@ -183,7 +191,7 @@ class Hub:
             close_timeout=2,
             process_request=self.pages.process_request,
         )
-        log.info("Transcript: %s", self.room.transcript.path)
+        log.info("Transcript: %s", self.transcript.path)
         print(f"Party Chat hub listening on {self.url}", flush=True)
         if self.pages.serving:
             print(f"Watch and moderate in a browser: {self.page_url}", flush=True)
@@ -295,7 +303,7 @@ class Hub:
     async def _reject(self, ws: ServerConnection, error: ProtocolError) -> None:
         """Say why in a ``system`` frame (every client reads those), then close."""
         with contextlib.suppress(ConnectionClosed):
-            await ws.send(encode(Notice(error.message, event="error", code=error.code.value)))
+            await ws.send(encode(Notice(error.message, event="error", code=error.code)))
         await close_peer(ws, _CLOSE_CODES.get(error.code, CloseCode.POLICY_VIOLATION), error.code.value)
 
 

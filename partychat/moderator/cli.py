@@ -10,11 +10,12 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ..connection import HubGone, HubRefused, Session, check_refusal, keep_trying
+from ..connection import Continuity, HubGone, HubRefused, Session, check_refusal, keep_trying
+from ..export import transcript_markdown
 from ..logs import LEVELS, honour_ctrl_c, setup_logging
 from ..protocol import (
     PROTOCOL_VERSION,
@@ -29,7 +30,7 @@ from ..protocol import (
     encode,
     parse_server_frame,
 )
-from .console import InputError, Local, RoomView, Terminal, help_text, parse_line, transcript_markdown
+from .console import InputError, Local, RoomView, Terminal, help_text, parse_line
 
 log = logging.getLogger("partychat.moderator")
 
@@ -68,9 +69,7 @@ class Moderator:
         self.saves: deque[Path] = deque()
         self.wake = asyncio.Event()
         self.done = False
-        self.last_seq: int | None = None
-        self.room_id: str | None = None
-        self.secret: str | None = None
+        self.continuity = Continuity()
         self.session: Session | None = None
         self.unreachable = False
         self.idle = asyncio.Event()
@@ -85,16 +84,15 @@ class Moderator:
             protocol=PROTOCOL_VERSION,
             token=self.args.token,
             moderator_token=self.args.moderator_token,
-            last_seq=self.last_seq,
             stream=True,
-            session=self.secret,
         )
 
     async def run(self) -> None:
         """Talk to the hub until the user leaves; leaving works even while the hub is unreachable."""
         reader = asyncio.create_task(self._read_input())
         talker = asyncio.create_task(keep_trying(self.args.server, self.hello, self._converse,
-                                                 ca_file=self.args.ca_file, on_retry=self._on_retry))
+                                                 continuity=self.continuity, ca_file=self.args.ca_file,
+                                                 on_retry=self._on_retry))
         try:
             await asyncio.wait({reader, talker}, return_when=asyncio.FIRST_COMPLETED)
             if talker.done():
@@ -189,22 +187,21 @@ class Moderator:
             if self.session is not None and self.session.extended:
                 self.saves.append(path)  # written when the hub's history arrives
                 self._queue(Command("history"))
-            else:
-                self._save(path, self.view.seen)
+            else:  # a baseline hub holds no history to give: what this console saw, rendered alike
+                self._save(path, Archive(tuple(self.view.seen), transcript_markdown(self.view.seen)))
         return False
 
-    def _save(self, path: Path, messages: Sequence[Chat]) -> None:
+    def _save(self, path: Path, archive: Archive) -> None:
+        """Write the conversation as the hub rendered it (see export.py)."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(transcript_markdown(messages), encoding="utf-8")
-            self.terminal.show(self.view.status(f"Saved {len(messages)} messages to {path}."))
+            path.write_text(archive.markdown, encoding="utf-8")
+            self.terminal.show(self.view.status(f"Saved {len(archive.messages)} messages to {path}."))
         except OSError as error:
             self.terminal.show(self.view.status(f"Could not save to {path}: {error.strerror or error}"))
 
     async def _converse(self, session: Session) -> None:
-        if session.room != self.room_id:
-            self.last_seq = None  # another conversation: its numbers start afresh
-        self.room_id, self.secret, self.session = session.room, session.secret, session
+        self.session = session
         self.unreachable = False
         # Lines the last hub never confirmed go first; one it did get is recognised by its nonce and not repeated.
         self.outgoing.extendleft(reversed(list(self.unconfirmed.values())))
@@ -265,12 +262,10 @@ class Moderator:
             self.last_frame_at = time.monotonic()
             if isinstance(frame, Chat) and self._confirm(frame):
                 self.wake.set()  # leaving may have been waiting for this confirmation
-            if isinstance(frame, Chat) and frame.seq:
-                if self.last_seq is not None and frame.seq <= self.last_seq:
-                    continue
-                self.last_seq = frame.seq
+            if isinstance(frame, Chat) and not self.continuity.is_new(frame):
+                continue
             if isinstance(frame, Archive) and self.saves:
-                self._save(self.saves.popleft(), frame.messages)
+                self._save(self.saves.popleft(), frame)
                 continue
             if isinstance(frame, Refusal) and self.unconfirmed:
                 # The hub answers frames in order, so a refusal is for the oldest line it has not echoed

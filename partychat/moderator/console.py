@@ -7,19 +7,29 @@ lines are read plainly, so a session file can be replayed.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aioconsole
 
 from ..display import DIM, colour_wanted, neutralise, paint, speaker_colour
-from ..hub.commands import COMMANDS
-from ..protocol import Chat, Command, FloorState, Notice, Refusal, Roster, Say, ServerFrame, Stream, Withdrawn
+from ..protocol import (
+    Chat,
+    Command,
+    FloorState,
+    Notice,
+    Refusal,
+    Roster,
+    Say,
+    ServerFrame,
+    Stream,
+    Withdrawn,
+    listed_commands,
+)
 
-HUB_COMMANDS = {name: command.help for name, command in COMMANDS.items() if command.listed}
+HUB_COMMANDS = listed_commands()
 LOCAL_COMMANDS = {
     "help": "this list",
     "toggle": "show or hide incoming messages",
@@ -108,7 +118,7 @@ class RoomView:
             self.drafts = {k: v for k, v in self.drafts.items() if k in frame.speakers and not frame.paused}
             return self._turn_change(frame)
         if isinstance(frame, Roster):
-            return self.status(describe_roster(frame))
+            return self.status(frame.content)
         return None
 
     def _keep(self, chat: Chat) -> None:
@@ -137,50 +147,6 @@ class RoomView:
             tail = neutralise(" ".join(text.split()), keep_newlines=False)[-100:]
             lines.append(f"{neutralise(sender, keep_newlines=False)} is writing: {tail}")
         return "\n".join(lines)
-
-
-def transcript_markdown(messages: Sequence[Chat]) -> str:
-    """Messages as readable Markdown: each speaker in bold, each message quoted, nothing interpreted."""
-    lines = ["# Party Chat transcript", ""]
-    for chat in messages:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(chat.ts)) if chat.ts else ""
-        stopped = ", stopped by the moderator" if chat.interrupted else ""
-        stopped += f", whispered to {_markdown_escape(chat.whispered_to)}" if chat.whisper else ""
-        stopped += ", written again" if chat.replaces else ""
-        lines.append(f"**{_markdown_escape(chat.sender)}** ({chat.role}{', ' + when if when else ''}{stopped}):")
-        lines.append("")
-        lines.extend("> " + _markdown_escape(line) for line in chat.content.splitlines() or [""])
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _markdown_escape(text: str) -> str:
-    return re.sub(r"([\\`*_{}\[\]<>()#+!|~-])", r"\\\1", text)
-
-
-def describe_roster(roster: Roster) -> str:
-    floor = roster.floor
-    people = ", ".join(f"{p.get('name')} ({', '.join(_roster_details(p))})" for p in roster.participants)
-    speakers = ", ".join(floor.get("speakers") or []) or "nobody"
-    watching = f" {roster.spectators} watching." if roster.spectators else ""
-    return (
-        f"In the room: {people or 'nobody'}.{watching} Mode {floor.get('mode')}, "
-        f"{'paused, ' if floor.get('paused') else ''}turn: {speakers}, "
-        f"{floor.get('turns_left')} of {floor.get('max_turns')} model turns left."
-    )
-
-
-def _roster_details(participant: dict) -> list[str]:
-    details = [str(participant.get("role"))]
-    details += [flag for flag in ("moderator", "muted", "skipped") if participant.get(flag)]
-    if "on_stage" in participant:
-        details.append("on stage" if participant["on_stage"] else "off stage")
-    for key, label, unit in (("talkativeness", "talkativeness ", ""), ("ttft", "first token ", " s"),
-                             ("tokens_per_second", "", " tok/s")):
-        value = participant.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            details.append(f"{label}{value:g}{unit}")
-    return details
 
 
 class Terminal:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from websockets.exceptions import ConnectionClosed
 
-from ..connection import HubGone, Session, check_refusal, keep_trying
+from ..connection import Continuity, HubGone, Session, check_refusal, keep_trying
 from ..engines.base import ChatModel, ChatRequest, EngineError, StopFlag
 from ..guards import REPEAT_WINDOW, Earlier, Verdict
 from ..protocol import (
@@ -102,9 +102,7 @@ class ModelParticipant:
         self.model = model
         self.settings = settings
         self.history: deque[Chat] = deque(maxlen=max(settings.history_length, 1) * 4 + 50)
-        self.last_seq: int | None = None
-        self.room_id: str | None = None
-        self.secret: str | None = None
+        self.continuity = Continuity()
         self.opening_sent = False
         self.floor: FloorState | None = None
         self._reply_task: asyncio.Task[None] | None = None
@@ -130,8 +128,6 @@ class ModelParticipant:
             role=Role.MODEL,
             protocol=PROTOCOL_VERSION,
             token=self.config.token,
-            last_seq=self.last_seq,
-            session=self.secret,
             talkativeness=self.config.talkativeness,
             offstage=self.config.offstage and not self.joined.is_set(),  # a reconnect must not undo an /enter
         )
@@ -142,7 +138,8 @@ class ModelParticipant:
         The model belongs to whoever opened it, and stays open when the participant leaves.
         """
         try:
-            await keep_trying(self.config.server, self.hello, self._converse, ca_file=self.config.ca_file)
+            await keep_trying(self.config.server, self.hello, self._converse, continuity=self.continuity,
+                              ca_file=self.config.ca_file)
         finally:
             self._stop.set()
             self._redo_stop.set()
@@ -151,9 +148,6 @@ class ModelParticipant:
                 await asyncio.wait(running)  # the generation ends within a token of the stop
 
     async def _converse(self, session: Session) -> None:
-        if session.room != self.room_id:
-            self.last_seq = None  # another conversation: its numbers start afresh
-        self.room_id, self.secret = session.room, session.secret
         self._session = session
         self.joined.set()
         log.info("%s joined %s%s", self.name, self.config.server,
@@ -188,10 +182,8 @@ class ModelParticipant:
             log.info("%s", frame.content)
 
     def _on_chat(self, chat: Chat) -> None:
-        if chat.seq and self.last_seq is not None and chat.seq <= self.last_seq:
+        if not self.continuity.is_new(chat):
             return
-        if chat.seq:
-            self.last_seq = chat.seq
         self._names.add(chat.sender)
         if chat.role == Role.HUMAN.value and chat.sender not in self._humans:
             self._humans.append(chat.sender)

@@ -11,9 +11,6 @@
   const PROTOCOL = 1;
   const RETRY_FIRST_S = 1;
   const RETRY_MAX_S = 30;
-  const FATAL = new Set(["unauthorized", "name_taken", "bad_name", "bad_frame", "kicked"]);
-  const PALETTE = ["#2563eb", "#d97706", "#059669", "#db2777", "#7c3aed", "#0891b2", "#dc2626", "#65a30d",
-    "#9333ea", "#ea580c"];
 
   const state = {
     config: null,
@@ -44,10 +41,9 @@
 
   // ------------------------------------------------------------ the conversation
 
-  function colourOf(name) {
-    let hash = 0;
-    for (const ch of name.toLowerCase()) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
-    return PALETTE[hash % PALETTE.length];
+  // The hub picks each speaker's colour (the console's too); style.css turns the index into a colour.
+  function paint(el, colour) {
+    if (Number.isInteger(colour)) el.dataset.colour = String(colour);
   }
 
   function nearBottom() {
@@ -87,11 +83,11 @@
     });
   }
 
-  function messageElement(sender, role, ts) {
+  function messageElement(sender, role, colour, ts) {
     const el = document.createElement("article");
     el.className = `msg ${role === "human" ? "human" : "model"}`;
     el.dataset.sender = sender;
-    el.style.setProperty("--speaker", colourOf(sender));
+    paint(el, colour);
     const head = document.createElement("div");
     head.className = "head";
     const who = document.createElement("span");
@@ -116,7 +112,7 @@
       if (state.shownIds.has(frame.id)) return;
       state.shownIds.add(frame.id);
     }
-    const el = messageElement(frame.from, frame.role, frame.ts);
+    const el = messageElement(frame.from, frame.role, frame.colour, frame.ts);
     el.classList.add("final");
     if (typeof frame.seq === "number") el.dataset.seq = String(frame.seq);
     if (frame.id) el.dataset.id = String(frame.id);
@@ -176,7 +172,7 @@
       draft = undefined;
     }
     if (!draft) {
-      const el = messageElement(frame.from, "model");
+      const el = messageElement(frame.from, "model", frame.colour);
       el.classList.add("draft");
       draft = { el, text: "", turn: frame.turn };
       state.drafts.set(frame.from, draft);
@@ -259,7 +255,7 @@
     const speakers = new Set(state.floor && !state.floor.paused ? state.floor.speakers : []);
     for (const person of state.participants) {
       const item = document.createElement("li");
-      item.style.setProperty("--speaker", colourOf(person.name));
+      paint(item, person.colour);
       if (speakers.has(person.name)) item.classList.add("speaking");
       const name = document.createElement("span");
       name.className = "who";
@@ -326,17 +322,6 @@
       : `joined as ${me.name}, not a moderator: the hub refuses commands`, "online");
   }
 
-  function describeRoster(frame) {
-    const people = (frame.participants || []).map((p) =>
-      `${p.name} (${p.role}${p.moderator ? ", moderator" : ""}${p.muted ? ", muted" : ""}` +
-      `${"on_stage" in p ? (p.on_stage ? ", on stage" : ", off stage") : ""})`).join(", ");
-    const floor = frame.floor || {};
-    const speakers = (floor.speakers || []).join(", ") || "nobody";
-    const watching = typeof frame.spectators === "number" ? ` ${frame.spectators} watching.` : "";
-    return `In the room: ${people || "nobody"}.${watching} Mode ${floor.mode}, ${floor.paused ? "paused, " : ""}` +
-      `turn: ${speakers}, ${floor.turns_left} of ${floor.max_turns} model turns left.`;
-  }
-
   // ------------------------------------------------------------ frames from the hub
 
   function handle(frame) {
@@ -358,11 +343,11 @@
         if (view === "moderate") showRights();
         showParticipants();
         break;
-      case "roster": quietLine(describeRoster(frame)); break;
-      case "history": download(frame.messages || []); break;
+      case "roster": quietLine(frame.content || ""); break; // the hub's sentence, as the console shows it
+      case "history": download(frame); break;
       case "error":
         quietLine(frame.content, "error");
-        if (FATAL.has(frame.code)) refused(frame);
+        if (state.config.ends_conversation.includes(frame.code)) refused(frame);
         break;
       case "system": system(frame); break;
       default: break; // a newer hub's frame this page does not know
@@ -376,7 +361,8 @@
     }
     if (frame.event === "error") {
       quietLine(frame.content, "error");
-      if (FATAL.has(frame.code)) refused(frame);
+      // A refused registration: only a full or stopping hub is worth trying again (protocol.RETRY_LATER).
+      if (!state.config.retry_later.includes(frame.code)) refused(frame);
       return;
     }
     quietLine(frame.content);
@@ -524,21 +510,11 @@
     return false;
   }
 
-  function markdownEscape(text) {
-    return text.replace(/([\\`*_{}[\]<>()#+!|~-])/g, "\\$1");
-  }
-
-  function download(messages) {
-    const lines = ["# Party Chat transcript", ""];
-    for (const m of messages) {
-      const when = m.ts ? new Date(m.ts * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC" : "";
-      const whisper = m.whisper === true ? `, whispered to ${markdownEscape(whisperedTo(m))}` : "";
-      const again = m.replaces ? ", written again" : "";
-      lines.push(`**${markdownEscape(m.from)}** (${m.role}${when ? ", " + when : ""}${whisper}${again}):`, "");
-      for (const line of (m.content || "").split("\n")) lines.push("> " + markdownEscape(line));
-      lines.push("");
-    }
-    const blob = new Blob([lines.join("\n")], { type: "text/markdown;charset=utf-8" });
+  // The hub renders the Markdown (the same the console's /save writes); the page only saves it.
+  function download(frame) {
+    const messages = Array.isArray(frame.messages) ? frame.messages : [];
+    const blob = new Blob([typeof frame.markdown === "string" ? frame.markdown : ""],
+      { type: "text/markdown;charset=utf-8" });
     const link = document.createElement("a");
     link.href = URL.createObjectURL(blob);
     link.download = `chat-${new Date().toISOString().slice(0, 19).replace(/[-:]/g, "").replace("T", "-")}.md`;
