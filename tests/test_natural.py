@@ -45,10 +45,11 @@ def test_natural_mode_follows_the_mention_then_a_seeded_draw_and_never_repeats_a
     url = start_hub("0", 1)
     clients = []
     for name, prompt, talkativeness in PERSONAS:
-        # One message of history and greedy decoding: the second run hears exactly what the first did.
+        # One message of history and greedy decoding: the second run hears exactly what the first did. No
+        # retries: a retry samples with a fresh seed, and a different reply may name a different persona.
         client = Process([script("client.py"), "--name", name, "--prompt-file", prompt, "--server", url,
                           "--talkativeness", talkativeness, "--temperature", "0", "--history-length", "1",
-                          "--max-generation-tokens", "24"], tmp_path / f"{prompt}.out")
+                          "--max-generation-tokens", "24", "--retries", "0"], tmp_path / f"{prompt}.out")
         processes.append(client)
         clients.append(client)
     for client in clients:
