@@ -39,7 +39,7 @@ def _who(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
     floor = room.floor_state().to_wire()
     del floor["type"]
     roster = Roster(participants=participants, floor={**floor, "max_turns": room.floor.budget},
-                    spectators=len(room.audience))
+                    spectators=len(room.spectators))
     room.deliver(peer, replace(roster, content=describe_roster(roster)))
 
 

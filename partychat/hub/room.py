@@ -46,7 +46,7 @@ from .members import Members, Peer
 from .recipients import EVERYONE, NO_PERSONA, Recipients, Sight, Stage, sight, trace_sentence
 from .record import History, Recording
 from .settings import RoomSettings
-from .spectators import Audience, Listener, Spectator
+from .spectators import Listener, Spectator, Spectators
 
 log = logging.getLogger("partychat.hub")
 
@@ -83,7 +83,7 @@ class Outlet(Protocol):
 class Room:
     """One conversation: the hub feeds it validated frames, and it answers through its outlet.
 
-    Membership lives in ``Members``, spectators in ``Audience``, the numbered messages in
+    Membership lives in ``Members``, spectators in ``Spectators``, the numbered messages in
     ``ChatHistory`` and the turn-taking rules in ``Floor``; the room ties them together and decides
     what every peer hears.
     """
@@ -96,7 +96,7 @@ class Room:
         self.outlet = outlet
         self.floor = Floor(mode=settings.mode, max_turns=settings.max_turns, seed=settings.seed)
         self.members = Members(settings)
-        self.audience = Audience(settings.max_spectators)
+        self.spectators = Spectators(settings.max_spectators)
         self.history = ChatHistory(settings.replay)
         self.stage = Stage()
         self._private_reply: tuple[str, int] | None = None
@@ -181,7 +181,7 @@ class Room:
         if self.closing:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "The hub is stopping; try again later.", fatal=True)
         self.members.check_token(spectate.token)
-        spectator = self.audience.seat(link)
+        spectator = self.spectators.seat(link)
         self.deliver(spectator, Notice("Watching the room", event="welcome", protocol=PROTOCOL_VERSION,
                                        room=self.room_id))
         self._replay_to(spectator, spectate.last_seq)
@@ -192,7 +192,7 @@ class Room:
         return spectator
 
     def unwatch(self, spectator: Spectator) -> None:
-        if self.audience.leave(spectator):
+        if self.spectators.leave(spectator):
             self._count_spectators_soon()
 
     def dismiss(self, peer: Peer, reason: str) -> None:
@@ -217,9 +217,9 @@ class Room:
         """Note a bad frame; True once a peer has sent so many in a row that it counts as abuse."""
         return self.members.count_refusal(peer)
 
-    def _audience(self) -> list[Listener]:
+    def _everyone(self) -> list[Listener]:
         """Everyone a room-wide frame goes to: the participants, then the spectators."""
-        return [*self.members, *self.audience]
+        return [*self.members, *self.spectators]
 
     # ------------------------------------------------------------ routing and history
 
@@ -414,7 +414,7 @@ class Room:
         self.transcript.message(chat)
         self.history.keep(chat)
         log.info("%s: %s", chat.sender, chat.content, extra={"speaker": chat.sender})
-        self._send_chat([other for other in self._audience() if other is not author or author.speaks_extensions],
+        self._send_chat([other for other in self._everyone() if other is not author or author.speaks_extensions],
                         chat)
 
     def _send_chat(self, listeners: Iterable[Listener], chat: Chat) -> None:
@@ -433,7 +433,7 @@ class Room:
         The one filter for partials, room events and turn frames; messages go through ``_send_chat``,
         which also sends traces.
         """
-        return [listener for listener in self._audience()
+        return [listener for listener in self._everyone()
                 if sight(listener, recipients, self.settings.show_whispers) is Sight.FULL]
 
     def visible_to(self, listener: Listener, chats: Iterable[Chat]) -> list[Chat]:
@@ -662,7 +662,7 @@ class Room:
                  "colour": speaker_colour_index(p.name), **self.stage_mark(p)}
                 for p in self.members
             ),
-            spectators=len(self.audience),
+            spectators=len(self.spectators),
         )
 
     def stage_mark(self, peer: Peer) -> dict[str, bool]:
@@ -678,7 +678,7 @@ class Room:
         if self._count_timer is not None:
             self._count_timer.cancel()
             self._count_timer = None
-        self._send([listener for listener in self._audience() if listener.wants_stream], encode(presence))
+        self._send([listener for listener in self._everyone() if listener.wants_stream], encode(presence))
 
     def _count_spectators_soon(self) -> None:
         """A spectator came or went: say the new count once, a moment later, for every change meanwhile."""
@@ -710,7 +710,7 @@ class Room:
     def _send(self, recipients: Iterable[Listener], text: str) -> None:
         """Hand one encoded frame to the outlet for the recipients still in the room."""
         present = [peer for peer in recipients
-                   if (peer in self.audience if isinstance(peer, Spectator) else self.is_present(peer))]
+                   if (peer in self.spectators if isinstance(peer, Spectator) else self.is_present(peer))]
         if present:
             self.outlet.send(present, text)
 
@@ -722,7 +722,7 @@ class Room:
                 timer.cancel()
         self.announce("shutdown", "The hub is stopping.", recipients=EVERYONE)
         # The shutdown record speaks for everyone; no leave records after it.
-        return [*self.members.clear(), *self.audience.clear()]
+        return [*self.members.clear(), *self.spectators.clear()]
 
     def close(self) -> None:
         """Write the transcript out; call after the peers' connections are closed."""

@@ -37,7 +37,7 @@ Listener = Peer | Spectator
 """Anyone the room sends frames to."""
 
 
-class Audience:
+class Spectators:
     """The spectators watching, within ``--max-spectators``."""
 
     def __init__(self, limit: int) -> None:
