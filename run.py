@@ -85,7 +85,7 @@ def building_now() -> bool:
 def offer_llama_cpp() -> None:
     """Give the demo the faster llama.cpp engine without making this start wait for its build.
 
-    A wheel pip has already built (or a prebuilt one) installs in seconds. Otherwise the build
+    A wheel built here before (``wheel_folder()``) installs in seconds. Otherwise the build
     (about 3.5 min on 2 cores) runs in the background at low priority, this demo runs on
     transformers, and later demos use llama.cpp. A build that fails is reported once, and the
     demo keeps running on transformers; delete .venv/.llama-cpp-failed* to try again.
