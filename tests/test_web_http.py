@@ -51,7 +51,8 @@ def test_the_page_and_its_files_are_served_with_a_csp_that_allows_no_inline_or_r
     base = page_url(hub)
     assert base == ws_url.replace("ws://", "http://") + "/"
     for path, kind in [("", "text/html"), ("moderate", "text/html"), ("app.js", "text/javascript"),
-                       ("render.js", "text/javascript"), ("style.css", "text/css"), ("config.json", "application/json")]:
+                       ("render.js", "text/javascript"), ("style.css", "text/css"),
+                       ("config.json", "application/json")]:
         status, headers, body = get(base + path)
         assert status == 200, path
         assert headers["Content-Type"].startswith(kind)
