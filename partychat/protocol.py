@@ -287,6 +287,8 @@ class Chat:
         frame = _with_set_fields(frame, self, "replay", "interrupted", "nonce", "whisper", "replaces")
         if self.recipients is not None:
             frame["recipients"] = list(self.recipients)
+        if self.whisper:
+            frame["whispered_to"] = self.whispered_to  # the page shows these words as they are
         return frame
 
 
@@ -333,10 +335,19 @@ class FloorState:
     paused: bool = False
     turn: int = 0
 
+    @property
+    def holder(self) -> str:
+        """Who may speak now, in words: the page's header shows it as sent, the console's turn line too."""
+        if self.paused:
+            return "nobody (paused)"
+        if not self.speakers:
+            return "the moderator"
+        return "any model" if len(self.speakers) > 1 else self.speakers[0]
+
     def to_wire(self) -> dict[str, Any]:
         data = asdict(self)
         data["speakers"] = list(self.speakers)
-        return {"type": "turn", **data}
+        return {"type": "turn", **data, "holder": self.holder}
 
 
 @dataclass(frozen=True)
@@ -418,7 +429,27 @@ class Presence:
     spectators: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "presence", "participants": list(self.participants), "spectators": self.spectators}
+        """Each participant carries ``label``, its row in the page's list in words, so the page only shows it."""
+        participants = [{**about, "label": participant_label(about)} for about in self.participants]
+        return {"type": "presence", "participants": participants, "spectators": self.spectators}
+
+
+def participant_label(about: dict[str, Any]) -> str:
+    """One participant's role and state in words: ``/who`` shows it in brackets, the page beside the name.
+
+    ``about`` is a participant as ``presence`` or ``roster`` lists it; the fields only /who carries
+    (talkativeness, speed) are named when present.
+    """
+    details = [str(about.get("role"))]
+    details += [flag for flag in ("moderator", "muted", "skipped") if about.get(flag)]
+    if "on_stage" in about:
+        details.append("on stage" if about["on_stage"] else "off stage")
+    for key, label, unit in (("talkativeness", "talkativeness ", ""), ("ttft", "first token ", " s"),
+                             ("tokens_per_second", "", " tok/s")):
+        value = about.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            details.append(f"{label}{value:g}{unit}")
+    return ", ".join(details)
 
 
 ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Withdrawn | Redo | Roster | Archive | Presence

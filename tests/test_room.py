@@ -169,6 +169,29 @@ def test_the_hub_renders_who_and_the_saved_markdown_once_for_the_page_and_the_co
     assert "> Once upon a" in markdown and " UTC" in markdown
 
 
+def test_the_hub_words_each_participant_the_turn_and_a_whisper_so_the_page_only_shows_them():
+    def scenario(room: Room, outlet: KeptOutlet) -> None:
+        host = room.admit(Hello("Host", Role.HUMAN, protocol=1, stream=True), link="host-link")
+        room.admit(Hello("Sage", Role.MODEL, protocol=1), link="sage-link")
+        room.admit(Hello("Quill", Role.MODEL, protocol=1), link="quill-link")
+        run_command(room, host, Command("mute", ("Quill",)))
+        run_command(room, host, Command("whisper", ("Sage", "just", "you")))
+        run_command(room, host, Command("who"))
+        run_command(room, host, Command("pause"))
+
+    outlet, _ = in_a_room(scenario)
+    to_host = [frame for to, frame in outlet.sent if "Host" in to]
+    rows = [frame["participants"] for frame in to_host if frame["type"] == "presence"][-1]
+    assert [(row["name"], row["label"]) for row in rows] == [
+        ("Host", "human, moderator"), ("Sage", "model"), ("Quill", "model, muted")]
+    roster = next(frame["content"] for frame in to_host if frame["type"] == "roster")
+    assert "Host (human, moderator), Sage (model" in roster and "Quill (model, muted" in roster, "the same words"
+    holders = [frame["holder"] for frame in to_host if frame["type"] == "turn"]
+    assert "Sage" in holders and holders[-1] == "nobody (paused)"
+    whisper = next(frame for frame in to_host if frame["type"] == "message" and frame.get("whisper"))
+    assert whisper["whispered_to"] == "Sage"
+
+
 def test_a_message_comes_back_from_the_transcript_file_as_it_was_relayed(tmp_path):
     chat = Chat(sender="Sage", content="Once\nupon a", seq=3, id="abc", ts=12.5, role="model", interrupted=True,
                 nonce="n1")

@@ -80,6 +80,15 @@ def test_the_page_script_never_inserts_text_as_html():
             assert sink not in source, (module.name, sink)
 
 
+def test_the_page_script_has_none_of_the_words_the_hub_sends():
+    """Roles, the turn and whisper recipients are worded by the hub (protocol.py); a copy here would drift."""
+    for module in (resources.files("partychat.hub") / "web").iterdir():
+        if module.name.endswith(".js"):
+            source = module.read_text(encoding="utf-8")
+            for words in ("on stage", "off stage", "any model", "nobody (paused)", "the moderators"):
+                assert words not in source, (module.name, words)
+
+
 def test_no_web_serves_no_page_and_websockets_still_work(start_hub):
     hub, ws_url = start_hub("--no-web")
     assert "in a browser" not in hub.output

@@ -57,6 +57,7 @@ class Recording(ABC):
         and the recipients (a resumed hub replays it to them alone)."""
         data = replace(chat, replay=False).to_wire()
         del data["type"], data["colour"]  # the colour is the frame's, worked out from the name
+        data.pop("whispered_to", None)  # words for people, worked out from the recipients
         self.append("message", data)
 
     def stage(self, on_stage: Sequence[str], off_stage: Sequence[str]) -> None:

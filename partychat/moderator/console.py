@@ -137,7 +137,7 @@ class RoomView:
         self._shown_speakers = speakers
         if not speakers:
             return None  # the hub's "quiet" event says why
-        who = "any model" if len(speakers) > 1 else neutralise(speakers[0], keep_newlines=False)
+        who = neutralise(floor.holder, keep_newlines=False)  # the hub's words, as the page shows them
         return self.status(f"Turn: {who} ({floor.turns_left} model turn{'s' if floor.turns_left != 1 else ''} left)")
 
     def toolbar(self) -> str:

@@ -97,11 +97,11 @@ export function showMessage(frame) {
     el.append(note);
   }
   if (frame.whisper === true) {
-    // Only the moderators (and the recipients) read this; everyone else was told only that it happened.
+    // Only moderators (and the recipients) read this; everyone else was told only that it happened.
     el.classList.add("whisper");
     const note = document.createElement("p");
     note.className = "note";
-    note.textContent = `whispered to ${whisperedTo(frame)}`;
+    note.textContent = `whispered to ${frame.whispered_to}`;
     el.append(note);
   }
   if (typeof frame.replaces === "string") {
@@ -126,11 +126,6 @@ export function showMessage(frame) {
   } else {
     append(el);
   }
-}
-
-function whisperedTo(message) {
-  const others = (message.recipients || []).filter((n) => n.toLowerCase() !== message.from.toLowerCase());
-  return others.length ? others.join(", ") : "the moderators";
 }
 
 export function growDraft(frame) {
@@ -203,11 +198,7 @@ export function showFloor() {
   const el = byId("floor");
   el.replaceChildren();
   if (!floor) return;
-  const parts = [["mode", floor.mode]];
-  const speakers = floor.speakers || [];
-  const turn = floor.paused ? "nobody (paused)"
-    : speakers.length === 0 ? "the moderator" : speakers.length > 1 ? "any model" : speakers[0];
-  parts.push(["turn", turn], ["turns left", String(floor.turns_left)]);
+  const parts = [["mode", floor.mode], ["turn", floor.holder], ["turns left", String(floor.turns_left)]];
   for (const [label, value] of parts) {
     const item = document.createElement("span");
     const key = document.createElement("b");
@@ -247,12 +238,8 @@ export function showParticipants() {
     name.textContent = person.name;
     const role = document.createElement("span");
     role.className = "role";
-    const roles = [person.role];
-    if (person.moderator) roles.push("moderator");
-    if (person.muted) roles.push("muted");
-    if ("on_stage" in person) roles.push(person.on_stage ? "on stage" : "off stage");
-    if (speakers.has(person.name)) roles.push("has the turn");
-    role.textContent = roles.join(", ");
+    // The hub's words for this participant (protocol.participant_label), and the turn frame's news.
+    role.textContent = speakers.has(person.name) ? `${person.label}, has the turn` : person.label;
     item.append(name, role);
     if (rowTools && state.isModerator) item.append(rowTools(person));
     list.append(item);
