@@ -70,7 +70,7 @@ def describe_roster(roster: Roster) -> str:
 
 
 def _history(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
-    messages = tuple(room.visible_to(peer, room.history))
+    messages = tuple(room.visible_to(peer, room.messages))
     room.deliver(peer, Archive(messages=messages, markdown=transcript_markdown(messages)))
 
 
