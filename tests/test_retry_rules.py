@@ -21,7 +21,7 @@ from websockets.sync.client import connect
 from partychat.export import transcript_markdown
 from partychat.guards import Earlier, Guard
 from partychat.hub.server import Hub
-from partychat.hub.transcript import load_history
+from partychat.hub.transcript import load_saved_room
 from partychat.moderator.console import RoomView
 from partychat.persona.generation import GenerationSettings
 from partychat.persona.participant import ModelParticipant, ParticipantConfig
@@ -155,7 +155,7 @@ def test_retry_replaces_a_reply_under_a_new_number_everywhere_and_after_resume(t
     assert messages[3]["replaces"] == messages[1]["id"], "the transcript keeps both; the old one is marked replaced"
     withheld = [r.data for r in transcript_of(config) if r.kind == "withheld"]
     assert [(w["from"], w["content"]) for w in withheld] == [("Bot", "Unasked.")]
-    resumed = load_history(config.transcript)
+    resumed = load_saved_room(config.transcript)
     assert [c.content for c in resumed.messages] == [m["content"] for m in seen["held"]]
 
     async def after_resume(hub: Hub) -> None:

@@ -18,10 +18,10 @@ from helpers import ROOT
 from partychat.hub.commands import HANDLERS, run_command
 from partychat.hub.floor import Mode
 from partychat.hub.members import Peer
-from partychat.hub.record import History, MemoryRecorder
+from partychat.hub.record import MemoryRecorder, SavedRoom
 from partychat.hub.room import SPECTATOR_COUNT_PERIOD, Room
 from partychat.hub.settings import RoomSettings
-from partychat.hub.transcript import Transcript, load_history, read_records
+from partychat.hub.transcript import Transcript, load_saved_room, read_records
 from partychat.protocol import COMMANDS, Chat, Command, Draft, Hello, Role, Say, Spectate
 
 
@@ -199,7 +199,7 @@ def test_a_message_comes_back_from_the_transcript_file_as_it_was_relayed(tmp_pat
     transcript.start("room-1")
     transcript.message(replace(chat, replay=True))
     transcript.close()
-    assert load_history(tmp_path / "t.jsonl") == History(room_id="room-1", messages=[chat])
+    assert load_saved_room(tmp_path / "t.jsonl") == SavedRoom(room_id="room-1", messages=[chat])
     stored = read_records(tmp_path / "t.jsonl")[1].data
     assert stored == {"from": "Sage", "content": "Once\nupon a", "id": "abc", "seq": 3, "ts": 12.5, "role": "model",
                       "interrupted": True, "nonce": "n1"}, "the record has the message frame's own fields"

@@ -44,7 +44,7 @@ from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
 from .members import Members, Peer
 from .messages import RecentMessages
 from .recipients import EVERYONE, NO_PERSONA, Recipients, Sight, Stage, sight, trace_sentence
-from .record import History, Recording
+from .record import Recording, SavedRoom
 from .settings import RoomSettings
 from .spectators import Listener, Spectator, Spectators
 
@@ -89,7 +89,7 @@ class Room:
     """
 
     def __init__(self, settings: RoomSettings, transcript: Recording, outlet: Outlet,
-                 earlier: History | None = None) -> None:
+                 earlier: SavedRoom | None = None) -> None:
         """``earlier`` is what a resumed transcript holds (``--resume``): the room carries on from it."""
         self.settings = settings
         self.transcript = transcript
