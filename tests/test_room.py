@@ -66,7 +66,7 @@ def in_a_room(scenario, **settings) -> tuple[KeptOutlet, MemoryRecorder]:
     outlet, recorder = KeptOutlet(), MemoryRecorder()
     room = Room(RoomSettings(rate_per_second=0, **settings), recorder, outlet)
     scenario(room, outlet)
-    room.stop()
+    room.shut_down()
     room.close()
     return outlet, recorder
 

@@ -714,7 +714,7 @@ class Room:
         if present:
             self.outlet.send(present, text)
 
-    def stop(self) -> list[Listener]:
+    def shut_down(self) -> list[Listener]:
         """Say the hub is stopping and empty the room; returns the connections that must close."""
         self.closing = True
         for timer in (*self._turn_timers, self._count_timer):

@@ -205,7 +205,7 @@ class Hub:
 
     async def _shutdown(self) -> None:
         """Tell everyone the hub is stopping, close every connection, then close the transcript."""
-        peers = self.room.stop()
+        peers = self.room.shut_down()
         await asyncio.gather(*(self.outlet.flush(peer, 1.0) for peer in peers))
         await asyncio.gather(
             *(close_peer(_connection(peer), CloseCode.GOING_AWAY, "hub stopping") for peer in peers)
