@@ -160,8 +160,8 @@ class Say:
 
 
 @dataclass(frozen=True)
-class Draft:
-    """A piece of a reply still being generated (streaming extension)."""
+class Partial:
+    """A piece of a reply still being generated (streaming extension); the pieces so far are its draft."""
 
     content: str
 
@@ -211,7 +211,7 @@ class Command:
         return {"type": "command", "name": self.name, "args": list(self.args)}
 
 
-ClientFrame = Say | Draft | Pass | Discard | Command
+ClientFrame = Say | Partial | Pass | Discard | Command
 
 
 @dataclass(frozen=True)
@@ -351,8 +351,8 @@ class FloorState:
 
 
 @dataclass(frozen=True)
-class Stream:
-    """A relayed partial reply, sent only to participants that asked for streams."""
+class RelayedPartial:
+    """One ``Partial`` as the hub relays it, with its sender, to the participants that asked for streams."""
 
     sender: str
     content: str
@@ -452,7 +452,7 @@ def participant_label(about: dict[str, Any]) -> str:
     return ", ".join(details)
 
 
-ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Withdrawn | Redo | Roster | Archive | Presence
+ServerFrame = Chat | Notice | Refusal | FloorState | RelayedPartial | Withdrawn | Redo | Roster | Archive | Presence
 
 
 def _with_set_fields(frame: dict[str, Any], source: object, *names: str) -> dict[str, Any]:
@@ -597,7 +597,7 @@ def parse_client_frame(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BY
                    turn=_optional(data, "turn", int), nonce=_nonce(data), speed=_speed(data),
                    replaces=_optional(data, "replaces", str))
     if kind == "partial":
-        return Draft(content=_content(data, allow_empty=True))
+        return Partial(content=_content(data, allow_empty=True))
     if kind == "pass":
         reason = data.get("reason", "")
         return Pass(reason=reason if isinstance(reason, str) else "", turn=_optional(data, "turn", int),
@@ -661,7 +661,7 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
             turn=_int_or(data.get("turn"), 0),
         )
     if kind == "partial" and isinstance(data.get("from"), str):
-        return Stream(sender=data["from"], content=text, turn=_int_or(data.get("turn"), 0))
+        return RelayedPartial(sender=data["from"], content=text, turn=_int_or(data.get("turn"), 0))
     if kind == "withdrawn" and isinstance(data.get("from"), str):
         return Withdrawn(sender=data["from"], content=text, reason=str(data.get("reason") or ""),
                          turn=_int_or(data.get("turn"), 0))

@@ -26,7 +26,7 @@ from partychat.moderator.console import RoomView
 from partychat.persona.generation import GenerationSettings
 from partychat.persona.participant import ModelParticipant, ParticipantConfig
 from partychat.persona.retries import gave_up, judge, settings_for_attempt
-from partychat.protocol import Chat, Stream, Withdrawn
+from partychat.protocol import Chat, RelayedPartial, Withdrawn
 
 
 def takes_back_then(final: str):
@@ -225,7 +225,7 @@ def test_a_personas_history_takes_a_new_version_where_the_old_one_was():
 
 def test_the_console_drops_a_withdrawn_draft_and_saves_a_new_version_in_place_of_the_old():
     view = RoomView("Moderator", colour=False)
-    view.render(Stream(sender="Echo", content="A copy of what you said."))
+    view.render(RelayedPartial(sender="Echo", content="A copy of what you said."))
     line = view.render(Withdrawn(sender="Echo", content="Echo took back a reply: it repeated a recent message."))
     assert view.toolbar() == "" and "Echo took back a reply" in line
     view.render(Chat("Echo", "Old words.", seq=1, id="a"))

@@ -22,7 +22,7 @@ from partychat.hub.record import MemoryRecorder, SavedRoom
 from partychat.hub.room import SPECTATOR_COUNT_PERIOD, Room
 from partychat.hub.settings import RoomSettings
 from partychat.hub.transcript import Transcript, load_saved_room, read_records
-from partychat.protocol import COMMANDS, Chat, Command, Draft, Hello, Role, Say, Spectate
+from partychat.protocol import COMMANDS, Chat, Command, Hello, Partial, Role, Say, Spectate
 
 
 class Timer:
@@ -130,7 +130,7 @@ def test_a_model_that_has_started_streaming_is_not_skipped():
         host = room.admit(Hello("Host", Role.HUMAN, protocol=1), link="host-link")
         sage = room.admit(Hello("Sage", Role.MODEL, protocol=1), link="sage-link")
         room.receive(host, Say("Go on"))
-        room.receive(sage, Draft(""))
+        room.receive(sage, Partial(""))
         outlet.advance(60)
 
     outlet, _ = in_a_room(scenario, mode=Mode.ROUND_ROBIN, first_token_timeout=5.0, turn_timeout=0)
@@ -156,7 +156,7 @@ def test_the_hub_renders_who_and_the_saved_markdown_once_for_the_page_and_the_co
         host = room.admit(Hello("Host", Role.HUMAN, protocol=1), link="host-link")
         sage = room.admit(Hello("Sage", Role.MODEL, protocol=1, talkativeness=0.8), link="sage-link")
         room.receive(host, Say("Tell a story"))
-        room.receive(sage, Draft("Once upon a"))
+        room.receive(sage, Partial("Once upon a"))
         run_command(room, host, Command("stop"))
         run_command(room, host, Command("who"))
         run_command(room, host, Command("history"))

@@ -21,21 +21,21 @@ from ..protocol import (
     PROTOCOL_VERSION,
     Chat,
     Discard,
-    Draft,
     ErrorCode,
     FloorState,
     Hello,
     Notice,
+    Partial,
     Pass,
     Presence,
     ProtocolError,
     Redo,
     Refusal,
+    RelayedPartial,
     Role,
     Say,
     ServerFrame,
     Spectate,
-    Stream,
     Withdrawn,
     encode,
     speaker_colour_index,
@@ -223,14 +223,14 @@ class Room:
 
     # ------------------------------------------------------------ routing and history
 
-    def receive(self, peer: Peer, frame: Say | Draft | Pass | Discard) -> None:
+    def receive(self, peer: Peer, frame: Say | Partial | Pass | Discard) -> None:
         """Route one validated frame from a peer. Commands go to ``commands.run_command`` instead."""
         if not self.hears(peer):
             return
         if peer.role is Role.MODEL:
             self._heard_from(peer, frame)
-        if isinstance(frame, Draft):
-            self._relay_draft(peer, frame)
+        if isinstance(frame, Partial):
+            self._relay_partial(peer, frame)
             return
         if isinstance(frame, Discard):
             self._take_back(peer, frame)
@@ -250,7 +250,7 @@ class Room:
             raise ProtocolError(ErrorCode.EMPTY, "The message is empty.")
         self.post(peer, frame.content, opening=frame.opening, turn=frame.turn, nonce=frame.nonce)
 
-    def _heard_from(self, peer: Peer, frame: Say | Draft | Pass | Discard) -> None:
+    def _heard_from(self, peer: Peer, frame: Say | Partial | Pass | Discard) -> None:
         """A model sent something: it is alive (back in the rotation if it was skipped), and its speed."""
         if peer.name in self.floor.speakers():
             peer.heard_turn = self.floor.turn
@@ -496,21 +496,21 @@ class Room:
             return ErrorCode.NOT_YOUR_TURN, "That reply was for an earlier turn; it was kept but not relayed."
         return None
 
-    def _relay_draft(self, peer: Peer, draft: Draft) -> None:
+    def _relay_partial(self, peer: Peer, partial: Partial) -> None:
         floor = self.floor
         if peer.role is not Role.MODEL or peer.name not in floor.speakers() or peer.muted:
             return
         if peer.draft_turn != floor.turn:
             peer.draft_turn, peer.draft_bytes, peer.drafted = floor.turn, 0, ""
-        if not draft.content:
+        if not partial.content:
             return  # a sign of life (the first token), nothing to show
-        peer.draft_bytes += len(draft.content)
+        peer.draft_bytes += len(partial.content)
         if peer.draft_bytes > DRAFT_BYTES_PER_TURN:
             return  # a reply that long streams no further; its final message still goes out whole
-        peer.drafted += draft.content
+        peer.drafted += partial.content
         self._send([other for other in self._readers(self._reply_recipients(peer.name))
                      if other.wants_stream and other is not peer],
-                   encode(Stream(sender=peer.name, content=draft.content, turn=floor.turn)))
+                   encode(RelayedPartial(sender=peer.name, content=partial.content, turn=floor.turn)))
 
     def _replay_to(self, peer: Listener, last_seq: int | None) -> None:
         """Late joiners get recent history; a reconnecting client gets exactly what it missed.

@@ -21,10 +21,10 @@ from ..protocol import (
     FloorState,
     Notice,
     Refusal,
+    RelayedPartial,
     Roster,
     Say,
     ServerFrame,
-    Stream,
     Withdrawn,
     listed_commands,
 )
@@ -104,7 +104,7 @@ class RoomView:
             if frame.replaces:
                 marker += paint(" (written again, in place of its last message)", DIM, self.colour)
             return f"{self.stamp(frame.ts or None)} {name}{marker}: {neutralise(frame.content)}"
-        if isinstance(frame, Stream):
+        if isinstance(frame, RelayedPartial):
             self.drafts[frame.sender] = self.drafts.get(frame.sender, "") + frame.content
             return None
         if isinstance(frame, Withdrawn):
