@@ -105,19 +105,19 @@ class Window:
         return [self.pinned, *self.recent] if self.pinned is not None else list(self.recent)
 
 
-def prompt_window(history: Sequence[Chat], history_length: int, cut: int = 0) -> Window:
+def prompt_window(history: Sequence[Chat], history_length: int, start: int | None = None) -> Window:
     """The window of ``history`` a prompt shows: a pure function of the history, so every persona and
     every later prompt (and a prefill ahead of the turn) agree on where it starts.
 
-    The start moves only in chunks (``chunk_size``), never one message per turn; ``cut`` moves it on by
-    that many further chunks (the token budget's doing). At most ``history_length`` messages are in
-    it. The moderator's latest line, once the window has moved past it, is placed first: it stays
-    unchanged until a newer human line arrives or the next cut, so the prompt stays append-only.
+    The start moves only in chunks (``chunk_size``), never one message per turn, and at most
+    ``history_length`` messages are in it; ``start`` (a key, see ``message_keys``) moves it further on,
+    as the token budget does. The moderator's latest line, once the window has moved past it, is placed
+    first: it stays unchanged until a newer human line or the next cut, so the prompt stays append-only.
     """
     if history_length <= 0 or not history:
         return Window(None, [])
-    keys, chunk = message_keys(history), chunk_size(history_length)
-    start = window_start(keys[-1], history_length, chunk) + cut * chunk
+    keys = message_keys(history)
+    start = max(window_start(keys[-1], history_length, chunk_size(history_length)), start or 0)
     first = next((i for i, key in enumerate(keys) if key >= start), len(history))
     first = max(first, len(history) - history_length)  # tied keys after a /retry: N stays the maximum
     recent = list(history[first:])
@@ -131,15 +131,18 @@ async def build_request(
 ) -> ChatRequest:
     """The recent history (``prompt_window``) that fits the token budget; the persona never goes.
 
-    Over the budget, ``extras`` (a card's example dialogue, lore) give way first, then the history in
-    chunks, as the window itself is cut; then the moderator's pinned line; then single messages,
-    and last the cut of one huge message.
+    Over the budget, ``extras`` (a card's example dialogue, lore) give way first, then the history,
+    cut in chunks like the window itself (halved when a whole chunk is more than is left), so that
+    later prompts stay append-only after a budget cut too; then the moderator's pinned line; last,
+    the one message left is shortened from its start.
     A model whose chat template has no system role gets the persona in its first user turn.
     """
     budget = settings.max_context_tokens - settings.max_new_tokens
-    cut = 0
     window = prompt_window(history, settings.history_length)
     shown = window.messages
+    keys = message_keys(history)
+    step = chunk_size(settings.history_length)
+    start = window_start(keys[-1], settings.history_length, step) if keys else 0
     extras = extras or PromptExtras()
     fold_persona = False
     while True:
@@ -168,13 +171,16 @@ async def build_request(
                 f"(--max-context-tokens {settings.max_context_tokens} minus --max-generation-tokens "
                 f"{settings.max_new_tokens}); shorten the persona or history, or drop --no-auto-truncate."
             )
-        if window.recent and (later := prompt_window(history, settings.history_length, cut + 1)).recent:
-            cut += 1
-            window = later
-            shown = window.messages
-            continue
+        if len(window.recent) > 1:
+            while start + step > keys[-1] and step > 1:
+                step = (step + 1) // 2
+            if start + step <= keys[-1]:
+                start += step
+                window = prompt_window(history, settings.history_length, start)
+                shown = window.messages
+                continue
         if len(shown) > 1:
-            shown.pop(0)
+            shown.pop(0)  # the pinned line, or a message in a gap of the keys
             continue
         if shown and len(shown[0].content) > 1:
             last = shown[0]
