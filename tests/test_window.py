@@ -15,7 +15,8 @@ import pytest
 from partychat.engines.base import ChatRequest
 from partychat.engines.llama_cpp_engine import LlamaCppChatModel
 from partychat.engines.models import embedded_gguf
-from partychat.persona.generation import GenerationSettings, build_request, prompt_window
+from partychat.persona.generation import GenerationSettings, PromptExtras, build_request, prompt_window
+from partychat.persona.lorebook import Lore, Lorebook, LoreEntry
 from partychat.protocol import Chat, Role
 
 PANEL = ("Sage", "Tinker", "Bard", "Critic", "Scout", "Judge", "Pilot")
@@ -41,8 +42,9 @@ def room(turns: int, questions: int = 1, words: int = 8) -> list[Chat]:
     return history
 
 
-def request(model, name: str, history: list[Chat], settings: GenerationSettings) -> ChatRequest:
-    return asyncio.run(build_request(model, f"You are {name}.", name, history, settings))
+def request(model, name: str, history: list[Chat], settings: GenerationSettings,
+            extras: PromptExtras | None = None) -> ChatRequest:
+    return asyncio.run(build_request(model, f"You are {name}.", name, history, settings, extras))
 
 
 def append_only(before: ChatRequest, after: ChatRequest) -> bool:
@@ -58,11 +60,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def prompts_along(model, name: str, history: list[Chat], settings: GenerationSettings):
+def prompts_along(model, name: str, history: list[Chat], settings: GenerationSettings,
+                  extras: PromptExtras | None = None):
     """(state, request) for every state of the room where ``name`` would be asked to reply."""
     for end in range(1, len(history) + 1):
         if history[end - 1].sender != name:
-            yield end, request(model, name, history[:end], settings)
+            yield end, request(model, name, history[:end], settings, extras)
 
 
 def window_starts(history: list[Chat], length: int) -> list[int]:
@@ -137,3 +140,19 @@ def test_a_budget_cut_drops_a_chunk_and_the_prompt_stays_append_only_after_it(mo
 def test_no_history_length_means_no_history_and_no_pinned_line(model):
     built = request(model, "Sage", room(10), GenerationSettings(history_length=0))
     assert not any("Moderator:" in m["content"] or "reply" in m["content"] for m in built.messages)
+
+
+def test_lore_and_the_pinned_question_keep_the_prompt_append_only_between_cuts(model):
+    book = Lorebook("city", (LoreEntry(keys=("city",), content="The city has wide pavements.", label="City"),
+                             LoreEntry(keys=("reply 9 ",), content="Nine is a lucky number.", label="Nine")))
+    extras = PromptExtras(lore=Lore((book,)))
+    history = room(30, questions=2)
+    starts = window_starts(history, 5)
+    previous, compared = None, 0
+    for end, built in prompts_along(model, "Sage", history, GenerationSettings(history_length=5), extras):
+        if previous is not None and starts[end - 1] == starts[previous[0] - 1]:
+            assert append_only(previous[1], built), f"the prompt changed before its end at message {end}"
+            compared += 1
+        previous = end, built
+    assert compared >= 10
+    assert any("[Lore] The city has wide pavements." in m["content"] for m in built.messages)
