@@ -222,6 +222,7 @@ class LlamaCppChatModel(ThreadedChatModel):
         if self.states is not None:
             self.states.enter(request.speaker)
         cached, evaluated = shared_prefix(self.llama._input_ids, tokens), self.evaluated_tokens()
+        self._never_one_token(tokens, cached)
         for produced, token in enumerate(self.llama.generate(tokens, reset=True, **sampling), start=1):
             if produced == 1:
                 log.debug("llama.cpp evaluated %d tokens for %s's turn before its first token "
@@ -234,9 +235,39 @@ class LlamaCppChatModel(ThreadedChatModel):
                 emit(text)
             if produced >= limit or should_stop():
                 break
+        if self.states is not None:
+            self._forget_reply(len(tokens))
         tail = decoder.decode(b"", final=True)
         if tail:
             emit(tail)
+
+    def _forget_reply(self, prompt_length: int) -> None:
+        """Keep the speaker's cache to its prompt: the reply's cells were decoded one token at a time.
+
+        Its next prompt holds the reply as written, and a cold context evaluates that in one batch;
+        reusing cells from the single-token path (see ``_never_one_token``) would make a greedy reply
+        differ warm and cold. Idle prefill evaluates the reply again anyway, before the next turn.
+        """
+        llama = self.llama
+        if llama.n_tokens > prompt_length:
+            llama._ctx.kv_cache_seq_rm(0, prompt_length, -1)
+            llama.n_tokens = prompt_length
+            llama._requires_eval = True
+
+    def _never_one_token(self, tokens: list[int], cached: int) -> None:
+        """Leave the prompt's last two tokens to evaluate where ``generate`` would evaluate only the last one.
+
+        llama.cpp's CPU path for a batch of one token rounds differently from its path for two or
+        more (the logits differ by up to 0.6 on the embedded model), and a greedy reply can flip on
+        that. A prompt found whole in a restored cache, or all but its last token, would otherwise
+        take that path where a cold prompt never does. Live logits of a prefill that ended on the
+        prompt's last token are used as they are: that batch had two tokens or more.
+        """
+        llama = self.llama
+        live = cached == len(tokens) == llama.n_tokens and not llama._requires_eval
+        if len(tokens) - cached < 2 and not live and len(tokens) >= 2:
+            llama.n_tokens = min(llama.n_tokens, len(tokens) - 2)
+            llama._requires_eval = True
 
     def evaluated_tokens(self) -> int:
         """Tokens llama.cpp has decoded in this context so far, by its own count (prompt and generated)."""
@@ -259,16 +290,20 @@ class LlamaCppChatModel(ThreadedChatModel):
         if len(tokens) >= self.llama.n_ctx():
             return
         self.states.enter(request.speaker)
-        start = shared_prefix(self.llama._input_ids, tokens)
-        if start == len(tokens):
+        shared = shared_prefix(self.llama._input_ids, tokens)
+        if shared == len(tokens) or len(tokens) < 2:
             return
-        self.llama.n_tokens = start  # eval drops the cells after the shared prefix
-        for begin in range(start, len(tokens), PREFILL_BATCH):
+        start = min(shared, len(tokens) - 2)  # no batch of one token (see _never_one_token)
+        self.llama.n_tokens = start  # eval drops the cells after it
+        begins = list(range(start, len(tokens), PREFILL_BATCH))
+        if len(begins) > 1 and len(tokens) - begins[-1] == 1:
+            begins.pop()  # the last batch takes that token instead
+        for begin, end in zip(begins, [*begins[1:], len(tokens)], strict=True):
             if should_stop():
                 log.debug("Prefill for %s stopped after %d of %d tokens", request.speaker, begin - start,
                           len(tokens) - start)
                 return
-            batch = tokens[begin:begin + PREFILL_BATCH]
+            batch = tokens[begin:end]
             self.llama.eval(batch)
             llama_cpp.llama_synchronize(self.llama.ctx)  # done, not queued, before the next look at should_stop
             log.debug("Prefill for %s: a batch of %d tokens", request.speaker, len(batch))
