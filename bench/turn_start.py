@@ -43,19 +43,10 @@ HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))  # this checkout's partychat, not an installed one
 
 from cast_memory import PERSONAS  # noqa: E402
+from conversation import QUESTIONS  # noqa: E402
 
 from partychat.demo import start, stop_all  # noqa: E402
 
-QUESTIONS = (
-    "What makes a city pleasant to walk through?",
-    "Should schools teach children how to cook?",
-    "Why do some old bridges last for centuries while new ones crack?",
-    "What would change if everyone worked four days a week?",
-    "How should a small coastal town prepare for floods?",
-    "Is it better to learn music by ear or from written notation?",
-    "What can honeybees teach engineers about building?",
-    "Why do people keep diaries, and is the habit worth it?",
-)
 FIRST = re.compile(r"^\[[^\]]*\] (?P<name>.+?)'s first token came (?P<ttft>[\d.]+) s into its turn; "
                    r"its prompt starts at message (?P<oldest>\S+)")
 EVALUATED = re.compile(r"llama\.cpp evaluated (?P<evaluated>\d+) tokens for (?P<name>.+?)'s turn before its first "
@@ -92,6 +83,7 @@ def turns(log: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     pending: dict[str, dict[str, Any]] = {}
     previous_oldest: dict[str, str] = {}
+    previous_prompt: dict[str, int] = {}
     for line in log.splitlines():
         if (evaluated := EVALUATED.search(line)) is not None:
             pending[evaluated["name"]] = {key: int(evaluated[key]) for key in ("evaluated", "cached", "prompt")}
@@ -99,7 +91,11 @@ def turns(log: str) -> list[dict[str, Any]]:
             name = first["name"]
             turn = {"name": name, "ttft": float(first["ttft"]), **pending.pop(name, {})}
             turn["after_cut"] = name in previous_oldest and previous_oldest[name] != first["oldest"]
+            if name in previous_prompt and "prompt" in turn:
+                # what was said since its last turn (its own reply included), as its prompt grew by it
+                turn["new_tokens"] = turn["prompt"] - previous_prompt[name]
             previous_oldest[name] = first["oldest"]
+            previous_prompt[name] = turn.get("prompt", 0)
             found.append(turn)
     return found
 
@@ -120,7 +116,8 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
         processes.append(start([str(HERE / "client.py"), *personas, "--server", url, "--backend", "llama.cpp",
                                 "--temperature", "0", "--retries", "0", "--history-length", str(case["history"]),
                                 "--max-generation-tokens", str(args.max_tokens), "--log-level", "DEBUG",
-                                "--log-file", str(client_log), *(["--cache-mb", "0"] if not case["cache"] else [])],
+                                "--log-file", str(client_log), "--threads", str(args.threads),
+                                *(["--cache-mb", "0"] if not case["cache"] else [])],
                                work / f"{tag}-client.out"))
         began = time.monotonic()
         asyncio.run(moderate(url, len(names), args.lines, case["pacing"], args.pause, args.timeout))
@@ -147,8 +144,11 @@ def figures(chosen: list[dict[str, Any]]) -> dict[str, Any]:
         values = [t[key] for t in chosen if key in t]
         return round(statistics.median(values), 3) if values else None
 
+    later = [t for t in chosen if "new_tokens" in t and "evaluated" in t]
+    within = sum(t["evaluated"] <= t["new_tokens"] + 16 for t in later)
     return {"count": len(chosen), "ttft_s": median("ttft"), "evaluated_tokens": median("evaluated"),
-            "prompt_tokens": median("prompt")}
+            "prompt_tokens": median("prompt"), "new_tokens": median("new_tokens"),
+            "evaluated_within_new_plus_16": f"{within}/{len(later)}"}
 
 
 def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-turn", action="store_true", help="list every turn's figures too")
     parser.add_argument("--layouts", action="store_true", help="only compare the two KV layouts (no room)")
     parser.add_argument("--context", type=int, default=2048, help="--layouts: context tokens per persona")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: 2)")
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     if args.layouts:

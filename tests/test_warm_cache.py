@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Process, join, model_lines, next_frame, say, script
+from websockets.asyncio.client import ClientConnection
 
 pytestmark = pytest.mark.slow
 
@@ -64,10 +65,16 @@ def run_room(folder: Path, *flags: str, names: tuple[str, ...] = tuple(PERSONAS)
             process.stop()
 
 
-async def until_quiet(url: str, models: int, lines: tuple[str, ...]) -> None:
+async def moderator(url: str, models: int) -> ClientConnection:
+    """A moderator who has seen every persona join."""
     ws, _ = await join(url, "Moderator", "human", protocol=1)
     for _ in range(models):
         await next_frame(ws, "system", timeout=300, event="join")
+    return ws
+
+
+async def until_quiet(url: str, models: int, lines: tuple[str, ...]) -> None:
+    ws = await moderator(url, models)
     for line in lines:
         await say(ws, line)
         await next_frame(ws, "system", timeout=600, event="quiet")
@@ -114,9 +121,7 @@ def test_a_turn_that_starts_during_a_prefill_waits_for_one_batch_at_most(tmp_pat
                                                           "name", "owner", "builder", "river", "town", "road") * 3)
 
     async def quickly(url: str, models: int, lines: tuple[str, ...]) -> None:
-        ws, _ = await join(url, "Moderator", "human", protocol=1)
-        for _ in range(models):
-            await next_frame(ws, "system", timeout=300, event="join")
+        ws = await moderator(url, models)
         for line in lines:
             await say(ws, line)
             while (await next_frame(ws, "message", timeout=600)).get("role") != "model":
