@@ -177,19 +177,30 @@ class IdlePrefill:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            warmed_last = None
             while self._claims == 0 and (seat := self._next()) is not None:
-                heard, self._stop = seat.heard, StopFlag()
-                stop = self._stop
-                try:
-                    request = await seat.request_for(self.model)
-                    if self._claims or stop.is_set():
-                        break
-                    if request is not None:
-                        await self.model.prefill(request, stop)
-                except EngineError as error:  # its turn will meet the same and say so; nothing to warm
-                    log.debug("No prefill for %s: %s", seat.name, error)
-                if not stop.is_set():
-                    seat.warmed = heard
+                if await self._warm(seat):
+                    warmed_last = seat.name
+            likeliest = next(iter(self.order()), None)
+            if self._claims == 0 and warmed_last is not None and likeliest not in (None, warmed_last):
+                # Every cache is warm; the likeliest speaker's goes back into the context, so its turn
+                # does not begin by swapping caches (a copy of its whole KV, ~0.1 s for 2048 tokens here).
+                await self._warm(self._seats[likeliest])
+
+    async def _warm(self, seat: _Seat) -> bool:
+        """Prefill ``seat``'s next prompt; True when that ran to the end."""
+        heard, self._stop = seat.heard, StopFlag()
+        stop = self._stop
+        try:
+            request = await seat.request_for(self.model)
+            if request is not None and not stop.is_set():
+                await self.model.prefill(request, stop)
+        except EngineError as error:  # its turn will meet the same and say so; nothing to warm
+            log.debug("No prefill for %s: %s", seat.name, error)
+        if stop.is_set():
+            return False
+        seat.warmed = heard
+        return True
 
     def _next(self) -> _Seat | None:
         return next((self._seats[name] for name in self.order() if self._seats[name].warmed < self._seats[name].heard),
