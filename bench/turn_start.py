@@ -146,9 +146,13 @@ def figures(chosen: list[dict[str, Any]]) -> dict[str, Any]:
 
     later = [t for t in chosen if "new_tokens" in t and "evaluated" in t]
     within = sum(t["evaluated"] <= t["new_tokens"] + 16 for t in later)
+    prefilled = [t["ttft"] for t in chosen if "prompt" in t and t["cached"] == t["prompt"]]
     return {"count": len(chosen), "ttft_s": median("ttft"), "evaluated_tokens": median("evaluated"),
             "prompt_tokens": median("prompt"), "new_tokens": median("new_tokens"),
-            "evaluated_within_new_plus_16": f"{within}/{len(later)}"}
+            "evaluated_within_new_plus_16": f"{within}/{len(later)}",
+            # turns whose whole prompt idle prefill had evaluated: the idle time sufficed
+            "whole_prompt_cached": len(prefilled),
+            "whole_prompt_cached_ttft_s": round(statistics.median(prefilled), 3) if prefilled else None}
 
 
 def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

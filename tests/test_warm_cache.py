@@ -17,7 +17,9 @@ import pytest
 from helpers import Process, join, model_lines, next_frame, say, script
 from websockets.asyncio.client import ClientConnection
 
-pytestmark = pytest.mark.slow
+from partychat.engines.base import ChatModel, ChatRequest
+from partychat.persona.shared_models import IdlePrefill
+from partychat.protocol import Chat, Role
 
 PERSONAS = {
     "Ada": "You are Ada, a practical engineer. You answer in one short sentence.",
@@ -89,12 +91,14 @@ def rooms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Room]:
             "capped": run_room(folder / "capped", "--cache-mb", "4")}
 
 
+@pytest.mark.slow
 def test_greedy_replies_are_the_same_with_the_warm_cache_on_and_off(rooms):
     on, off = rooms["on"].lines, rooms["off"].lines
     assert len(on) == len(PERSONAS) * len(LINES), rooms["on"].log
     assert on == off
 
 
+@pytest.mark.slow
 def test_a_turn_evaluates_only_what_was_said_since_the_speakers_last_turn(rooms):
     """By llama.cpp's count: at most the growth of the speaker's prompt since its last turn, plus 16."""
     previous: dict[str, int] = {}
@@ -107,12 +111,14 @@ def test_a_turn_evaluates_only_what_was_said_since_the_speakers_last_turn(rooms)
     assert later_turns == len(PERSONAS) * (len(LINES) - 1)
 
 
+@pytest.mark.slow
 def test_the_cap_evicts_and_the_next_turn_still_answers_the_same(rooms):
     capped = rooms["capped"]
     assert re.search(r"Dropped \w+'s saved cache of \d+ tokens: --cache-mb is full", capped.log), capped.log
     assert capped.lines == rooms["off"].lines
 
 
+@pytest.mark.slow
 def test_a_turn_that_starts_during_a_prefill_waits_for_one_batch_at_most(tmp_path):
     """Each answer is one turn (``--max-turns 1``); the next line goes in as soon as the last answer shows,
     while the model prefills that long answer and line into the other persona's cache."""
@@ -142,3 +148,37 @@ def test_a_turn_that_starts_during_a_prefill_waits_for_one_batch_at_most(tmp_pat
         assert batches <= 1, "\n".join(log[claim:claim + end + 2])
         stopped += end < len(after) and "stopped after" in after[end]
     assert stopped >= 1, "a turn came while a prefill was running:\n" + room.log
+
+
+class Unused(ChatModel):
+    """A model the order of idle prefill never touches."""
+
+    async def count_tokens(self, request: ChatRequest) -> int:
+        raise AssertionError
+
+    def stream(self, request, stop):  # type: ignore[no-untyped-def]
+        raise AssertionError
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_prefill_goes_first_to_the_likeliest_next_speaker():
+    async def nothing(model: ChatModel) -> None:
+        return None
+
+    async def scenario() -> None:
+        idle = IdlePrefill(Unused("none"))
+        for name, talkativeness in (("Ada", 0.2), ("Bruno", None), ("Cleo", 0.9)):
+            idle.seat(name, talkativeness, nothing)
+        assert idle.order() == ["Ada", "Bruno", "Cleo"], "round-robin from the start of the cast"
+        idle.heard("Ada", Chat(sender="Bruno", content="Fine.", role=Role.MODEL.value), "round-robin")
+        idle.heard("Ada", Chat(sender="Moderator", content="Next?", role=Role.HUMAN.value), None)
+        assert idle.order() == ["Cleo", "Ada", "Bruno"], "round-robin: next after the last model that spoke"
+        idle.heard("Ada", Chat(sender="Moderator", content="Ada, and you?", role=Role.HUMAN.value), "natural")
+        assert idle.order() == ["Ada", "Cleo", "Bruno"], "natural: whoever is named, then the most talkative"
+        idle.heard("Ada", Chat(sender="Cleo", content="Well.", role=Role.MODEL.value), "natural")
+        assert idle.order() == ["Bruno", "Ada", "Cleo"], "natural: the last speaker goes last"
+        await idle.aclose()
+
+    asyncio.run(scenario())

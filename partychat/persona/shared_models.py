@@ -127,6 +127,8 @@ class IdlePrefill:
         self._task: asyncio.Task[None] | None = None
         self._mode = Mode.ROUND_ROBIN.value
         self._last: Chat | None = None
+        self._last_model: str | None = None
+        """Round-robin goes on after the last model that spoke, whoever spoke since."""
 
     def seat(self, name: str, talkativeness: float | None, request_for: RequestFor) -> None:
         self._seats[name] = _Seat(name, DEFAULT_TALKATIVENESS if talkativeness is None else talkativeness,
@@ -135,8 +137,10 @@ class IdlePrefill:
     def heard(self, name: str, chat: Chat, mode: str | None) -> None:
         """``name`` took ``chat`` into its history: its cache has a line to catch up on."""
         self._seats[name].heard += 1
-        if chat.role == Role.MODEL.value or chat.role == Role.HUMAN.value:
+        if chat.role in (Role.MODEL.value, Role.HUMAN.value):
             self._last = chat
+        if chat.role == Role.MODEL.value:
+            self._last_model = chat.sender
         if mode:
             self._mode = mode
         self._poke()
@@ -162,7 +166,7 @@ class IdlePrefill:
         names = list(self._seats)
         last = self._last.sender if self._last is not None else None
         if self._mode == Mode.ROUND_ROBIN.value:
-            start = names.index(last) + 1 if last in names else 0
+            start = names.index(self._last_model) + 1 if self._last_model in names else 0
             return names[start:] + names[:start]
         named = mentions(self._last.content, names, author=last) if self._last is not None else None
         ranked = sorted(names, key=lambda name: (name != named, name == last, -self._seats[name].talkativeness))
