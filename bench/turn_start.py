@@ -20,8 +20,9 @@ casts/panel.toml sharing the model), ``--history-length``, pacing, and the warm 
 Per turn, from the client's DEBUG log: TTFT, from the turn frame's arrival to the first generated
 token, and the tokens llama.cpp decoded before that first token, by its own count
 (``llama_perf_context``). A turn right after a cut (the oldest message in the speaker's prompt is
-not the one of its previous turn) is reported apart. One JSON line per case, then a summary with
-the ratios cache on / cache off for each case.
+not the one of its previous turn) is reported apart, and so is each persona's first turn (nothing
+of its own cached yet). One JSON line per case, then a summary with the ratios cache on / cache off
+for each case.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
         stop_all(processes)
     every = turns(client_log.read_text(errors="replace"))
     return {**case, "seconds": round(seconds, 1), "turns": len(every),
-            "steady": figures([t for t in every if not t["after_cut"]]),
+            "first": figures([t for t in every if "new_tokens" not in t]),
+            "steady": figures([t for t in every if "new_tokens" in t and not t["after_cut"]]),
             "after_cut": figures([t for t in every if t["after_cut"]]), "per_turn": every if args.per_turn else None}
 
 
@@ -164,7 +166,7 @@ def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if off is None:
             continue
         row: dict[str, Any] = {k: on[k] for k in ("rooms", "history", "pacing")}
-        for part in ("steady", "after_cut"):
+        for part in ("first", "steady", "after_cut"):
             for key in ("ttft_s", "evaluated_tokens"):
                 a, b = on[part][key], off[part][key]
                 row[f"{part}_{key}_on_over_off"] = round(a / b, 3) if a is not None and b else None
@@ -233,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=2048, help="--layouts: context tokens per persona")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: 2)")
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument("--keep", type=Path, help="keep the hubs' and clients' logs in this folder")
     args = parser.parse_args(argv)
     if args.layouts:
         return report([layouts(args)], args.out)
@@ -241,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         args.lines = max(args.lines, 6)
     results = []
     with tempfile.TemporaryDirectory(prefix="turn-start-") as scratch:
+        work = args.keep or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
         for rooms in (int(value) for value in args.rooms.split(",")):
             for history in (int(value) for value in args.histories.split(",")):
                 for pacing in args.pacings.split(","):
                     for cache in (True, False):
                         case = {"rooms": rooms, "history": history, "pacing": pacing, "cache": cache}
-                        results.append(run_case(case, args, Path(scratch)))
+                        results.append(run_case(case, args, work))
                         print(json.dumps(results[-1]), flush=True)
     return report([{"summary": summary(results)}], args.out, results)
 
