@@ -95,8 +95,9 @@ class StopFlag:
 class ChatModel(ABC):
     """A loaded model a persona talks through. One instance may serve several personas in one process.
 
-    An instance keeps no per-persona state, only caches (such as a prompt cache), and runs one
-    generation at a time: requests from several personas queue up.
+    An instance keeps no per-persona state, only caches (such as a prompt cache, which may be one
+    per ``ChatRequest.speaker``), and runs one generation at a time: requests from several personas
+    queue up.
     """
 
     engine: str = ""
