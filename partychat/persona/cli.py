@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-context-tokens", type=int, default=2048, help="prompt plus reply, in tokens")
     parser.add_argument("--no-auto-truncate", action="store_true",
                         help="refuse a turn whose prompt is too long instead of dropping old history")
-    parser.add_argument("--history-length", type=int, default=5, help="recent room messages in the prompt")
+    parser.add_argument("--history-length", type=int, default=5,
+                        help="most recent room messages in the prompt, the oldest dropped about half at a time; 0 none")
     parser.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_MB,
                         help="memory for each persona's own prompt cache on the llama.cpp engine, kept between its "
                              "turns and warmed while the model is idle; the least recently used goes first when "
