@@ -346,7 +346,11 @@ class OpenAIChatModel(ChatModel):
             await chunks.close()  # closing the HTTP stream is what stops the server generating
 
     async def _open_stream(self, model: str, request: ChatRequest, stop: StopFlag) -> Any:
-        """The reply's stream, or None if the turn ends first; a refused slot is dropped and the request sent again."""
+        """The reply's stream, or None if the turn ends first.
+
+        A request with a slot that is refused goes again without one; if that one is taken, the
+        slot was the trouble, and the personas on this server go unpinned from then on.
+        """
         fields = self._anti_copy_fields(request)
         slot = await self._slot_fields(request.speaker)
         try:
@@ -354,11 +358,12 @@ class OpenAIChatModel(ChatModel):
         except openai.BadRequestError as error:
             if not slot:
                 raise
-            self._slot_total = 0
-            log.warning("llama-server at %s refused the slot id %s (%s); its personas go unpinned from now on, so "
-                        "each turn may re-evaluate the whole prompt", server_root(self.base_url), slot["id_slot"],
-                        _server_detail(error))
-        return await _unless_stopped(self._opening(model, request, fields, {}), stop)
+            refusal = _server_detail(error)
+        chunks = await _unless_stopped(self._opening(model, request, fields, {}), stop)
+        self._slot_total = 0
+        log.warning("llama-server at %s refused the slot id %s (%s); its personas go unpinned from now on, so each "
+                    "turn may re-evaluate the whole prompt", server_root(self.base_url), slot["id_slot"], refusal)
+        return chunks
 
     def _opening(self, model: str, request: ChatRequest, fields: dict[str, Any],
                  slot: dict[str, Any]) -> asyncio.Future[Any]:
