@@ -74,7 +74,7 @@ def slots(root: str) -> list[dict]:
         return json.loads(answer.read())
 
 
-def test_personas_keep_their_own_slot_and_reuse_their_prompts_with_dry_accepted(server, caplog):
+def test_personas_keep_their_own_slot_and_reuse_their_prompts_with_dry_accepted(server):
     """Two personas take turns on one model instance: each comes back to its slot and finds its prompt there."""
     process, root = server
     settings = GenerationSettings(temperature=0, max_new_tokens=24, history_length=20)
@@ -103,7 +103,7 @@ def test_personas_keep_their_own_slot_and_reuse_their_prompts_with_dry_accepted(
     for number, (name, _, state) in enumerate(turns):
         (slot,) = [s for s in state if s.get("id_task") == max(t.get("id_task", -1) for t in state)]
         assert used.setdefault(name, slot["id"]) == slot["id"], f"{name} moved from slot {used[name]} to {slot['id']}"
-        assert name in slot["prompt"]
+        assert f"You are {name}," in slot["prompt"], "the slot holds this persona's prompt"
         assert slot["params"]["dry_multiplier"] == pytest.approx(0.8), "the DRY fields were taken"
         if number >= len(PERSONAS):  # the second round: the persona's own earlier prompt is in its slot
             assert slot["n_prompt_tokens_cache"] > slot["n_prompt_tokens"] / 2, slot

@@ -42,7 +42,7 @@ def test_a_persona_evaluates_only_its_new_tokens_and_replies_as_without_the_cach
         evaluated.append(ids.shape[-1])
 
     hook = loaded.model.register_forward_pre_hook(count, with_kwargs=True)
-    settings = GenerationSettings(temperature=0, max_new_tokens=12, history_length=20)
+    settings = GenerationSettings(temperature=0, max_new_tokens=8, history_length=20)
     personas = [((prompts_folder() / file).read_text(encoding="utf-8"), name) for file, name in PERSONAS]
     warm = TransformersChatModel(loaded)
 
@@ -61,13 +61,15 @@ def test_a_persona_evaluates_only_its_new_tokens_and_replies_as_without_the_cach
                     request = await build_request(warm, persona, name, history, settings)
                     size = len(warm.prompt_tokens(request))
                     text, first = await reply(warm, request)
-                    cold = TransformersChatModel(loaded)
-                    try:
-                        cold_text, cold_first = await reply(cold, request)
-                    finally:
-                        await cold.aclose()
+                    cold_text = text
+                    if round_:  # a persona's first turn is cold on both
+                        cold = TransformersChatModel(loaded)
+                        try:
+                            cold_text, cold_first = await reply(cold, request)
+                        finally:
+                            await cold.aclose()
+                        assert cold_first == size, "a model with no cache evaluates the whole prompt"
                     turns.append((name, size, previous.get(name, 0), first, text, cold_text))
-                    assert cold_first == size, "a model with no cache evaluates the whole prompt"
                     previous[name] = size
                     history.append(Chat(sender=name, content=text, seq=len(history) + 1))
                 history.append(Chat(sender=LINES[2 + round_][0], content=LINES[2 + round_][1], seq=len(history) + 1))
