@@ -58,6 +58,8 @@ START_TIMEOUT = 10.0
 DRY_MULTIPLIER = 0.8
 DRY_BASE = 1.75
 """llama-server's DRY settings against copying: the values its authors suggest for enabling it."""
+DRY_WINDOW = 4096
+"""Tokens DRY looks back over when the server does not say its context size."""
 FREQUENCY_PENALTY = 0.5
 PRESENCE_PENALTY = 0.3
 """The OpenAI penalties against copying at the default n: mild, since they act on every repeated token."""
@@ -158,8 +160,10 @@ class OpenAIChatModel(ChatModel):
         super().__init__(model or self.base_url)
         self._client: openai.AsyncOpenAI | None = None
         self._counter: Counter | None = None
-        self._slot_total: int | None = None
-        """llama-server's slot count once asked; 0 when personas go unpinned (see _slot_fields)."""
+        self._props: dict[str, Any] | None = None
+        """llama-server's /props once asked (see _llama_server_props)."""
+        self._pinning = True
+        """False once llama-server turned out not to take slot ids (see _open_stream)."""
         self._check_at_start()
 
     # -- start-up ------------------------------------------------------------------------------
@@ -351,8 +355,9 @@ class OpenAIChatModel(ChatModel):
         A request with a slot that is refused goes again without one; if that one is taken, the
         slot was the trouble, and the personas on this server go unpinned from then on.
         """
-        fields = self._anti_copy_fields(request)
-        slot = await self._slot_fields(request.speaker)
+        props = await self._llama_server_props()
+        fields = self._anti_copy_fields(request, props)
+        slot = self._slot_fields(request.speaker, props)
         try:
             return await _unless_stopped(self._opening(model, request, fields, slot), stop)
         except openai.BadRequestError as error:
@@ -360,7 +365,7 @@ class OpenAIChatModel(ChatModel):
                 raise
             refusal = _server_detail(error)
         chunks = await _unless_stopped(self._opening(model, request, fields, {}), stop)
-        self._slot_total = 0
+        self._pinning = False
         log.warning("llama-server at %s refused the slot id %s (%s); its personas go unpinned from now on, so each "
                     "turn may re-evaluate the whole prompt", server_root(self.base_url), slot["id_slot"], refusal)
         return chunks
@@ -374,26 +379,32 @@ class OpenAIChatModel(ChatModel):
             temperature=request.temperature, max_tokens=request.max_tokens, **fields,
             **({} if request.seed is None else {"seed": request.seed})))
 
-    async def _slot_fields(self, speaker: str) -> dict[str, Any]:
-        """On llama-server, the persona's own slot (see SlotMap); nothing for other servers.
-
-        The slot count comes from llama-server's /props once. Ids are kept below it: recent
-        servers wrap a larger id round, older ones refused it.
-        """
+    async def _llama_server_props(self) -> dict[str, Any]:
+        """llama-server's /props, asked once (an empty dict for other servers, or when it does not answer)."""
         if self._counter != self._count_by_llama_server:
             return {}
-        if self._slot_total is None:
+        if self._props is None:
             try:
-                total = (await self._post_or_get("/props"))["total_slots"]
-                self._slot_total = total if isinstance(total, int) and total > 0 else 0
-            except (openai.OpenAIError, KeyError, TypeError):
-                self._slot_total = 0
-            if not self._slot_total:
-                log.info("llama-server at %s does not say how many slots it has; personas go unpinned",
-                         server_root(self.base_url))
-        if not self._slot_total:
+                self._props = await self._post_or_get("/props")
+            except (openai.OpenAIError, TypeError):
+                self._props = {}
+        return self._props
+
+    def _slot_fields(self, speaker: str, props: dict[str, Any]) -> dict[str, Any]:
+        """On llama-server, the persona's own slot (see SlotMap); nothing for other servers.
+
+        Ids are kept below the slot count /props gives: recent servers wrap a larger id round,
+        older ones refused it. A server that does not give the count is used unpinned.
+        """
+        total = props.get("total_slots")
+        if not props or not self._pinning:
             return {}
-        return {"id_slot": SLOTS.slot(server_root(self.base_url), speaker, self._slot_total), "cache_prompt": True}
+        if not isinstance(total, int) or total < 1:
+            self._pinning = False
+            log.info("llama-server at %s does not say how many slots it has; personas go unpinned",
+                     server_root(self.base_url))
+            return {}
+        return {"id_slot": SLOTS.slot(server_root(self.base_url), speaker, total), "cache_prompt": True}
 
     def _explain_midway(self, error: BaseException) -> EngineError:
         if isinstance(error, openai.OpenAIError) and not isinstance(error, openai.APIConnectionError):
@@ -401,20 +412,24 @@ class OpenAIChatModel(ChatModel):
         return EngineUnavailable(f"The model server at {self.base_url} broke off in the middle of the reply "
                                  f"({_cause(error)}).")
 
-    def _anti_copy_fields(self, request: ChatRequest) -> dict[str, Any]:
+    def _anti_copy_fields(self, request: ChatRequest, props: dict[str, Any]) -> dict[str, Any]:
         """What the server is asked for against copying: a server decodes by itself, so no word bans here.
 
         llama-server (recognised by its /apply-template endpoint while counting the prompt) has DRY,
         which penalises extending any sequence already in the context; its allowed length follows the
-        request's n. Every other server gets the standard OpenAI frequency and presence penalties,
-        stronger for a smaller n.
+        request's n, and it looks back over a slot's whole context (from /props: recent servers refuse
+        the -1 that older ones took for it). Every other server gets the standard OpenAI frequency and
+        presence penalties, stronger for a smaller n.
         """
         if request.anti_copy is None:
             return {}
         n = request.anti_copy.n
         if self._counter == self._count_by_llama_server:
-            return {"extra_body": {"dry_multiplier": DRY_MULTIPLIER, "dry_base": DRY_BASE,
-                                   "dry_allowed_length": n - 1, "dry_penalty_last_n": -1}}
+            settings = props.get("default_generation_settings")
+            context = settings.get("n_ctx") if isinstance(settings, dict) else None
+            return {"extra_body": {"dry_multiplier": DRY_MULTIPLIER, "dry_base": DRY_BASE, "dry_allowed_length": n - 1,
+                                   "dry_penalty_last_n": context if isinstance(context, int) and context > 0
+                                   else DRY_WINDOW}}
         scale = DEFAULT_N / n
         return {"frequency_penalty": round(FREQUENCY_PENALTY * scale, 2),
                 "presence_penalty": round(PRESENCE_PENALTY * scale, 2)}
