@@ -23,7 +23,7 @@ import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_N = 3
 """Words in a banned n-gram, chosen with bench/conversation.py (see bench/README.md)."""
@@ -48,6 +48,10 @@ class AntiCopy:
     avoid: tuple[str, ...] = ()
     n: int = DEFAULT_N
     unit: str = "words"
+    allow: tuple[str, ...] = ()
+    """Texts whose n-grams stay free even where ``avoid`` has them: the moderator's question, which
+    a reply may restate although an earlier speaker already did (banning the question's phrases
+    once another persona used them pushed replies off topic, see bench/README.md)."""
 
     def __post_init__(self) -> None:
         if self.n < MIN_N:
@@ -57,7 +61,7 @@ class AntiCopy:
 
     def stronger(self) -> AntiCopy:
         """The same request with n-grams one unit shorter (never under ``MIN_N``)."""
-        return AntiCopy(self.avoid, max(MIN_N, self.n - 1), self.unit)
+        return replace(self, n=max(MIN_N, self.n - 1))
 
 
 def words(text: str) -> list[str]:
@@ -76,6 +80,13 @@ class _NextWords:
         k = self.n - 1
         for i in range(len(found) - k):
             self.after[tuple(found[i:i + k])].add(found[i + k])
+
+    def discard(self, found: Sequence[str]) -> None:
+        """Free the n-grams of ``found`` again."""
+        k = self.n - 1
+        for i in range(len(found) - k):
+            if (following := self.after.get(tuple(found[i:i + k]))) is not None:
+                following.discard(found[i + k])
 
     def following(self, context: Sequence[str]) -> set[str]:
         k = self.n - 1
@@ -113,6 +124,8 @@ class WordBan:
         self.others = _NextWords(request.n)
         for text in request.avoid:
             self.others.add(words(text))
+        for text in request.allow:
+            self.others.discard(words(text))
 
     def banned_tokens(self, reply_ids: Sequence[int], reply: str) -> list[int]:
         """Token ids that must not come next after ``reply`` (the text generated so far)."""
@@ -151,8 +164,13 @@ class TokenBan:
     def __init__(self, request: AntiCopy, tokenize: Callable[[str], Sequence[int]]) -> None:
         self.n = request.n
         self.others = _NextWords(request.n)
+        def tokens(text: str) -> list[str]:
+            return [str(token) for token in tokenize(f" {text}")]  # as it stands after a space
+
         for text in request.avoid:
-            self.others.add([str(token) for token in tokenize(f" {text}")])  # as it stands after a space
+            self.others.add(tokens(text))
+        for text in request.allow:
+            self.others.discard(tokens(text))
 
     def banned_tokens(self, reply_ids: Sequence[int], reply: str) -> list[int]:
         written = [str(token) for token in reply_ids]
