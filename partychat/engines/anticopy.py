@@ -52,6 +52,9 @@ class AntiCopy:
     """Texts whose n-grams stay free even where ``avoid`` has them: the moderator's question, which
     a reply may restate although an earlier speaker already did (banning the question's phrases
     once another persona used them pushed replies off topic, see bench/README.md)."""
+    not_opening_as: tuple[str, ...] = ()
+    """Speakers whose name the reply may not begin with: a retry after an attempt that opened as
+    another speaker's line ("Moderator: ..."), which the hub would withhold, starts otherwise."""
 
     def __post_init__(self) -> None:
         if self.n < MIN_N:
@@ -121,6 +124,7 @@ class WordBan:
     def __init__(self, request: AntiCopy, vocabulary: Vocabulary) -> None:
         self.n = request.n
         self.vocabulary = vocabulary
+        self.openings = {found[0] for name in request.not_opening_as if (found := words(name))}
         self.others = _NextWords(request.n)
         for text in request.avoid:
             self.others.add(words(text))
@@ -140,6 +144,13 @@ class WordBan:
 
         vocab = self.vocabulary
         banned: list[int] = []
+        if not written:  # the reply's first word: not a name it must not open with
+            for word in self.openings:
+                if not partial:
+                    banned += vocab.starting.get(word, ())
+                    banned += vocab.gluing.get(word, ())
+                elif len(word) > len(partial) and word.startswith(partial):
+                    banned += vocab.gluing.get(word[len(partial):], ())
         if not partial:
             for word in following(written):  # the next token starts a word, with or without a space
                 banned += vocab.starting.get(word, ())
@@ -171,12 +182,15 @@ class TokenBan:
             self.others.add(tokens(text))
         for text in request.allow:
             self.others.discard(tokens(text))
+        self.openings = {str(ids[0]) for name in request.not_opening_as
+                         for ids in (tokenize(name), tokenize(f" {name}")) if ids}
 
     def banned_tokens(self, reply_ids: Sequence[int], reply: str) -> list[int]:
         written = [str(token) for token in reply_ids]
         own = _NextWords(self.n)
         own.add(written)
-        return [int(token) for token in self.others.following(written) | own.following(written)]
+        first = self.openings if not written else set()
+        return [int(token) for token in self.others.following(written) | own.following(written) | first]
 
 
 def ban_for(request: AntiCopy, vocabulary: Callable[[], Vocabulary],
