@@ -28,8 +28,8 @@ class GenerationSettings:
     anti_copy_unit: str = "words"
     seed: int | None = None
     """The sampling seed; None leaves it random. Retries set a new one each (see persona/retries.py)."""
-    not_opening_as: tuple[str, ...] = ()
-    """Speakers whose name the reply may not begin with (a retry's, see persona/retries.py)."""
+    no_label: bool = False
+    """The reply may not open with a speaker label (a retry's, see persona/retries.py)."""
 
 
 ANTI_COPY_MODERATOR = False
@@ -157,7 +157,7 @@ def anti_copy_for(recent: Sequence[Chat], settings: GenerationSettings) -> AntiC
     moderator = tuple(chat.content for chat in recent if chat.role == Role.HUMAN.value)
     avoid = tuple(chat.content for chat in recent if ANTI_COPY_MODERATOR or chat.role != Role.HUMAN.value)
     return AntiCopy(avoid, settings.anti_copy_n, settings.anti_copy_unit, () if ANTI_COPY_MODERATOR else moderator,
-                    settings.not_opening_as)
+                    settings.no_label)
 
 
 def speaker_line_pattern(names: Sequence[str]) -> re.Pattern[str]:

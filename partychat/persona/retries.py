@@ -35,7 +35,7 @@ def settings_for_attempt(base: GenerationSettings, attempt: int, seeds: random.R
     A retry draws with a new seed and a slightly higher temperature, and answers what the attempts
     ``taken_back`` before it did wrong, and nothing else: after a repeat, anti-copy bans n-grams one
     word shorter per repeat (never under MIN_N); after an attempt written as another speaker, the
-    reply may not begin with that speaker's name. Shorter bans for a failure that was not a copy
+    reply may not open with a speaker label ("Name:"). Shorter bans for a failure that was not a copy
     only pushed replies off topic. All of a retry's sampling is decided here, in one place.
     """
     if attempt <= 0:
@@ -43,10 +43,9 @@ def settings_for_attempt(base: GenerationSettings, attempt: int, seeds: random.R
     hotter = min(RETRY_TEMPERATURE + RETRY_TEMPERATURE_STEP * (attempt - 1), MAX_RETRY_TEMPERATURE)
     repeats = sum(verdict.guard == Guard.REPEAT for verdict in taken_back)
     shorter = max(MIN_N, base.anti_copy_n - repeats)
-    opened_as = {verdict.impersonated for verdict in taken_back
-                 if verdict.guard == Guard.IMPERSONATION and verdict.impersonated}
+    written_as_another = any(verdict.guard == Guard.IMPERSONATION for verdict in taken_back)
     return replace(base, temperature=max(base.temperature, hotter), seed=seeds.randrange(2**31), anti_copy_n=shorter,
-                   not_opening_as=tuple(sorted({*base.not_opening_as, *opened_as})))
+                   no_label=base.no_label or written_as_another)
 
 
 def judge(raw: str, reply: str, author: str, participants: Sequence[str], recent: Sequence[Earlier]) -> Verdict:
