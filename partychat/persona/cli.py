@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-context-tokens", type=int, default=2048, help="prompt plus reply, in tokens")
     parser.add_argument("--no-auto-truncate", action="store_true",
                         help="refuse a turn whose prompt is too long instead of dropping old history")
-    parser.add_argument("--history-length", type=int, default=5, help="recent room messages in the prompt")
+    parser.add_argument("--history-length", type=int, default=5,
+                        help="most recent room messages in the prompt, the oldest dropped about half at a time; 0 none")
     parser.add_argument("--prompt-file", help="--name's persona file; a bare name is also looked up in prompts/")
     parser.add_argument("--initial-prompt", help="a message the --name persona says once on joining")
     parser.add_argument("--talkativeness", type=float, default=None,

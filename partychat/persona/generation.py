@@ -60,27 +60,101 @@ def build_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dic
     return [{"role": "system", "content": system}, *turns]
 
 
+def chunk_size(history_length: int) -> int:
+    """How many messages leave the window at once: about half of ``--history-length``.
+
+    The window then grows from ``history_length - chunk + 1`` to ``history_length`` messages and is
+    cut back in one go, so consecutive prompts share everything but their new tail (issue 18).
+    """
+    return max(1, (history_length + 1) // 2)
+
+
+def message_keys(history: Sequence[Chat]) -> list[int]:
+    """Where each message stands in the room, the same for every persona: the hub's sequence numbers.
+
+    A ``/retry`` replacement keeps its place but carries a newer number, so each key is the smallest
+    number from that message on (the keys never go down). A hub that numbers nothing (the original
+    project's) leaves positions in this history, which stay put only until the persona's memory is full.
+    """
+    if not history or any(chat.seq <= 0 for chat in history):
+        return list(range(1, len(history) + 1))
+    keys, low = [0] * len(history), history[-1].seq
+    for index in range(len(history) - 1, -1, -1):
+        low = min(low, history[index].seq)
+        keys[index] = low
+    return keys
+
+
+def window_start(newest: int, history_length: int, chunk: int) -> int:
+    """The smallest key of the window: on the chunk grid, and no more than ``history_length`` back."""
+    return -(-(newest - history_length + 1) // chunk) * chunk
+
+
+def pinned_question(earlier: Sequence[Chat]) -> Chat | None:
+    """The moderator's latest line, if the window has moved past it (None when a later one is in view)."""
+    return next((chat for chat in reversed(earlier) if chat.role == Role.HUMAN.value), None)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The messages a prompt shows: a human's latest line kept in view, then the recent history."""
+
+    pinned: Chat | None
+    recent: list[Chat]
+
+    @property
+    def messages(self) -> list[Chat]:
+        return [self.pinned, *self.recent] if self.pinned is not None else list(self.recent)
+
+
+def prompt_window(history: Sequence[Chat], history_length: int, start: int | None = None) -> Window:
+    """The window of ``history`` a prompt shows: a pure function of the history, so every persona and
+    every later prompt (and a prefill ahead of the turn) agree on where it starts.
+
+    The start moves only in chunks (``chunk_size``), never one message per turn, and at most
+    ``history_length`` messages are in it; ``start`` (a key, see ``message_keys``) moves it further on,
+    as the token budget does. The moderator's latest line, once the window has moved past it, is placed
+    first: it stays unchanged until a newer human line or the next cut, so the prompt stays append-only.
+    """
+    if history_length <= 0 or not history:
+        return Window(None, [])
+    keys = message_keys(history)
+    start = max(window_start(keys[-1], history_length, chunk_size(history_length)), start or 0)
+    first = next((i for i, key in enumerate(keys) if key >= start), len(history))
+    first = max(first, len(history) - history_length)  # tied keys after a /retry: N stays the maximum
+    recent = list(history[first:])
+    newer_question = any(chat.role == Role.HUMAN.value for chat in recent)
+    return Window(None if newer_question else pinned_question(history[:first]), recent)
+
+
 async def build_request(
     model: ChatModel, persona: str, name: str, history: Sequence[Chat], settings: GenerationSettings,
     extras: PromptExtras | None = None,
 ) -> ChatRequest:
-    """The longest recent history that fits the token budget; oldest turns go first, the persona never.
+    """The recent history (``prompt_window``) that fits the token budget; the persona never goes.
 
+    Over the budget, ``extras`` (a card's example dialogue, lore) give way first, then the history,
+    cut in chunks like the window itself (halved when a whole chunk is more than is left), so that
+    later prompts stay append-only after a budget cut too; then the moderator's pinned line; last,
+    the one message left is shortened from its start.
     A model whose chat template has no system role gets the persona in its first user turn.
-    ``extras`` (a card's example dialogue, lore) give way before any history does.
     """
     budget = settings.max_context_tokens - settings.max_new_tokens
-    recent = list(history)[-settings.history_length:] if settings.history_length > 0 else []
+    window = prompt_window(history, settings.history_length)
+    shown = window.messages
+    keys = message_keys(history)
+    step = chunk_size(settings.history_length)
+    start = window_start(keys[-1], settings.history_length, step) if keys else 0
     extras = extras or PromptExtras()
     fold_persona = False
     while True:
         messages = extras.with_after_history(build_messages(extras.with_examples(persona), name,
-                                                            extras.with_lore(recent)))
+                                                            extras.with_lore(shown)))
         if fold_persona:
             system, first, *rest = messages
             messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
         request = ChatRequest(tuple(messages), name, settings.temperature, settings.max_new_tokens,
-                              anti_copy=anti_copy_for(recent, settings), seed=settings.seed)
+                              anti_copy=anti_copy_for(shown, settings), seed=settings.seed)
         try:
             size = await model.count_tokens(request)
         except SystemRoleUnsupported:
@@ -90,7 +164,7 @@ async def build_request(
             continue
         if size <= budget:
             return request
-        if (smaller := extras.smaller(recent)) is not None:
+        if (smaller := extras.smaller(shown)) is not None:
             extras = smaller
             continue
         if not settings.auto_truncate:
@@ -99,13 +173,21 @@ async def build_request(
                 f"(--max-context-tokens {settings.max_context_tokens} minus --max-generation-tokens "
                 f"{settings.max_new_tokens}); shorten the persona or history, or drop --no-auto-truncate."
             )
-        if len(recent) > 1:
-            recent.pop(0)
+        if len(window.recent) > 1:
+            while start + step > keys[-1] and step > 1:
+                step = (step + 1) // 2
+            if start + step <= keys[-1]:
+                start += step
+                window = prompt_window(history, settings.history_length, start)
+                shown = window.messages
+                continue
+        if len(shown) > 1:
+            shown.pop(0)  # the pinned line, or a message in a gap of the keys
             continue
-        if recent and len(recent[0].content) > 1:
-            last = recent[0]
+        if shown and len(shown[0].content) > 1:
+            last = shown[0]
             keep = max(1, len(last.content) * budget // (2 * size))
-            recent = [Chat(**{**last.__dict__, "content": last.content[-keep:]})]
+            shown = [Chat(**{**last.__dict__, "content": last.content[-keep:]})]
             continue
         raise PromptTooLong(
             f"The persona alone needs {size} tokens, more than the {budget} the context allows; "

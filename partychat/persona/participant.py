@@ -41,7 +41,7 @@ from ..protocol import (
     parse_server_frame,
 )
 from .cards import fill_macros
-from .generation import GenerationSettings, PromptExtras, ReplyStream, build_request, clean_reply
+from .generation import GenerationSettings, PromptExtras, ReplyStream, build_request, clean_reply, prompt_window
 from .lorebook import Lore, Lorebook
 from .retries import DEFAULT_RETRIES, gave_up, judge, settings_for_attempt
 
@@ -356,7 +356,7 @@ class ModelParticipant:
         request = await build_request(self.model, persona, self.name, context, settings, extras)
         log.debug("%s's prompt: %s", self.name, request.messages)
         if extras.lore is not None and settings.history_length > 0:
-            self._log_lore(extras.lore, request, context[-settings.history_length:])
+            self._log_lore(extras.lore, request, prompt_window(context, settings.history_length).messages)
         extended = self._session is not None and self._session.extended
         raw: list[str] = []
         try:
