@@ -3,6 +3,7 @@
 
     python3 run.py demo     # a virtual environment, every dependency, then a live party
     python3 run.py test     # the same environment plus every engine, then the whole test suite
+    python3 run.py build-llama-server   # (re)build llama.cpp's llama-server for its tests; run.py test does it once
 
 Only the standard library is used here, because nothing else is installed yet.
 """
@@ -12,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import venv
 from pathlib import Path
@@ -178,6 +181,54 @@ def build_wheel(log: object) -> None:
                     "--quiet", "--wheel-dir", str(wheel_folder()), llama_cpp_pin()], env=env, check=True, **output)
 
 
+LLAMA_SERVER_OPTIONS = ("-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF "
+                        "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON "
+                        "-DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF")
+"""llama-server alone, linked statically so the cached binary needs nothing beside it; no web UI
+(its prebuilt assets would be downloaded) and no HTTPS (the tests talk to it on loopback)."""
+
+
+def llama_server_binary() -> Path:
+    """The llama-server built from the pinned llama-cpp-python's own llama.cpp, cached like its wheel (same key)."""
+    wheels = wheel_folder()
+    return wheels.parent.parent / "llama-server" / wheels.name / "llama-server"
+
+
+def build_llama_server() -> None:
+    """Build llama-server from the llama.cpp sources vendored in the pinned llama-cpp-python sdist.
+
+    The same build flags as the wheel (``build_flags``): a native build on a CPU with AMX crashes
+    there as the wheel did. Raises CalledProcessError if a step fails.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        pip("download", "--quiet", "--no-deps", "--no-binary", ":all:", "--dest", scratch, llama_cpp_pin())
+        shutil.unpack_archive(str(next(Path(scratch).glob("llama_cpp_python-*.tar.gz"))), scratch)
+        source = next(Path(scratch).glob("llama_cpp_python-*/vendor/llama.cpp"))
+        build = Path(scratch) / "build"
+        subprocess.run(["cmake", "-S", str(source), "-B", str(build), *build_flags().split(),
+                        *LLAMA_SERVER_OPTIONS.split()], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+                       check=True, stdout=subprocess.DEVNULL)
+        target = llama_server_binary()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build / "bin" / "llama-server", target)
+
+
+def install_llama_server() -> dict[str, str]:
+    """For the tests of the openai engine on llama-server: the binary, built the first time; its path for pytest.
+
+    Without cmake the build cannot run: outside CI those tests then skip (they say how to get
+    the binary); under CI (CI set) that fails the run, as a missing Chromium does.
+    """
+    if not llama_server_binary().is_file():
+        if shutil.which("cmake") is None and not os.environ.get("CI"):
+            say("no cmake, so llama.cpp's llama-server cannot be built; its tests will be skipped")
+            return {}
+        say("building llama.cpp's llama-server for its tests (the first time only: see bench/README.md for how long)")
+        build_llama_server()
+    return {"PARTYCHAT_LLAMA_SERVER": str(llama_server_binary())}
+
+
 def build_llama_cpp() -> int:
     """The background build: at the lowest priority, so the demo starting meanwhile stays responsive."""
     if hasattr(os, "nice"):
@@ -209,6 +260,7 @@ def main(argv: list[str]) -> int:
 
 def run(command: str, rest: list[str]) -> int:
     """Set up what ``command`` needs, then run it; failures of a setup step propagate to ``main``."""
+    environment: dict[str, str] = {}
     if command == "demo":
         ensure_environment()
         offer_llama_cpp()
@@ -216,13 +268,18 @@ def run(command: str, rest: list[str]) -> int:
     elif command == "test":
         ensure_environment()
         install_llama_cpp()
+        environment = install_llama_server()
         program = [str(PYTHON), "-m", "pytest", *rest]
     elif command == "build-llama-cpp":  # started by offer_llama_cpp, not by hand
         return build_llama_cpp()
+    elif command == "build-llama-server":
+        build_llama_server()
+        say(f"built {llama_server_binary()}")
+        return 0
     else:
         print(__doc__.strip())
         return 2
-    return subprocess.run(program, cwd=ROOT).returncode
+    return subprocess.run(program, cwd=ROOT, env={**os.environ, **environment}).returncode
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def hf_persona(args: argparse.Namespace) -> dict[str, Any]:
     model = TransformersChatModel(load(resolve("")))
     tokenizer = model.loaded.tokenizer
     return persona_runs(model, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), args,
-                        forget=lambda: None)  # transformers keeps no prompt cache between turns
+                        forget=model.forget_prompts)
 
 
 # ------------------------------------------------------------------------------------------------ openai

@@ -25,7 +25,7 @@ from helpers import Process, build_tiny_model, hub_config, join, next_frame
 from partychat.engines.base import ChatRequest
 from partychat.engines.llama_cpp_engine import LlamaCppChatModel
 from partychat.engines.models import converted_folder, embedded_gguf
-from partychat.engines.openai_engine import OpenAIChatModel, estimate_tokens, match_model, server_root
+from partychat.engines.openai_engine import OpenAIChatModel, SlotMap, estimate_tokens, match_model, server_root
 from partychat.engines.registry import EngineOptions, open_chat_model
 from partychat.hub.server import Hub
 from partychat.persona.cli import read_persona
@@ -417,3 +417,22 @@ def test_model_names_match_as_servers_list_them():
     assert match_model("qwen2.5", ["qwen2.5:7b"]) is None, "a tag other than latest is not guessed"
     assert server_root("http://gpu:8000/v1/") == "http://gpu:8000"
     assert server_root("http://gpu:8000") == "http://gpu:8000"
+
+
+def test_each_persona_keeps_one_llama_server_slot_and_shares_only_when_there_are_too_few(caplog):
+    """A cast's personas get distinct slots, always the same ones; a crowded server is said once."""
+    names = ["Zen Sage", "TinkerBot", "Critic", "Poet"]  # two pairs whose names hash to one slot
+    slots = SlotMap()
+    first = [slots.slot("http://a:8080", name, 4) for name in names]
+    assert sorted(first) == [0, 1, 2, 3]
+    assert [slots.slot("http://a:8080", name, 4) for name in reversed(names)] == first[::-1]
+    assert SlotMap().slot("http://a:8080", "Historian", 4) == SlotMap().slot("http://b:8080", "Historian", 4), \
+        "a persona alone in its process starts from the same slot every time"
+    with caplog.at_level("WARNING", logger="partychat.client"):
+        crowded = [slots.slot("http://c:8080", name, 2) for name in names]
+        crowded += [slots.slot("http://c:8080", name, 2) for name in names]
+    assert set(crowded) <= {0, 1} and len(set(crowded[:2])) == 2
+    assert crowded[:4] == crowded[4:]
+    assert [r.getMessage() for r in caplog.records].count(
+        "llama-server at http://c:8080 has 2 slots for more personas than that, so some share a slot and "
+        "re-evaluate their prompts; start it with --parallel 3 or more") == 1

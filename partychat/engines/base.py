@@ -95,11 +95,14 @@ class StopFlag:
 class ChatModel(ABC):
     """A loaded model a persona talks through. One instance may serve several personas in one process.
 
-    An instance keeps no per-persona state, only caches (such as a prompt cache), and runs one
-    generation at a time: requests from several personas queue up.
+    An instance keeps no per-persona state, only caches (such as a prompt cache, which may be one
+    per ``ChatRequest.speaker``), and runs one generation at a time: requests from several personas
+    queue up.
     """
 
     engine: str = ""
+    prefills: bool = False
+    """Whether ``prefill`` does anything: the engine keeps a cache per speaker that it can warm ahead."""
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -122,6 +125,15 @@ class ChatModel(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Free the model (threads, memory, connections)."""
+
+    async def prefill(self, request: ChatRequest, stop: StopFlag) -> None:
+        """Evaluate ``request``'s prompt ahead, while the model is idle, into the cache kept for its speaker.
+
+        The speaker's turn, if its prompt is still the same, then starts at once. Prefill works in
+        small batches and returns between two of them once ``stop`` is set. Engines with no cache of
+        their own to warm (``prefills`` False) do nothing.
+        """
+        return None
 
 
 def plain_transcript(request: ChatRequest) -> str:
@@ -156,6 +168,13 @@ class ThreadedChatModel(ChatModel):
     @abstractmethod
     def generate(self, request: ChatRequest, should_stop: Callable[[], bool], emit: Callable[[str], None]) -> None:
         """Blocking: generate, calling ``emit`` with each new piece of text; check ``should_stop`` every token."""
+
+    def prefill_prompt(self, request: ChatRequest, should_stop: Callable[[], bool]) -> None:
+        """Blocking: ``prefill``'s work; check ``should_stop`` between batches. Nothing unless ``prefills``."""
+
+    async def prefill(self, request: ChatRequest, stop: StopFlag) -> None:
+        if self.prefills and not stop.is_set():
+            await asyncio.get_running_loop().run_in_executor(self._worker, self.prefill_prompt, request, stop.is_set)
 
     async def count_tokens(self, request: ChatRequest) -> int:
         loop = asyncio.get_running_loop()

@@ -2,14 +2,20 @@
 
 The chat template comes from the GGUF's own metadata. Between turns llama.cpp keeps the last
 prompt's KV cache, and ``Llama.generate`` evaluates only the tokens after the longest prefix the
-new prompt shares with it, so a growing conversation pays for its new lines only. Several
-personas sharing one instance share that one cache: each turn reuses what its prompt has in common
-with the previous speaker's.
+new prompt shares with it, so a growing conversation pays for its new lines only.
+
+Several personas sharing one instance would share that one cache, each turn starting from the
+previous speaker's prompt. With a warm cache (``cache_bytes`` > 0) each speaker keeps its own: the
+context holds one speaker's tokens at a time, and the others' KV cells are saved aside with
+``llama_state_seq_get_data`` and put back when they speak or are prefilled (see ``PersonaStates``).
 """
 
 from __future__ import annotations
 
 import codecs
+import ctypes
+import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +23,11 @@ from typing import Any
 
 from .anticopy import Vocabulary, ban_for
 from .base import ChatRequest, ModelError, PromptTooLong, ThreadedChatModel, chat_template_error, plain_transcript
+
+log = logging.getLogger("partychat.client")
+
+PREFILL_BATCH = 16
+"""Tokens per decode when prefilling: a turn that arrives meanwhile waits for at most one such batch."""
 
 
 def gpu_layers(device: str) -> int:
@@ -60,11 +71,92 @@ def without_weight_repacking() -> Iterator[None]:
         api.llama_model_default_params = original
 
 
+def shared_prefix(cached: Any, tokens: list[int]) -> int:
+    """How many leading ``tokens`` the context already holds, as llama.cpp's cells for ``cached``."""
+    count = 0
+    for held, wanted in zip(cached, tokens, strict=False):
+        if held != wanted:
+            break
+        count += 1
+    return count
+
+
+class PersonaStates:
+    """The KV cache of each speaker a shared context serves, one speaker live in the context at a time.
+
+    Why saved states and not one context with a sequence per speaker: a sequence each needs a
+    context of n_ctx per speaker allocated up front (7 x 2048 tokens of KV, held or not), and
+    ``Llama`` only drives sequence 0, so sampling would have to be rewritten around llama_decode.
+    A saved sequence (``llama_state_seq_get_data``) holds only the KV cells of the tokens it has,
+    plus a few bytes a cell, and switching speakers copies it in and out of the context, a few
+    milliseconds for thousands of tokens (bench/turn_start.py --layouts has both measured). Not
+    ``Llama.save_state``: its copy includes the logits array, n_batch x n_vocab floats.
+
+    The saved states (not the live context, allocated anyway) count against ``cap_bytes``; the
+    least recently used go first, and their speaker's next turn evaluates its prompt afresh.
+    """
+
+    def __init__(self, llama: Any, cap_bytes: int) -> None:
+        self.llama = llama
+        self.cap_bytes = cap_bytes
+        self.occupant: str | None = None
+        """Whose tokens the context holds now."""
+        self.saved: OrderedDict[str, tuple[Any, Any]] = OrderedDict()
+        """Speaker: (its tokens, its KV cells as llama_state_seq_get_data wrote them), least recently used first."""
+
+    def held_bytes(self) -> int:
+        return sum(len(cells) for _, cells in self.saved.values())
+
+    def enter(self, speaker: str) -> None:
+        """Make ``speaker``'s cache the live one, setting aside the one the context holds."""
+        if speaker == self.occupant:
+            return
+        self._set_aside()
+        self._bring_back(speaker)
+        self.occupant = speaker
+
+    def _set_aside(self) -> None:
+        import llama_cpp
+
+        llama, speaker = self.llama, self.occupant
+        if speaker is None or llama.n_tokens == 0 or self.cap_bytes <= 0:
+            return
+        size = llama_cpp.llama_state_seq_get_size(llama.ctx, 0)
+        cells = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(llama.ctx, cells, size, 0)
+        if written != size:
+            log.warning("llama.cpp could not save %s's cache (%d of %d bytes); its next turn starts afresh",
+                        speaker, written, size)
+            return
+        self.saved[speaker] = (llama.input_ids[:llama.n_tokens].copy(), cells)
+        self.saved.move_to_end(speaker)
+        while self.saved and self.held_bytes() > self.cap_bytes:
+            dropped, (tokens, _) = self.saved.popitem(last=False)
+            log.debug("Dropped %s's saved cache of %d tokens: --cache-mb is full", dropped, len(tokens))
+
+    def _bring_back(self, speaker: str) -> None:
+        import llama_cpp
+
+        llama = self.llama
+        llama._ctx.kv_cache_seq_rm(0, -1, -1)
+        llama.reset()
+        if speaker not in self.saved:
+            return
+        tokens, cells = self.saved.pop(speaker)
+        if llama_cpp.llama_state_seq_set_data(llama.ctx, cells, len(cells), 0) == 0:
+            log.warning("llama.cpp could not restore %s's cache; its turn evaluates the whole prompt", speaker)
+            llama._ctx.kv_cache_seq_rm(0, -1, -1)
+            return
+        llama.input_ids[:len(tokens)] = tokens
+        llama.n_tokens = len(tokens)  # the logits are not restored: generate replays the last token for them
+
+
 class LlamaCppChatModel(ThreadedChatModel):
     engine = "llama.cpp"
 
     def __init__(self, path: Path, *, context_tokens: int, threads: int | None = None, device: str = "cpu",
-                 gpu_id: int = 0) -> None:
+                 gpu_id: int = 0, cache_bytes: int = 0) -> None:
+        """``cache_bytes`` > 0 keeps a cache per speaker (``PersonaStates``) and enables ``prefill``."""
         from llama_cpp import Llama  # registry.ENGINES["llama.cpp"] checked that it is installed
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -91,6 +183,8 @@ class LlamaCppChatModel(ThreadedChatModel):
         self._vocab = self.llama._model.vocab  # for llama_vocab_is_eog: the public API has no wrapper for it
         self._words: Vocabulary | None = None
         """Each token's text for anti-copy, read from the model on the first request that needs it."""
+        self.states = PersonaStates(self.llama, cache_bytes) if cache_bytes > 0 else None
+        self.prefills = self.states is not None
 
     def _token_text(self, token: int) -> str:
         return self.llama.detokenize([token], special=True).decode("utf-8", "replace") if token >= 0 else ""
@@ -125,7 +219,15 @@ class LlamaCppChatModel(ThreadedChatModel):
         limit = min(request.max_tokens, room)
         if request.anti_copy is not None:
             sampling["logits_processor"] = [self._anti_copy(request, len(tokens))]
+        if self.states is not None:
+            self.states.enter(request.speaker)
+        cached, evaluated = shared_prefix(self.llama._input_ids, tokens), self.evaluated_tokens()
+        self._never_one_token(tokens, cached)
         for produced, token in enumerate(self.llama.generate(tokens, reset=True, **sampling), start=1):
+            if produced == 1:
+                log.debug("llama.cpp evaluated %d tokens for %s's turn before its first token "
+                          "(%d of the prompt's %d were cached)", self.evaluated_tokens() - evaluated,
+                          request.speaker, cached, len(tokens))
             if llama_cpp.llama_vocab_is_eog(self._vocab, token):
                 break
             text = decoder.decode(self.llama.detokenize([token]))
@@ -133,9 +235,78 @@ class LlamaCppChatModel(ThreadedChatModel):
                 emit(text)
             if produced >= limit or should_stop():
                 break
+        if self.states is not None:
+            self._forget_reply(len(tokens))
         tail = decoder.decode(b"", final=True)
         if tail:
             emit(tail)
+
+    def _forget_reply(self, prompt_length: int) -> None:
+        """Keep the speaker's cache to its prompt: the reply's cells were decoded one token at a time.
+
+        Its next prompt holds the reply as written, and a cold context evaluates that in one batch;
+        reusing cells from the single-token path (see ``_never_one_token``) would make a greedy reply
+        differ warm and cold. Idle prefill evaluates the reply again anyway, before the next turn.
+        """
+        llama = self.llama
+        if llama.n_tokens > prompt_length:
+            llama._ctx.kv_cache_seq_rm(0, prompt_length, -1)
+            llama.n_tokens = prompt_length
+            llama._requires_eval = True
+
+    def _never_one_token(self, tokens: list[int], cached: int) -> None:
+        """Leave the prompt's last two tokens to evaluate where ``generate`` would evaluate only the last one.
+
+        llama.cpp's CPU path for a batch of one token rounds differently from its path for two or
+        more (the logits differ by up to 0.6 on the embedded model), and a greedy reply can flip on
+        that. A prompt found whole in a restored cache, or all but its last token, would otherwise
+        take that path where a cold prompt never does. Live logits of a prefill that ended on the
+        prompt's last token are used as they are: that batch had two tokens or more.
+        """
+        llama = self.llama
+        live = cached == len(tokens) == llama.n_tokens and not llama._requires_eval
+        if len(tokens) - cached < 2 and not live and len(tokens) >= 2:
+            llama.n_tokens = min(llama.n_tokens, len(tokens) - 2)
+            llama._requires_eval = True
+
+    def evaluated_tokens(self) -> int:
+        """Tokens llama.cpp has decoded in this context so far, by its own count (prompt and generated)."""
+        import llama_cpp
+
+        llama_cpp.llama_synchronize(self.llama.ctx)  # llama.cpp counts a decode once it has waited for it
+        counts = llama_cpp.llama_perf_context(self.llama.ctx)
+        return int(counts.n_p_eval) + int(counts.n_eval)
+
+    def prefill_prompt(self, request: ChatRequest, should_stop: Callable[[], bool]) -> None:
+        """Evaluate the prompt's uncached tail into the speaker's cache, PREFILL_BATCH tokens at a time.
+
+        The speaker's turn then finds its whole prompt cached if nothing was said meanwhile, or all
+        but the newest lines if something was.
+        """
+        import llama_cpp
+
+        assert self.states is not None
+        tokens = self.prompt_tokens(request)
+        if len(tokens) >= self.llama.n_ctx():
+            return
+        self.states.enter(request.speaker)
+        shared = shared_prefix(self.llama._input_ids, tokens)
+        if shared == len(tokens) or len(tokens) < 2:
+            return
+        start = min(shared, len(tokens) - 2)  # no batch of one token (see _never_one_token)
+        self.llama.n_tokens = start  # eval drops the cells after it
+        begins = list(range(start, len(tokens), PREFILL_BATCH))
+        if len(begins) > 1 and len(tokens) - begins[-1] == 1:
+            begins.pop()  # the last batch takes that token instead
+        for begin, end in zip(begins, [*begins[1:], len(tokens)], strict=True):
+            if should_stop():
+                log.debug("Prefill for %s stopped after %d of %d tokens", request.speaker, begin - start,
+                          len(tokens) - start)
+                return
+            batch = tokens[begin:end]
+            self.llama.eval(batch)
+            llama_cpp.llama_synchronize(self.llama.ctx)  # done, not queued, before the next look at should_stop
+            log.debug("Prefill for %s: a batch of %d tokens", request.speaker, len(batch))
 
     def _anti_copy(self, request: ChatRequest, prompt_length: int) -> Callable[[Any, Any], Any]:
         """A logits processor that rules out the tokens anti-copy bans, given the reply generated so far.

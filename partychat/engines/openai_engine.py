@@ -15,6 +15,10 @@ generating. Servers that can count are asked (the first way that works is rememb
 Others (Ollama, LM Studio, transformers serve) get an estimate that errs high, so that a prompt
 never overflows the server's context: one token per 3 characters of text (English runs at about
 4) plus 6 tokens per message for the chat template's markers and 4 for the reply's opening.
+
+On llama-server each persona keeps a slot of its own (``id_slot`` with ``cache_prompt``), so its
+next prompt, which starts with its last one, is evaluated only from where they differ; see
+``SlotMap``. vLLM (automatic prefix caching) and Ollama find shared prefixes by themselves.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -53,11 +58,47 @@ START_TIMEOUT = 10.0
 DRY_MULTIPLIER = 0.8
 DRY_BASE = 1.75
 """llama-server's DRY settings against copying: the values its authors suggest for enabling it."""
+DRY_WINDOW = 4096
+"""Tokens DRY looks back over when the server does not say its context size."""
 FREQUENCY_PENALTY = 0.5
 PRESENCE_PENALTY = 0.3
 """The OpenAI penalties against copying at the default n: mild, since they act on every repeated token."""
 
 Counter = Callable[[ChatRequest], Awaitable[int]]
+
+
+class SlotMap:
+    """Which llama-server slot each persona of this process uses, per server, for the whole process.
+
+    A slot keeps the KV cache of the last prompt it evaluated, so a persona that always comes back
+    to its own slot re-evaluates only what is new since its last turn; personas taking turns on one
+    slot would each start from another's prompt. The map is shared by every model instance (the
+    personas of a cast may hold separate ones). A persona's first choice is a hash of its name, so
+    personas run as separate processes usually differ too; within the process the next free slot
+    is taken when that one is held. With more personas than slots some must share, and the log
+    says once to start the server with a larger --parallel.
+    """
+
+    def __init__(self) -> None:
+        self._by_server: dict[str, dict[str, int]] = {}
+        self._crowded: set[str] = set()
+
+    def slot(self, server: str, speaker: str, total: int) -> int:
+        held = self._by_server.setdefault(server, {})
+        if speaker not in held:
+            first = zlib.crc32(speaker.encode()) % total
+            taken = set(held.values())
+            free = [slot for slot in ((first + step) % total for step in range(total)) if slot not in taken]
+            held[speaker] = free[0] if free else first
+            if not free and server not in self._crowded:
+                self._crowded.add(server)
+                log.warning("llama-server at %s has %d slots for more personas than that, so some share a slot and "
+                            "re-evaluate their prompts; start it with --parallel %d or more", server, total,
+                            len(held))
+        return held[speaker]
+
+
+SLOTS = SlotMap()
 
 
 def estimate_tokens(request: ChatRequest) -> int:
@@ -119,6 +160,10 @@ class OpenAIChatModel(ChatModel):
         super().__init__(model or self.base_url)
         self._client: openai.AsyncOpenAI | None = None
         self._counter: Counter | None = None
+        self._props: dict[str, Any] | None = None
+        """llama-server's /props once asked (see _llama_server_props)."""
+        self._pinning = True
+        """False once llama-server turned out not to take slot ids (see _open_stream)."""
         self._check_at_start()
 
     # -- start-up ------------------------------------------------------------------------------
@@ -234,8 +279,15 @@ class OpenAIChatModel(ChatModel):
 
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """A JSON request beside the chat API, through the same client (key, pool, timeouts); no retries."""
-        answer = await self._connection().post(f"{server_root(self.base_url)}{path}", body=body, cast_to=object,
-                                               options={"max_retries": 0})
+        return await self._post_or_get(path, body)
+
+    async def _post_or_get(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """POST ``body`` to ``path`` beside the chat API, or GET it when there is no body."""
+        url = f"{server_root(self.base_url)}{path}"
+        options: Any = {"max_retries": 0}
+        client = self._connection()
+        answer = (await client.get(url, cast_to=object, options=options) if body is None
+                  else await client.post(url, body=body, cast_to=object, options=options))
         if not isinstance(answer, dict):
             raise TypeError(f"{path} answered {type(answer).__name__}, not an object")
         return answer
@@ -264,12 +316,8 @@ class OpenAIChatModel(ChatModel):
 
     async def stream(self, request: ChatRequest, stop: StopFlag) -> AsyncIterator[str]:
         model = await self._model_name()
-        opening = asyncio.ensure_future(self._connection().chat.completions.create(
-            model=model, messages=list(request.messages), stream=True,  # type: ignore[arg-type]
-            temperature=request.temperature, max_tokens=request.max_tokens, **self._anti_copy_fields(request),
-            **({} if request.seed is None else {"seed": request.seed})))
         try:
-            chunks = await _unless_stopped(opening, stop)
+            chunks = await self._open_stream(model, request, stop)
         except openai.NotFoundError as error:
             raise ModelError(self._unknown_model(await self._offered_models_or_none())) from error
         except openai.OpenAIError as error:
@@ -301,26 +349,87 @@ class OpenAIChatModel(ChatModel):
             await asyncio.gather(reader, watcher, return_exceptions=True)
             await chunks.close()  # closing the HTTP stream is what stops the server generating
 
+    async def _open_stream(self, model: str, request: ChatRequest, stop: StopFlag) -> Any:
+        """The reply's stream, or None if the turn ends first.
+
+        A request with a slot that is refused goes again without one; if that one is taken, the
+        slot was the trouble, and the personas on this server go unpinned from then on.
+        """
+        props = await self._llama_server_props()
+        fields = self._anti_copy_fields(request, props)
+        slot = self._slot_fields(request.speaker, props)
+        try:
+            return await _unless_stopped(self._opening(model, request, fields, slot), stop)
+        except openai.BadRequestError as error:
+            if not slot:
+                raise
+            refusal = _server_detail(error)
+        chunks = await _unless_stopped(self._opening(model, request, fields, {}), stop)
+        self._pinning = False
+        log.warning("llama-server at %s refused the slot id %s (%s); its personas go unpinned from now on, so each "
+                    "turn may re-evaluate the whole prompt", server_root(self.base_url), slot["id_slot"], refusal)
+        return chunks
+
+    def _opening(self, model: str, request: ChatRequest, fields: dict[str, Any],
+                 slot: dict[str, Any]) -> asyncio.Future[Any]:
+        if slot:
+            fields = {**fields, "extra_body": {**fields.get("extra_body", {}), **slot}}
+        return asyncio.ensure_future(self._connection().chat.completions.create(
+            model=model, messages=list(request.messages), stream=True,  # type: ignore[arg-type]
+            temperature=request.temperature, max_tokens=request.max_tokens, **fields,
+            **({} if request.seed is None else {"seed": request.seed})))
+
+    async def _llama_server_props(self) -> dict[str, Any]:
+        """llama-server's /props, asked once (an empty dict for other servers, or when it does not answer)."""
+        if self._counter != self._count_by_llama_server:
+            return {}
+        if self._props is None:
+            try:
+                self._props = await self._post_or_get("/props")
+            except (openai.OpenAIError, TypeError):
+                self._props = {}
+        return self._props
+
+    def _slot_fields(self, speaker: str, props: dict[str, Any]) -> dict[str, Any]:
+        """On llama-server, the persona's own slot (see SlotMap); nothing for other servers.
+
+        Ids are kept below the slot count /props gives: recent servers wrap a larger id round,
+        older ones refused it. A server that does not give the count is used unpinned.
+        """
+        total = props.get("total_slots")
+        if not props or not self._pinning:
+            return {}
+        if not isinstance(total, int) or total < 1:
+            self._pinning = False
+            log.info("llama-server at %s does not say how many slots it has; personas go unpinned",
+                     server_root(self.base_url))
+            return {}
+        return {"id_slot": SLOTS.slot(server_root(self.base_url), speaker, total), "cache_prompt": True}
+
     def _explain_midway(self, error: BaseException) -> EngineError:
         if isinstance(error, openai.OpenAIError) and not isinstance(error, openai.APIConnectionError):
             return self._explain(error, "streaming a reply")
         return EngineUnavailable(f"The model server at {self.base_url} broke off in the middle of the reply "
                                  f"({_cause(error)}).")
 
-    def _anti_copy_fields(self, request: ChatRequest) -> dict[str, Any]:
+    def _anti_copy_fields(self, request: ChatRequest, props: dict[str, Any]) -> dict[str, Any]:
         """What the server is asked for against copying: a server decodes by itself, so no word bans here.
 
         llama-server (recognised by its /apply-template endpoint while counting the prompt) has DRY,
         which penalises extending any sequence already in the context; its allowed length follows the
-        request's n. Every other server gets the standard OpenAI frequency and presence penalties,
-        stronger for a smaller n.
+        request's n, and it looks back over a slot's whole context (from /props: recent servers refuse
+        the -1 that older ones took for it). Every other server gets the standard OpenAI frequency and
+        presence penalties, stronger for a smaller n.
         """
         if request.anti_copy is None:
             return {}
         n = request.anti_copy.n
         if self._counter == self._count_by_llama_server:
-            return {"extra_body": {"dry_multiplier": DRY_MULTIPLIER, "dry_base": DRY_BASE,
-                                   "dry_allowed_length": n - 1, "dry_penalty_last_n": -1}}
+            settings = props.get("default_generation_settings")
+            context = settings.get("n_ctx") if isinstance(settings, dict) else None
+            return {"extra_body": {"dry_multiplier": DRY_MULTIPLIER, "dry_base": DRY_BASE, "dry_allowed_length": n - 1,
+                                   "dry_penalty_last_n": context if isinstance(context, int) and context > 0
+                                   else DRY_WINDOW}}
         scale = DEFAULT_N / n
         return {"frequency_penalty": round(FREQUENCY_PENALTY * scale, 2),
                 "presence_penalty": round(PRESENCE_PENALTY * scale, 2)}

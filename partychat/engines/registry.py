@@ -34,6 +34,8 @@ class EngineOptions:
     context_tokens: int = 2048
     api_base: str | None = None
     api_key: str | None = None
+    cache_mb: int = 0
+    """Memory for the speakers' saved caches on the llama.cpp engine; 0 keeps one cache all speakers share."""
 
 
 def default_threads() -> int:
@@ -87,7 +89,7 @@ def _open_llama_cpp(options: EngineOptions) -> ChatModel:
 
     return LlamaCppChatModel(Path(models.resolve(options.model).location), context_tokens=options.context_tokens,
                              threads=options.threads or default_threads(), device=options.device,
-                             gpu_id=options.gpu_id)
+                             gpu_id=options.gpu_id, cache_bytes=options.cache_mb << 20)
 
 
 def _open_openai(options: EngineOptions) -> ChatModel:

@@ -1,9 +1,16 @@
-"""The transformers engine: a model loaded in this process by ``partychat.engines.models.load``."""
+"""The transformers engine: a model loaded in this process by ``partychat.engines.models.load``.
+
+Each persona keeps its KV cache from its last turn. Its next prompt starts with the last one (the
+history is cut in chunks, not slid a message at a time), so only the tokens after the part they
+share are evaluated: on the embedded model the first token comes in about a third of the time
+(bench/README.md, "transformers: a prefix cache per persona"), and greedy replies are the same.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from .anticopy import Vocabulary, ban_for
@@ -12,6 +19,17 @@ from .models import LoadedModel
 
 _WORD_START_MARKS = ("\u0120", "\u2581")
 """How byte-level BPE (Ġ) and SentencePiece (▁) spell a token's leading space."""
+STATIC_CACHE_STEP = 256
+"""A persona's static cache is sized to its prompt plus reply, rounded up to this many tokens, so it
+lasts several turns of a growing chat before it must be made again (cold)."""
+
+
+@dataclass
+class _Held:
+    """A persona's KV cache and the tokens it holds, kept between its turns."""
+
+    tokens: list[int]
+    cache: Any
 
 
 class TransformersChatModel(ThreadedChatModel):
@@ -22,6 +40,8 @@ class TransformersChatModel(ThreadedChatModel):
         self.loaded = loaded
         self._words: Vocabulary | None = None
         """Each token's text for anti-copy, read from the tokenizer on the first request that needs it."""
+        self._held: dict[str, _Held] = {}
+        """Each persona's cache from its last turn; touched only in the worker thread."""
 
     def prompt_tokens(self, request: ChatRequest) -> list[int]:
         """By the model's own chat template when it has one, else a plain transcript."""
@@ -53,16 +73,49 @@ class TransformersChatModel(ThreadedChatModel):
         )
         if request.anti_copy is not None:
             sampling["logits_processor"] = LogitsProcessorList([self._anti_copy(request, input_ids.shape[1])])
+        prompt = input_ids[0].tolist()
+        cache = self._cache_for(request.speaker, prompt, request.max_tokens)
         with torch.inference_mode(), _seeded(request.seed, model.device):
-            model.generate(
+            output = model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=request.max_tokens,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                 stopping_criteria=StoppingCriteriaList([stop_when_told]),
                 streamer=_TokenByToken(tokenizer, emit),
+                cache_implementation=None,  # the cache is ours; the model's own setting would make another
+                **{_cache_argument(): cache},
                 **sampling,
             )
+        self._held[request.speaker] = _Held(output[0, :cache.get_seq_length()].tolist(), cache)
+
+    def forget_prompts(self) -> None:
+        """Drop every persona's cache, so the next turns start cold (benchmarks compare the two)."""
+        self._held.clear()
+
+    def _cache_for(self, speaker: str, prompt: list[int], reply_tokens: int) -> Any:
+        """The persona's cache cut back to what ``prompt`` shares with it, or a new one.
+
+        A cache that cannot be cut back (sliding-window layers) or is too small is made anew, of
+        the kind the model decodes fastest with (models.py sets static on a CPU). A failed turn
+        leaves no cache behind (it is taken out here and put back only after a reply), so nothing
+        half-written is ever reused.
+        """
+        from transformers import DynamicCache, StaticCache
+
+        model = self.loaded.model
+        static = model.generation_config.cache_implementation == "static"
+        needed = len(prompt) + reply_tokens
+        held = self._held.pop(speaker, None)
+        if held is not None and held.cache.is_croppable and (not static or held.cache.get_max_length() >= needed):
+            keep = min(_shared_length(held.tokens, prompt), len(prompt) - 1)  # generate() evaluates at least one
+            if held.cache.get_seq_length() > keep:
+                held.cache.crop(keep - held.cache.get_seq_length())
+            return held.cache
+        if not static:
+            return DynamicCache(config=model.config)
+        size = -(-needed // STATIC_CACHE_STEP) * STATIC_CACHE_STEP
+        return StaticCache(config=model.config, max_cache_len=size)
 
     def _anti_copy(self, request: ChatRequest, prompt_length: int) -> Callable[[Any, Any], Any]:
         """A logits processor (a plain callable, as generate() accepts) ruling out what anti-copy bans."""
@@ -85,6 +138,22 @@ class TransformersChatModel(ThreadedChatModel):
         if self._words is None:
             self._words = Vocabulary(_token_texts(self.loaded.tokenizer))
         return self._words
+
+
+def _cache_argument() -> str:
+    """generate()'s name for a cache passed in: ``cache`` in newer transformers 5 releases (which
+    warn about the old name and drop it in 5.40), ``past_key_values`` before."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+def _shared_length(a: list[int], b: list[int]) -> int:
+    """How many tokens two sequences share from the start."""
+    for index, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return index
+    return min(len(a), len(b))
 
 
 def _token_texts(tokenizer: Any) -> list[str]:

@@ -28,9 +28,12 @@ from .generation import GenerationSettings
 from .lorebook import Lorebook, PersonaFileError, read_lorebook
 from .participant import ModelParticipant, ParticipantConfig
 from .retries import DEFAULT_RETRIES, MAX_RETRIES
-from .shared_models import SharedChatModel, load_once
+from .shared_models import IdlePrefill, SharedChatModel, load_once
 
 log = logging.getLogger("partychat.client")
+
+DEFAULT_CACHE_MB = 1024
+"""Seven personas' full 2048-token caches at up to 70 KB of KV a token (the embedded model takes 23 KB)."""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="client.py", description="Join a Party Chat room as one model persona "
@@ -72,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refuse a turn whose prompt is too long instead of dropping old history")
     parser.add_argument("--history-length", type=int, default=5,
                         help="most recent room messages in the prompt, the oldest dropped about half at a time; 0 none")
+    parser.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_MB,
+                        help="memory for each persona's own prompt cache on the llama.cpp engine, kept between its "
+                             "turns and warmed while the model is idle; the least recently used goes first when "
+                             f"full (default: {DEFAULT_CACHE_MB}; 0: personas sharing a model share one cache and "
+                             "nothing is computed ahead)")
     parser.add_argument("--prompt-file", help="--name's persona file; a bare name is also looked up in prompts/")
     parser.add_argument("--initial-prompt", help="a message the --name persona says once on joining")
     parser.add_argument("--talkativeness", type=float, default=None,
@@ -106,6 +114,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         problems.append("--max-context-tokens must be larger than --max-generation-tokens")
     if args.history_length < 0:
         problems.append("--history-length cannot be negative")
+    if args.cache_mb < 0:
+        problems.append("--cache-mb cannot be negative")
     if args.talkativeness is not None and not 0 <= args.talkativeness <= 1:
         problems.append("--talkativeness must be a number from 0 to 1")
     if args.delay < 0:
@@ -209,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("client.py: interrupted while fetching or loading the model", file=sys.stderr)
         return 130
+    idle = {id(model): IdlePrefill(model) for model in models.values() if model.prefills}
     participants = [
         ModelParticipant(
             ParticipantConfig(name=persona.name, persona=persona.persona, server=args.server, delay=persona.delay,
@@ -222,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
             GenerationSettings(temperature=persona.temperature, max_new_tokens=persona.max_tokens,
                                max_context_tokens=args.max_context_tokens, auto_truncate=not args.no_auto_truncate,
                                history_length=args.history_length, anti_copy=persona.anti_copy),
+            idle.get(id(models[persona.name])),
         )
         for index, persona in enumerate(cast)
     ]
     try:
-        ended = asyncio.run(_take_part(participants, set(models.values())))
+        ended = asyncio.run(_take_part(participants, set(models.values()), list(idle.values())))
     except KeyboardInterrupt:
         log.info("%s %s leaving", " and ".join(p.name for p in participants), "are" if len(cast) > 1 else "is")
         return 0
@@ -240,7 +252,8 @@ def _locate(persona: Persona, args: argparse.Namespace) -> EngineOptions:
     """What one load is: the engine and everything it is given, with a Hugging Face id downloaded first."""
     options = EngineOptions(backend=persona.engine, model=persona.model, device=args.device, gpu_id=args.gpu_id,
                             dtype=args.dtype, speedups=not args.no_speedups, threads=args.threads,
-                            context_tokens=args.max_context_tokens, api_base=args.api_base, api_key=args.api_key)
+                            context_tokens=args.max_context_tokens, api_base=args.api_base, api_key=args.api_key,
+                            cache_mb=args.cache_mb)
     if options.backend == "openai" and not options.api_base:
         raise CastError(f"{persona.name!r} asks for the openai engine, which needs --api-base, the server's URL.")
     if options.backend != "openai" and not options.api_base:
@@ -265,9 +278,12 @@ def _open(options: EngineOptions, personas: list[Persona]) -> ChatModel:
     return SharedChatModel(model) if len(personas) > 1 else model
 
 
-async def _take_part(participants: list[ModelParticipant], models: set[ChatModel]) -> list[tuple[str, BaseException]]:
+async def _take_part(participants: list[ModelParticipant], models: set[ChatModel],
+                     idle: list[IdlePrefill]) -> list[tuple[str, BaseException]]:
     try:
         return await run_cast(participants)
     finally:
+        for prefill in idle:
+            await prefill.aclose()
         for model in models:
             await model.aclose()

@@ -44,6 +44,7 @@ from .cards import fill_macros
 from .generation import GenerationSettings, PromptExtras, ReplyStream, build_request, clean_reply, prompt_window
 from .lorebook import Lore, Lorebook
 from .retries import DEFAULT_RETRIES, gave_up, judge, settings_for_attempt
+from .shared_models import IdlePrefill
 
 log = logging.getLogger("partychat.client")
 
@@ -97,10 +98,13 @@ class ReplyTiming:
 
 
 class ModelParticipant:
-    def __init__(self, config: ParticipantConfig, model: ChatModel, settings: GenerationSettings) -> None:
+    def __init__(self, config: ParticipantConfig, model: ChatModel, settings: GenerationSettings,
+                 idle: IdlePrefill | None = None) -> None:
+        """``idle``, when given, warms this persona's cache on ``model`` between its turns."""
         self.config = config
         self.model = model
         self.settings = settings
+        self.idle = idle
         self.history: deque[Chat] = deque(maxlen=max(settings.history_length, 1) * 4 + 50)
         self.continuity = Continuity()
         self.opening_sent = False
@@ -117,6 +121,8 @@ class ModelParticipant:
         self._humans: list[str] = []
         self.joined = asyncio.Event()
         """Set once the hub has first let this participant in."""
+        if idle is not None:
+            idle.seat(config.name, config.talkativeness, self._next_request)
 
     @property
     def name(self) -> str:
@@ -192,6 +198,8 @@ class ModelParticipant:
             self.history[replaced] = chat  # a new version (/retry) stands where the old one was said
         else:
             self.history.append(chat)
+        if self.idle is not None and self._session is not None and self._session.extended:
+            self.idle.heard(self.name, chat, self.floor.mode if self.floor is not None else None)
         if (self.config.echo_room and not chat.replay and chat.sender != self.name
                 and chat.sender not in self.config.castmates):
             log.info("%s: %s", chat.sender, chat.content, extra={"speaker": chat.sender})
@@ -212,7 +220,7 @@ class ModelParticipant:
             # The turn came back before anyone else spoke: answering ourselves would be a monologue.
             self._start(self._send(Pass("nothing new to answer", turn=floor.turn)))
         else:
-            self._start(self._reply(floor.turn, self._fresh_stop()))
+            self._start(self._reply(floor.turn, self._fresh_stop()), using_model=True)
 
     def _on_redo(self, redo: Redo) -> None:
         """``/retry``: write our message ``redo.id`` again from what was said before it, beside any turn."""
@@ -226,6 +234,8 @@ class ModelParticipant:
             work = self._redo(history[index], history[:index], stop)
         self._redo_task = asyncio.create_task(work)
         self._redo_task.add_done_callback(_log_failure)
+        if index is not None:
+            self._hold_prefill(self._redo_task)
 
     async def _redo(self, original: Chat, before: list[Chat], stop: StopFlag) -> None:
         """A new version of ``original``: every attempt samples anew (a retry's settings), none is streamed."""
@@ -249,9 +259,33 @@ class ModelParticipant:
         self._stop = StopFlag()
         return self._stop
 
-    def _start(self, work: Coroutine[None, None, None]) -> None:
+    def _start(self, work: Coroutine[None, None, None], *, using_model: bool = False) -> None:
         self._reply_task = asyncio.create_task(work)
         self._reply_task.add_done_callback(_log_failure)
+        if using_model:
+            self._hold_prefill(self._reply_task)
+
+    def _hold_prefill(self, task: asyncio.Task[None]) -> None:
+        """No idle prefill on our model from now (the turn frame's arrival) until ``task`` is done."""
+        if self.idle is not None:
+            release = self.idle.claim(self.name)
+            task.add_done_callback(lambda _: release())
+
+    async def _next_request(self, model: ChatModel) -> ChatRequest | None:
+        """The request our next turn would build now, counted on ``model``; None before anything was said.
+
+        It goes through the very same ``build_request`` with the same history and settings as
+        ``_generate``, so what idle prefill evaluates is the turn's prompt, byte for byte. When our
+        own line is the newest, a turn now would pass, but the prompt up to our line is the start of
+        the next turn's all the same.
+        """
+        if self._session is None or not self._session.extended:
+            return None
+        history = list(self.history)
+        if not history:
+            return None
+        persona, extras = prompt_parts(self.config, self._user())
+        return await build_request(model, persona, self.name, history, self.settings, extras)
 
     def _cancel_reply(self) -> None:
         self._stop.set()
@@ -363,6 +397,8 @@ class ModelParticipant:
             async for piece in self.model.stream(request, stop):
                 if timing.first_token is None:
                     timing.first_token = time.monotonic()
+                    log.debug("%s's first token came %.3f s into its turn; its prompt starts at message %s",
+                              self.name, timing.first_token - timing.started, _oldest_in(request, context))
                     if extended:
                         await self._send(Draft(""))
                 raw.append(piece)
@@ -396,6 +432,17 @@ def prompt_parts(config: ParticipantConfig, user: str) -> tuple[str, PromptExtra
 
     lore = Lore(config.books, fill) if config.books else None
     return fill(config.persona), PromptExtras(fill(config.examples), fill(config.after_history), lore)
+
+
+def _oldest_in(request: ChatRequest, context: list[Chat]) -> str:
+    """The id of the oldest message of ``context`` the prompt still holds: when it changes, the window was cut."""
+    prompt = "\n".join(message["content"] for message in request.messages)
+    oldest = "none"
+    for chat in reversed(context):
+        if chat.content not in prompt:
+            break
+        oldest = chat.id or "none"
+    return oldest
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -1,0 +1,184 @@
+"""A warm cache per persona on a shared llama.cpp model (issue 18): same replies, fewer tokens, prefill yields.
+
+Real rooms: a hub, three personas in one client.py process on the embedded model, greedy, and this
+test as the moderator. The counts come from the client's debug log, where the engine writes what
+llama.cpp itself counted (``llama_perf_context``) and idle prefill writes each batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import Process, join, model_lines, next_frame, say, script
+from websockets.asyncio.client import ClientConnection
+
+from partychat.engines.base import ChatModel, ChatRequest
+from partychat.persona.shared_models import IdlePrefill
+from partychat.protocol import Chat, Role
+
+PERSONAS = {
+    "Ada": "You are Ada, a practical engineer. You answer in one short sentence.",
+    "Bruno": "You are Bruno, a cheerful baker. You answer in one short sentence.",
+    "Cleo": "You are Cleo, a careful historian. You answer in one short sentence.",
+}
+LINES = ("What makes a bridge last?", "And what makes a good loaf of bread?")
+EVALUATED = re.compile(r"llama\.cpp evaluated (\d+) tokens for (\w+)'s turn before its first token "
+                       r"\((\d+) of the prompt's (\d+) were cached\)")
+
+
+@dataclass
+class Room:
+    lines: list[tuple[str, str]]
+    """(speaker, text) of every model message, from the hub's transcript."""
+    log: str
+    """The client's debug log."""
+
+
+def run_room(folder: Path, *flags: str, names: tuple[str, ...] = tuple(PERSONAS), lines: tuple[str, ...] = LINES,
+             hub_flags: tuple[str, ...] = (), moderate: Callable[..., object] | None = None) -> Room:
+    """A hub, the personas in one client.py with ``flags``, and a moderator saying ``lines``, each until quiet."""
+    folder.mkdir(parents=True)
+    transcript = folder / "room.jsonl"
+    started: list[Process] = []
+    try:
+        hub = Process([script("server.py"), "--port", "0", "--host", "127.0.0.1", "--no-web", "--transcript",
+                       str(transcript), "--first-token-timeout", "0", "--turn-timeout", "0", *hub_flags],
+                      folder / "hub.out")
+        started.append(hub)
+        url = hub.wait_for_output(r"listening on (ws://\S+)", timeout=60).group(1)
+        personas = []
+        for name in names:
+            (folder / f"{name}.txt").write_text(PERSONAS[name], encoding="utf-8")
+            personas += ["--persona", f"{name}={folder / f'{name}.txt'}"]
+        client = Process([script("client.py"), *personas, "--server", url, "--temperature", "0", "--retries", "0",
+                          "--history-length", "50", "--max-generation-tokens", "24", "--threads", "1",
+                          "--log-level", "DEBUG", "--log-file", str(folder / "client.log"), *flags],
+                         folder / "client.out")
+        started.append(client)
+        asyncio.run((moderate or until_quiet)(url, len(names), lines))
+        return Room(model_lines(transcript), (folder / "client.log").read_text(errors="replace"))
+    finally:
+        for process in reversed(started):
+            process.stop()
+
+
+async def moderator(url: str, models: int) -> ClientConnection:
+    """A moderator who has seen every persona join."""
+    ws, _ = await join(url, "Moderator", "human", protocol=1)
+    for _ in range(models):
+        await next_frame(ws, "system", timeout=300, event="join")
+    return ws
+
+
+async def until_quiet(url: str, models: int, lines: tuple[str, ...]) -> None:
+    ws = await moderator(url, models)
+    for line in lines:
+        await say(ws, line)
+        await next_frame(ws, "system", timeout=600, event="quiet")
+    await ws.close()
+
+
+@pytest.fixture(scope="module")
+def rooms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Room]:
+    """The same greedy conversation with the warm cache on, off, and capped so tight that it evicts."""
+    folder = tmp_path_factory.mktemp("warm-cache")
+    return {"on": run_room(folder / "on"), "off": run_room(folder / "off", "--cache-mb", "0"),
+            "capped": run_room(folder / "capped", "--cache-mb", "4")}
+
+
+@pytest.mark.slow
+def test_greedy_replies_are_the_same_with_the_warm_cache_on_and_off(rooms):
+    on, off = rooms["on"].lines, rooms["off"].lines
+    assert len(on) == len(PERSONAS) * len(LINES), rooms["on"].log
+    assert on == off
+
+
+@pytest.mark.slow
+def test_a_turn_evaluates_only_what_was_said_since_the_speakers_last_turn(rooms):
+    """By llama.cpp's count: at most the growth of the speaker's prompt since its last turn, plus 16."""
+    previous: dict[str, int] = {}
+    later_turns = 0
+    for evaluated, name, _, prompt in ((int(e), n, c, int(p)) for e, n, c, p in EVALUATED.findall(rooms["on"].log)):
+        if name in previous:
+            later_turns += 1
+            assert evaluated <= prompt - previous[name] + 16, (name, evaluated, prompt, previous[name])
+        previous[name] = prompt
+    assert later_turns == len(PERSONAS) * (len(LINES) - 1)
+
+
+@pytest.mark.slow
+def test_the_cap_evicts_and_the_next_turn_still_answers_the_same(rooms):
+    capped = rooms["capped"]
+    assert re.search(r"Dropped \w+'s saved cache of \d+ tokens: --cache-mb is full", capped.log), capped.log
+    assert capped.lines == rooms["off"].lines
+
+
+@pytest.mark.slow
+def test_a_turn_that_starts_during_a_prefill_waits_for_one_batch_at_most(tmp_path):
+    """Each answer is one turn (``--max-turns 1``); the next line goes in as soon as the last answer shows,
+    while the model prefills that long answer and line into the other persona's cache."""
+    long_line = "Tell us, in one sentence, which of these matters most: " + ", ".join(
+        f"the {word} of the old stone bridge" for word in ("age", "width", "colour", "height", "shape", "weight",
+                                                          "name", "owner", "builder", "river", "town", "road") * 3)
+
+    async def quickly(url: str, models: int, lines: tuple[str, ...]) -> None:
+        ws = await moderator(url, models)
+        for line in lines:
+            await say(ws, line)
+            while (await next_frame(ws, "message", timeout=600)).get("role") != "model":
+                pass
+        await next_frame(ws, "system", timeout=600, event="quiet")
+        await ws.close()
+
+    room = run_room(tmp_path / "room", names=("Ada", "Bruno"), lines=(long_line, "Why?", "Really?"),
+                    hub_flags=("--max-turns", "1"), moderate=quickly)
+    log = room.log.splitlines()
+    claims = [i for i, line in enumerate(log) if "idle prefill holds off" in line]
+    stopped = 0
+    for claim in claims:
+        after = log[claim + 1:]
+        end = next((i for i, line in enumerate(after) if "stopped after" in line or "llama.cpp evaluated" in line),
+                   len(after))
+        batches = sum("Prefill for" in line and "a batch of" in line for line in after[:end])
+        assert batches <= 1, "\n".join(log[claim:claim + end + 2])
+        stopped += end < len(after) and "stopped after" in after[end]
+    assert stopped >= 1, "a turn came while a prefill was running:\n" + room.log
+
+
+class Unused(ChatModel):
+    """A model the order of idle prefill never touches."""
+
+    async def count_tokens(self, request: ChatRequest) -> int:
+        raise AssertionError
+
+    def stream(self, request, stop):  # type: ignore[no-untyped-def]
+        raise AssertionError
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_prefill_goes_first_to_the_likeliest_next_speaker():
+    async def nothing(model: ChatModel) -> None:
+        return None
+
+    async def scenario() -> None:
+        idle = IdlePrefill(Unused("none"))
+        for name, talkativeness in (("Ada", 0.2), ("Bruno", None), ("Cleo", 0.9)):
+            idle.seat(name, talkativeness, nothing)
+        assert idle.order() == ["Ada", "Bruno", "Cleo"], "round-robin from the start of the cast"
+        idle.heard("Ada", Chat(sender="Bruno", content="Fine.", role=Role.MODEL.value), "round-robin")
+        idle.heard("Ada", Chat(sender="Moderator", content="Next?", role=Role.HUMAN.value), None)
+        assert idle.order() == ["Cleo", "Ada", "Bruno"], "round-robin: next after the last model that spoke"
+        idle.heard("Ada", Chat(sender="Moderator", content="Ada, and you?", role=Role.HUMAN.value), "natural")
+        assert idle.order() == ["Ada", "Cleo", "Bruno"], "natural: whoever is named, then the most talkative"
+        idle.heard("Ada", Chat(sender="Cleo", content="Well.", role=Role.MODEL.value), "natural")
+        assert idle.order() == ["Bruno", "Ada", "Cleo"], "natural: the last speaker goes last"
+        await idle.aclose()
+
+    asyncio.run(scenario())
