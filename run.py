@@ -61,6 +61,7 @@ LLAMA_CPP_LOG = VENV / "llama-cpp-build.log"
 LLAMA_CPP_BUILDING = VENV / ".llama-cpp-building"
 LLAMA_CPP_FAILED = VENV / ".llama-cpp-failed"
 LLAMA_CPP_TOLD = VENV / ".llama-cpp-failed-told"
+LLAMA_SERVER_LOG = VENV / "llama-server-build.log"
 
 
 def llama_cpp_pin() -> str:
@@ -200,15 +201,21 @@ def build_llama_server() -> None:
     The same build flags as the wheel (``build_flags``): a native build on a CPU with AMX crashes
     there as the wheel did. Raises CalledProcessError if a step fails.
     """
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, LLAMA_SERVER_LOG.open("w") as log:
         pip("download", "--quiet", "--no-deps", "--no-binary", ":all:", "--dest", scratch, llama_cpp_pin())
         shutil.unpack_archive(str(next(Path(scratch).glob("llama_cpp_python-*.tar.gz"))), scratch)
         source = next(Path(scratch).glob("llama_cpp_python-*/vendor/llama.cpp"))
         build = Path(scratch) / "build"
-        subprocess.run(["cmake", "-S", str(source), "-B", str(build), *build_flags().split(),
-                        *LLAMA_SERVER_OPTIONS.split()], check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
-                       check=True, stdout=subprocess.DEVNULL)
+        steps = [["cmake", "-S", str(source), "-B", str(build), *build_flags().split(), *LLAMA_SERVER_OPTIONS.split()],
+                 ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)]]
+        for step in steps:  # the compiler's thousands of warning lines go to the log, not the terminal or CI's
+            try:
+                subprocess.run(step, check=True, stdout=log, stderr=subprocess.STDOUT)
+            except subprocess.CalledProcessError:
+                log.flush()
+                print(*LLAMA_SERVER_LOG.read_text(errors="replace").splitlines()[-30:], sep="\n")
+                say(f"the llama-server build failed; its whole output is in {LLAMA_SERVER_LOG}")
+                raise
         target = llama_server_binary()
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(build / "bin" / "llama-server", target)
@@ -273,6 +280,7 @@ def run(command: str, rest: list[str]) -> int:
     elif command == "build-llama-cpp":  # started by offer_llama_cpp, not by hand
         return build_llama_cpp()
     elif command == "build-llama-server":
+        ensure_environment()
         build_llama_server()
         say(f"built {llama_server_binary()}")
         return 0

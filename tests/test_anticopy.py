@@ -100,6 +100,30 @@ def test_case_and_punctuation_do_not_hide_a_copy():
     assert banned_words(ban, "they, are") == {" supposed"}
 
 
+def test_the_questions_ngrams_stay_allowed_though_another_speaker_used_them():
+    question = "Are they supposed to help?"
+    ban = WordBan(AntiCopy(("Yes, they are supposed to help.",), 3, allow=(question,)), Vocabulary(VOCAB))
+    assert banned_words(ban, "Well, they are") == {" supposed"}  # "they are supposed" is not the question's
+    assert banned_words(ban, "We are supposed to") == set()  # "supposed to help" is
+    assert banned_words(ban, "Are they supposed to help? They are supposed to") == {" help"}  # but no loop
+    assert AntiCopy(("x",), 3, allow=(question,)).stronger().allow == (question,)
+
+
+def test_a_retry_may_not_open_with_a_speaker_label():
+    vocab = [*VOCAB, " Mod", "Mod", "erator", "**", ":", ": ", "**:", " said"]
+    colons = {":", ": ", "**:"}
+
+    def banned(reply: str, no_label: bool = True) -> set[str]:
+        ban = WordBan(AntiCopy((), 3, no_label=no_label), Vocabulary(vocab))
+        return {vocab[token] for token in ban.banned_tokens((), reply)}
+
+    for opening in (" Mod", "Moderator", "**Mod", "Zen Sage", "Ben ", "**Mod**"):
+        assert banned(opening) == colons, opening  # "Mod:" is as much a label as "Moderator:"
+    assert banned("") == set() and banned("**") == set()
+    assert banned("Well, Mod") == set() and banned("One two three four") == set()  # not a label: free
+    assert banned(" Mod", no_label=False) == set()
+
+
 def test_n_below_two_is_refused_and_stronger_shortens_the_ngrams():
     with pytest.raises(ValueError):
         AntiCopy((), 1)
@@ -122,7 +146,8 @@ def test_the_request_avoids_the_models_lines_but_not_the_moderators():
                Chat(sender="Sage", content="Trees and quiet streets make it pleasant."),
                Chat(sender="Bot", content="Benches every hundred metres.")]
     request = asyncio.run(build_request(_Counter(), "A persona.", "Bot", history, GenerationSettings()))
-    assert request.anti_copy == AntiCopy(("Trees and quiet streets make it pleasant.", "Benches every hundred metres."))
+    assert request.anti_copy == AntiCopy(("Trees and quiet streets make it pleasant.", "Benches every hundred metres."),
+                                         allow=("What makes a city pleasant?",))
     off = asyncio.run(build_request(_Counter(), "A persona.", "Bot", history, GenerationSettings(anti_copy=False)))
     assert off.anti_copy is None
 

@@ -19,7 +19,7 @@ from test_web_page import join_as_moderator, shown, type_line
 from websockets.sync.client import connect
 
 from partychat.export import transcript_markdown
-from partychat.guards import Earlier, Guard
+from partychat.guards import Earlier, Guard, Verdict
 from partychat.hub.server import Hub
 from partychat.hub.transcript import load_saved_room
 from partychat.moderator.console import RoomView
@@ -196,9 +196,25 @@ def test_each_retry_samples_anew_and_hotter_and_the_first_attempt_is_the_persona
     base = GenerationSettings(temperature=0.0)
     assert settings_for_attempt(base, 0, seeds) == base
     first, second = (settings_for_attempt(base, attempt, seeds) for attempt in (1, 2))
-    assert first.temperature == 0.8 and second.temperature == 1.0 and first.seed != second.seed
+    assert first.temperature == 0.8 and second.temperature == 0.9 and first.seed != second.seed
+    assert settings_for_attempt(base, 5, seeds).temperature == 1.0
     assert settings_for_attempt(GenerationSettings(temperature=1.5), 3, seeds).temperature == 1.5
-    assert (base.anti_copy_n, first.anti_copy_n, second.anti_copy_n) == (3, 2, 2)  # stronger anti-copy, n >= 2
+
+
+def test_a_retry_answers_what_went_wrong_and_nothing_else():
+    seeds = random.Random(1)
+    base = GenerationSettings(temperature=0.0)
+    repeat = Verdict(None, Guard.REPEAT, "Trees.")
+    written_as = Verdict(None, Guard.IMPERSONATION, "Moderator: Trees?", "Moderator")
+    empty = Verdict(None, Guard.EMPTY, "...")
+    # A copy calls for stronger anti-copy (shorter n-grams, never under two words) ...
+    assert settings_for_attempt(base, 1, seeds, [repeat]).anti_copy_n == 2
+    assert settings_for_attempt(base, 2, seeds, [repeat, repeat]).anti_copy_n == 2
+    # ... other failures keep the persona's n-grams, which shorter ones would only push off topic.
+    assert settings_for_attempt(base, 2, seeds, [empty, written_as]).anti_copy_n == 3
+    # A reply written as another speaker may not open with a speaker label the next time.
+    assert settings_for_attempt(base, 1, seeds, [written_as]).no_label
+    assert not settings_for_attempt(base, 1, seeds, [repeat]).no_label
 
 
 def test_a_persona_judges_its_reply_as_the_hub_would_and_names_a_cleaned_away_reply():

@@ -23,7 +23,7 @@ import re
 import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_N = 3
 """Words in a banned n-gram, chosen with bench/conversation.py (see bench/README.md)."""
@@ -34,6 +34,8 @@ compares and which can break words."""
 
 _WORD = re.compile(r"\w+")
 _HEAD = re.compile(r"(\W*)(\w*)")
+_LABEL_SO_FAR = re.compile(r"[\s*_@]*\w+(?:[ \t]+\w+){0,2}[*_]*[ \t]*")
+"""A reply so far that a colon would turn into a speaker label."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,15 @@ class AntiCopy:
     avoid: tuple[str, ...] = ()
     n: int = DEFAULT_N
     unit: str = "words"
+    allow: tuple[str, ...] = ()
+    """Texts whose n-grams stay free even where ``avoid`` has them: the moderator's question, which
+    a reply may restate although an earlier speaker already did (banning the question's phrases
+    once another persona used them pushed replies off topic, see bench/README.md)."""
+    no_label: bool = False
+    """The reply may not open with a speaker label, a colon after its first one to three words: a
+    retry after an attempt written as another speaker's line ("Moderator: ..."), which the hub
+    withholds, starts otherwise. Banning the speaker's name instead only moved the model to a
+    shortened one ("Mod: ..."), a label the guards do not know."""
 
     def __post_init__(self) -> None:
         if self.n < MIN_N:
@@ -57,7 +68,7 @@ class AntiCopy:
 
     def stronger(self) -> AntiCopy:
         """The same request with n-grams one unit shorter (never under ``MIN_N``)."""
-        return AntiCopy(self.avoid, max(MIN_N, self.n - 1), self.unit)
+        return replace(self, n=max(MIN_N, self.n - 1))
 
 
 def words(text: str) -> list[str]:
@@ -76,6 +87,13 @@ class _NextWords:
         k = self.n - 1
         for i in range(len(found) - k):
             self.after[tuple(found[i:i + k])].add(found[i + k])
+
+    def discard(self, found: Sequence[str]) -> None:
+        """Free the n-grams of ``found`` again."""
+        k = self.n - 1
+        for i in range(len(found) - k):
+            if (following := self.after.get(tuple(found[i:i + k]))) is not None:
+                following.discard(found[i + k])
 
     def following(self, context: Sequence[str]) -> set[str]:
         k = self.n - 1
@@ -96,12 +114,21 @@ class Vocabulary:
         """Tokens that begin with a space or punctuation, then a word: ' supposed', '\\nThe'."""
         self.gluing: defaultdict[str, list[int]] = defaultdict(list)
         """Tokens that begin with a letter or digit: 'to', 'ed'. They continue the word before them."""
+        self.colons: list[int] = []
+        """Tokens that would write a colon next: ':', ': ', '**:'."""
         for token, text in enumerate(token_texts):
+            if text.lstrip(" *_").startswith(":"):
+                self.colons.append(token)
             head = _HEAD.match(unicodedata.normalize("NFKC", text).casefold())
             assert head is not None  # the pattern matches any text
             lead, word = head.groups()
             if word:
                 (self.starting if lead else self.gluing)[word].append(token)
+
+
+def label_ban(no_label: bool, vocabulary: Vocabulary, reply: str) -> list[int]:
+    """The colon tokens, while a colon would make ``reply`` (the text so far) a speaker label."""
+    return list(vocabulary.colons) if no_label and _LABEL_SO_FAR.fullmatch(reply) else []
 
 
 class WordBan:
@@ -110,9 +137,12 @@ class WordBan:
     def __init__(self, request: AntiCopy, vocabulary: Vocabulary) -> None:
         self.n = request.n
         self.vocabulary = vocabulary
+        self.no_label = request.no_label
         self.others = _NextWords(request.n)
         for text in request.avoid:
             self.others.add(words(text))
+        for text in request.allow:
+            self.others.discard(words(text))
 
     def banned_tokens(self, reply_ids: Sequence[int], reply: str) -> list[int]:
         """Token ids that must not come next after ``reply`` (the text generated so far)."""
@@ -126,7 +156,7 @@ class WordBan:
             return self.others.following(context) | own.following(context)
 
         vocab = self.vocabulary
-        banned: list[int] = []
+        banned = label_ban(self.no_label, vocab, reply)
         if not partial:
             for word in following(written):  # the next token starts a word, with or without a space
                 banned += vocab.starting.get(word, ())
@@ -148,22 +178,31 @@ class TokenBan:
     glued "to" free, which is how broken words such as "supposedto" come about.
     """
 
-    def __init__(self, request: AntiCopy, tokenize: Callable[[str], Sequence[int]]) -> None:
+    def __init__(self, request: AntiCopy, tokenize: Callable[[str], Sequence[int]],
+                 vocabulary: Callable[[], Vocabulary] | None = None) -> None:
         self.n = request.n
+        self.no_label = request.no_label
+        self.vocabulary = vocabulary() if request.no_label and vocabulary is not None else None
         self.others = _NextWords(request.n)
+        def tokens(text: str) -> list[str]:
+            return [str(token) for token in tokenize(f" {text}")]  # as it stands after a space
+
         for text in request.avoid:
-            self.others.add([str(token) for token in tokenize(f" {text}")])  # as it stands after a space
+            self.others.add(tokens(text))
+        for text in request.allow:
+            self.others.discard(tokens(text))
 
     def banned_tokens(self, reply_ids: Sequence[int], reply: str) -> list[int]:
         written = [str(token) for token in reply_ids]
         own = _NextWords(self.n)
         own.add(written)
-        return [int(token) for token in self.others.following(written) | own.following(written)]
+        label = label_ban(self.no_label, self.vocabulary, reply) if self.vocabulary is not None else []
+        return [*label, *(int(token) for token in self.others.following(written) | own.following(written))]
 
 
 def ban_for(request: AntiCopy, vocabulary: Callable[[], Vocabulary],
             tokenize: Callable[[str], Sequence[int]]) -> WordBan | TokenBan:
     """The bans of one reply, in the request's unit; an engine gives its vocabulary and tokenizer."""
     if request.unit == "tokens":
-        return TokenBan(request, tokenize)
+        return TokenBan(request, tokenize, vocabulary)
     return WordBan(request, vocabulary())

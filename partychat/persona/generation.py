@@ -28,6 +28,8 @@ class GenerationSettings:
     anti_copy_unit: str = "words"
     seed: int | None = None
     """The sampling seed; None leaves it random. Retries set a new one each (see persona/retries.py)."""
+    no_label: bool = False
+    """The reply may not open with a speaker label (a retry's, see persona/retries.py)."""
 
 
 ANTI_COPY_MODERATOR = False
@@ -230,11 +232,14 @@ class PromptExtras:
 def anti_copy_for(recent: Sequence[Chat], settings: GenerationSettings) -> AntiCopy | None:
     """What the reply must not copy: every message of the prompt's window (its own earlier ones too,
     which the hub's repeat guard would withhold just the same), the moderator's unless
-    ANTI_COPY_MODERATOR."""
+    ANTI_COPY_MODERATOR. Unless it is, the moderator's phrases stay allowed even where another
+    speaker repeated them: restating the question keeps a reply on topic."""
     if not settings.anti_copy:
         return None
+    moderator = tuple(chat.content for chat in recent if chat.role == Role.HUMAN.value)
     avoid = tuple(chat.content for chat in recent if ANTI_COPY_MODERATOR or chat.role != Role.HUMAN.value)
-    return AntiCopy(avoid, settings.anti_copy_n, settings.anti_copy_unit)
+    return AntiCopy(avoid, settings.anti_copy_n, settings.anti_copy_unit, () if ANTI_COPY_MODERATOR else moderator,
+                    settings.no_label)
 
 
 def speaker_line_pattern(names: Sequence[str]) -> re.Pattern[str]:

@@ -364,7 +364,7 @@ class ModelParticipant:
         taken_back: list[Verdict] = []
         for attempt in range(first, first + max(self.config.retries, 0) + 1):
             stream = ReplyStream(self.name, names) if streaming else None
-            settings = settings_for_attempt(self.settings, attempt, self._seeds)
+            settings = settings_for_attempt(self.settings, attempt, self._seeds, taken_back)
             raw = await self._generate(context, stop, settings, stream, timing)
             if not self._still_mine(turn, stop):
                 break

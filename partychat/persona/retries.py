@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ..engines.anticopy import MIN_N
-from ..guards import Earlier, Verdict, check_reply
+from ..guards import Earlier, Guard, Verdict, check_reply
 from .generation import GenerationSettings
 
 DEFAULT_RETRIES = 2
@@ -22,24 +22,30 @@ DEFAULT_RETRIES = 2
 MAX_RETRIES = 10
 RETRY_TEMPERATURE = 0.8
 """The lowest temperature a retry samples at: a greedy first attempt would only say the same again."""
-RETRY_TEMPERATURE_STEP = 0.2
-MAX_RETRY_TEMPERATURE = 1.2
-"""Retries get hotter up to here; a persona set hotter than this keeps its own temperature."""
+RETRY_TEMPERATURE_STEP = 0.1
+MAX_RETRY_TEMPERATURE = 1.0
+"""Retries get hotter up to here; a persona set hotter than this keeps its own temperature. Kept low:
+at up to 1.2 the retried replies of issue 17's run wandered off the question (bench/README.md)."""
 
 
-def settings_for_attempt(base: GenerationSettings, attempt: int, seeds: random.Random) -> GenerationSettings:
+def settings_for_attempt(base: GenerationSettings, attempt: int, seeds: random.Random,
+                         taken_back: Sequence[Verdict] = ()) -> GenerationSettings:
     """How attempt number ``attempt`` samples: 0 is the persona's own settings, each retry differs more.
 
-    A retry draws with a new seed and a higher temperature. ``attempt`` is the one number every
-    other knob that should grow with the retries (such as how hard copying is discouraged) is to
-    be derived from, here, so that all of a retry's sampling is decided in one place.
+    A retry draws with a new seed and a slightly higher temperature, and answers what the attempts
+    ``taken_back`` before it did wrong, and nothing else: after a repeat, anti-copy bans n-grams one
+    word shorter per repeat (never under MIN_N); after an attempt written as another speaker, the
+    reply may not open with a speaker label ("Name:"). Shorter bans for a failure that was not a copy
+    only pushed replies off topic. All of a retry's sampling is decided here, in one place.
     """
     if attempt <= 0:
         return base
     hotter = min(RETRY_TEMPERATURE + RETRY_TEMPERATURE_STEP * (attempt - 1), MAX_RETRY_TEMPERATURE)
-    # Stronger anti-copy: banned word n-grams one word shorter on each retry, never under MIN_N.
-    shorter = max(MIN_N, base.anti_copy_n - attempt)
-    return replace(base, temperature=max(base.temperature, hotter), seed=seeds.randrange(2**31), anti_copy_n=shorter)
+    repeats = sum(verdict.guard == Guard.REPEAT for verdict in taken_back)
+    shorter = max(MIN_N, base.anti_copy_n - repeats)
+    written_as_another = any(verdict.guard == Guard.IMPERSONATION for verdict in taken_back)
+    return replace(base, temperature=max(base.temperature, hotter), seed=seeds.randrange(2**31), anti_copy_n=shorter,
+                   no_label=base.no_label or written_as_another)
 
 
 def judge(raw: str, reply: str, author: str, participants: Sequence[str], recent: Sequence[Earlier]) -> Verdict:
