@@ -160,8 +160,8 @@ class Say:
 
 
 @dataclass(frozen=True)
-class Draft:
-    """A piece of a reply still being generated (streaming extension)."""
+class Partial:
+    """A piece of a reply still being generated (streaming extension); the pieces so far are its draft."""
 
     content: str
 
@@ -211,7 +211,7 @@ class Command:
         return {"type": "command", "name": self.name, "args": list(self.args)}
 
 
-ClientFrame = Say | Draft | Pass | Discard | Command
+ClientFrame = Say | Partial | Pass | Discard | Command
 
 
 @dataclass(frozen=True)
@@ -287,6 +287,8 @@ class Chat:
         frame = _with_set_fields(frame, self, "replay", "interrupted", "nonce", "whisper", "replaces")
         if self.recipients is not None:
             frame["recipients"] = list(self.recipients)
+        if self.whisper:
+            frame["whispered_to"] = self.whispered_to  # the page shows these words as they are
         return frame
 
 
@@ -333,15 +335,24 @@ class FloorState:
     paused: bool = False
     turn: int = 0
 
+    @property
+    def holder(self) -> str:
+        """Who may speak now, in words: the page's header shows it as sent, the console's turn line too."""
+        if self.paused:
+            return "nobody (paused)"
+        if not self.speakers:
+            return "the moderator"
+        return "any model" if len(self.speakers) > 1 else self.speakers[0]
+
     def to_wire(self) -> dict[str, Any]:
         data = asdict(self)
         data["speakers"] = list(self.speakers)
-        return {"type": "turn", **data}
+        return {"type": "turn", **data, "holder": self.holder}
 
 
 @dataclass(frozen=True)
-class Stream:
-    """A relayed partial reply, sent only to participants that asked for streams."""
+class RelayedPartial:
+    """One ``Partial`` as the hub relays it, with its sender, to the participants that asked for streams."""
 
     sender: str
     content: str
@@ -418,10 +429,30 @@ class Presence:
     spectators: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": "presence", "participants": list(self.participants), "spectators": self.spectators}
+        """Each participant carries ``label``, its row in the page's list in words, so the page only shows it."""
+        participants = [{**about, "label": participant_label(about)} for about in self.participants]
+        return {"type": "presence", "participants": participants, "spectators": self.spectators}
 
 
-ServerFrame = Chat | Notice | Refusal | FloorState | Stream | Withdrawn | Redo | Roster | Archive | Presence
+def participant_label(about: dict[str, Any]) -> str:
+    """One participant's role and state in words: ``/who`` shows it in brackets, the page beside the name.
+
+    ``about`` is a participant as ``presence`` or ``roster`` lists it; the fields only /who carries
+    (talkativeness, speed) are named when present.
+    """
+    details = [str(about.get("role"))]
+    details += [flag for flag in ("moderator", "muted", "skipped") if about.get(flag)]
+    if "on_stage" in about:
+        details.append("on stage" if about["on_stage"] else "off stage")
+    for key, label, unit in (("talkativeness", "talkativeness ", ""), ("ttft", "first token ", " s"),
+                             ("tokens_per_second", "", " tok/s")):
+        value = about.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            details.append(f"{label}{value:g}{unit}")
+    return ", ".join(details)
+
+
+ServerFrame = Chat | Notice | Refusal | FloorState | RelayedPartial | Withdrawn | Redo | Roster | Archive | Presence
 
 
 def _with_set_fields(frame: dict[str, Any], source: object, *names: str) -> dict[str, Any]:
@@ -566,7 +597,7 @@ def parse_client_frame(raw: str | bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BY
                    turn=_optional(data, "turn", int), nonce=_nonce(data), speed=_speed(data),
                    replaces=_optional(data, "replaces", str))
     if kind == "partial":
-        return Draft(content=_content(data, allow_empty=True))
+        return Partial(content=_content(data, allow_empty=True))
     if kind == "pass":
         reason = data.get("reason", "")
         return Pass(reason=reason if isinstance(reason, str) else "", turn=_optional(data, "turn", int),
@@ -630,7 +661,7 @@ def parse_server_frame(raw: str | bytes) -> ServerFrame | None:
             turn=_int_or(data.get("turn"), 0),
         )
     if kind == "partial" and isinstance(data.get("from"), str):
-        return Stream(sender=data["from"], content=text, turn=_int_or(data.get("turn"), 0))
+        return RelayedPartial(sender=data["from"], content=text, turn=_int_or(data.get("turn"), 0))
     if kind == "withdrawn" and isinstance(data.get("from"), str):
         return Withdrawn(sender=data["from"], content=text, reason=str(data.get("reason") or ""),
                          turn=_int_or(data.get("turn"), 0))

@@ -17,7 +17,7 @@ from partychat.display import TERMINAL_COLOURS, neutralise, speaker_colour
 from partychat.export import transcript_markdown
 from partychat.hub.commands import describe_roster
 from partychat.moderator.console import InputError, Local, RoomView, parse_line
-from partychat.protocol import SPEAKER_COLOURS, Chat, Command, FloorState, Notice, Roster, Say, Stream, encode
+from partychat.protocol import SPEAKER_COLOURS, Chat, Command, FloorState, Notice, RelayedPartial, Roster, Say, encode
 
 
 def test_typed_lines_become_messages_commands_or_local_actions():
@@ -68,8 +68,8 @@ def test_the_page_is_told_the_colour_the_console_shows():
 
 def test_hidden_messages_are_still_kept_for_save_and_drafts_grow_in_the_toolbar():
     view = RoomView("Moderator", colour=False, show_messages=False)
-    assert view.render(Stream(sender="Sage", content="Once ")) is None
-    view.render(Stream(sender="Sage", content="upon a time"))
+    assert view.render(RelayedPartial(sender="Sage", content="Once ")) is None
+    view.render(RelayedPartial(sender="Sage", content="upon a time"))
     assert "Sage is writing: Once upon a time" in view.toolbar()
     assert view.render(Chat(sender="Sage", content="Once upon a time.", seq=1)) is None
     assert view.toolbar() == ""

@@ -21,12 +21,12 @@ from websockets.sync.client import connect
 from partychat.export import transcript_markdown
 from partychat.guards import Earlier, Guard, Verdict
 from partychat.hub.server import Hub
-from partychat.hub.transcript import load_history
+from partychat.hub.transcript import load_saved_room
 from partychat.moderator.console import RoomView
 from partychat.persona.generation import GenerationSettings
 from partychat.persona.participant import ModelParticipant, ParticipantConfig
 from partychat.persona.retries import gave_up, judge, settings_for_attempt
-from partychat.protocol import Chat, Stream, Withdrawn
+from partychat.protocol import Chat, RelayedPartial, Withdrawn
 
 
 def takes_back_then(final: str):
@@ -155,7 +155,7 @@ def test_retry_replaces_a_reply_under_a_new_number_everywhere_and_after_resume(t
     assert messages[3]["replaces"] == messages[1]["id"], "the transcript keeps both; the old one is marked replaced"
     withheld = [r.data for r in transcript_of(config) if r.kind == "withheld"]
     assert [(w["from"], w["content"]) for w in withheld] == [("Bot", "Unasked.")]
-    resumed = load_history(config.transcript)
+    resumed = load_saved_room(config.transcript)
     assert [c.content for c in resumed.messages] == [m["content"] for m in seen["held"]]
 
     async def after_resume(hub: Hub) -> None:
@@ -241,7 +241,7 @@ def test_a_personas_history_takes_a_new_version_where_the_old_one_was():
 
 def test_the_console_drops_a_withdrawn_draft_and_saves_a_new_version_in_place_of_the_old():
     view = RoomView("Moderator", colour=False)
-    view.render(Stream(sender="Echo", content="A copy of what you said."))
+    view.render(RelayedPartial(sender="Echo", content="A copy of what you said."))
     line = view.render(Withdrawn(sender="Echo", content="Echo took back a reply: it repeated a recent message."))
     assert view.toolbar() == "" and "Echo took back a reply" in line
     view.render(Chat("Echo", "Old words.", seq=1, id="a"))

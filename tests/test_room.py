@@ -18,11 +18,11 @@ from helpers import ROOT
 from partychat.hub.commands import HANDLERS, run_command
 from partychat.hub.floor import Mode
 from partychat.hub.members import Peer
-from partychat.hub.record import History, MemoryRecorder
+from partychat.hub.record import MemoryRecorder, SavedRoom
 from partychat.hub.room import SPECTATOR_COUNT_PERIOD, Room
 from partychat.hub.settings import RoomSettings
-from partychat.hub.transcript import Transcript, load_history, read_records
-from partychat.protocol import COMMANDS, Chat, Command, Draft, Hello, Role, Say, Spectate
+from partychat.hub.transcript import Transcript, load_saved_room, read_records
+from partychat.protocol import COMMANDS, Chat, Command, Hello, Partial, Role, Say, Spectate
 
 
 class Timer:
@@ -66,7 +66,7 @@ def in_a_room(scenario, **settings) -> tuple[KeptOutlet, MemoryRecorder]:
     outlet, recorder = KeptOutlet(), MemoryRecorder()
     room = Room(RoomSettings(rate_per_second=0, **settings), recorder, outlet)
     scenario(room, outlet)
-    room.stop()
+    room.shut_down()
     room.close()
     return outlet, recorder
 
@@ -130,7 +130,7 @@ def test_a_model_that_has_started_streaming_is_not_skipped():
         host = room.admit(Hello("Host", Role.HUMAN, protocol=1), link="host-link")
         sage = room.admit(Hello("Sage", Role.MODEL, protocol=1), link="sage-link")
         room.receive(host, Say("Go on"))
-        room.receive(sage, Draft(""))
+        room.receive(sage, Partial(""))
         outlet.advance(60)
 
     outlet, _ = in_a_room(scenario, mode=Mode.ROUND_ROBIN, first_token_timeout=5.0, turn_timeout=0)
@@ -156,7 +156,7 @@ def test_the_hub_renders_who_and_the_saved_markdown_once_for_the_page_and_the_co
         host = room.admit(Hello("Host", Role.HUMAN, protocol=1), link="host-link")
         sage = room.admit(Hello("Sage", Role.MODEL, protocol=1, talkativeness=0.8), link="sage-link")
         room.receive(host, Say("Tell a story"))
-        room.receive(sage, Draft("Once upon a"))
+        room.receive(sage, Partial("Once upon a"))
         run_command(room, host, Command("stop"))
         run_command(room, host, Command("who"))
         run_command(room, host, Command("history"))
@@ -169,6 +169,29 @@ def test_the_hub_renders_who_and_the_saved_markdown_once_for_the_page_and_the_co
     assert "> Once upon a" in markdown and " UTC" in markdown
 
 
+def test_the_hub_words_each_participant_the_turn_and_a_whisper_so_the_page_only_shows_them():
+    def scenario(room: Room, outlet: KeptOutlet) -> None:
+        host = room.admit(Hello("Host", Role.HUMAN, protocol=1, stream=True), link="host-link")
+        room.admit(Hello("Sage", Role.MODEL, protocol=1), link="sage-link")
+        room.admit(Hello("Quill", Role.MODEL, protocol=1), link="quill-link")
+        run_command(room, host, Command("mute", ("Quill",)))
+        run_command(room, host, Command("whisper", ("Sage", "just", "you")))
+        run_command(room, host, Command("who"))
+        run_command(room, host, Command("pause"))
+
+    outlet, _ = in_a_room(scenario)
+    to_host = [frame for to, frame in outlet.sent if "Host" in to]
+    rows = [frame["participants"] for frame in to_host if frame["type"] == "presence"][-1]
+    assert [(row["name"], row["label"]) for row in rows] == [
+        ("Host", "human, moderator"), ("Sage", "model"), ("Quill", "model, muted")]
+    roster = next(frame["content"] for frame in to_host if frame["type"] == "roster")
+    assert "Host (human, moderator), Sage (model" in roster and "Quill (model, muted" in roster, "the same words"
+    holders = [frame["holder"] for frame in to_host if frame["type"] == "turn"]
+    assert "Sage" in holders and holders[-1] == "nobody (paused)"
+    whisper = next(frame for frame in to_host if frame["type"] == "message" and frame.get("whisper"))
+    assert whisper["whispered_to"] == "Sage"
+
+
 def test_a_message_comes_back_from_the_transcript_file_as_it_was_relayed(tmp_path):
     chat = Chat(sender="Sage", content="Once\nupon a", seq=3, id="abc", ts=12.5, role="model", interrupted=True,
                 nonce="n1")
@@ -176,7 +199,7 @@ def test_a_message_comes_back_from_the_transcript_file_as_it_was_relayed(tmp_pat
     transcript.start("room-1")
     transcript.message(replace(chat, replay=True))
     transcript.close()
-    assert load_history(tmp_path / "t.jsonl") == History(room_id="room-1", messages=[chat])
+    assert load_saved_room(tmp_path / "t.jsonl") == SavedRoom(room_id="room-1", messages=[chat])
     stored = read_records(tmp_path / "t.jsonl")[1].data
     assert stored == {"from": "Sage", "content": "Once\nupon a", "id": "abc", "seq": 3, "ts": 12.5, "role": "model",
                       "interrupted": True, "nonce": "n1"}, "the record has the message frame's own fields"

@@ -51,7 +51,8 @@ def test_the_page_and_its_files_are_served_with_a_csp_that_allows_no_inline_or_r
     base = page_url(hub)
     assert base == ws_url.replace("ws://", "http://") + "/"
     for path, kind in [("", "text/html"), ("moderate", "text/html"), ("app.js", "text/javascript"),
-                       ("style.css", "text/css"), ("config.json", "application/json")]:
+                       ("render.js", "text/javascript"), ("style.css", "text/css"),
+                       ("config.json", "application/json")]:
         status, headers, body = get(base + path)
         assert status == 200, path
         assert headers["Content-Type"].startswith(kind)
@@ -71,9 +72,21 @@ def test_the_page_and_its_files_are_served_with_a_csp_that_allows_no_inline_or_r
 
 
 def test_the_page_script_never_inserts_text_as_html():
-    source = (resources.files("partychat.hub") / "web" / "app.js").read_text(encoding="utf-8")
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
-        assert sink not in source, sink
+    modules = [f for f in (resources.files("partychat.hub") / "web").iterdir() if f.name.endswith(".js")]
+    assert len(modules) > 1, "app.js and the modules it imports"
+    for module in modules:
+        source = module.read_text(encoding="utf-8")
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
+            assert sink not in source, (module.name, sink)
+
+
+def test_the_page_script_has_none_of_the_words_the_hub_sends():
+    """Roles, the turn and whisper recipients are worded by the hub (protocol.py); a copy here would drift."""
+    for module in (resources.files("partychat.hub") / "web").iterdir():
+        if module.name.endswith(".js"):
+            source = module.read_text(encoding="utf-8")
+            for words in ("on stage", "off stage", "any model", "nobody (paused)", "the moderators"):
+                assert words not in source, (module.name, words)
 
 
 def test_no_web_serves_no_page_and_websockets_still_work(start_hub):

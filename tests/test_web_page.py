@@ -11,11 +11,13 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 
 from browser import expect
 from websockets.sync.client import ClientConnection, connect
 
+from partychat.hub.pages import CONTENT_SECURITY_POLICY
 from partychat.hub.transcript import read_records
 from partychat.protocol import speaker_colour_index
 
@@ -139,6 +141,34 @@ def test_two_personas_in_the_page_stream_then_answer_in_order_and_pause_stops_a_
     records = [r for r in read_records(transcript) if r.kind == "message"]
     assert records[-1].data["content"] == SECOND_QUESTION
     assert not browser.dialogs and not browser.errors
+
+
+def test_the_page_runs_as_es_modules_under_the_csp_and_shows_a_message_as_it_arrives(start_hub, browser):
+    hub, url = start_hub()
+    scripts: dict[str, dict[str, str]] = {}  # every script the browser fetched, with its response headers
+    refused: list[str] = []  # what the browser blocked, as its console says it
+
+    def fetched(response) -> None:
+        if response.request.resource_type == "script":
+            scripts[response.url.rsplit("/", 1)[-1]] = response.headers
+
+    browser.context.on("response", fetched)
+    browser.context.on("console", lambda message: refused.append(message.text)
+                       if "Content Security Policy" in message.text or "MIME" in message.text else None)
+    page = browser.open(page_url(hub))
+    page.locator("#connection", has_text="watching").wait_for()
+    with joined(url, "Ada") as ada:
+        say(ada, "Modules, all of them.")
+        expect(page.locator(FINALS, has_text="Modules, all of them.")).to_be_visible()
+
+    tags = page.evaluate("() => [...document.scripts].map((s) => [s.type, new URL(s.src).pathname])")
+    assert tags == [["module", "/app.js"]], "one module starts the page; nothing inline"
+    modules = {f.name for f in (resources.files("partychat.hub") / "web").iterdir() if f.name.endswith(".js")}
+    assert set(scripts) == modules, "app.js imports every module shipped, and each came from the hub"
+    for name, headers in scripts.items():
+        assert headers["content-type"].startswith("text/javascript"), name
+        assert headers["content-security-policy"] == CONTENT_SECURITY_POLICY, name
+    assert not refused and not browser.errors, (refused, browser.errors)
 
 
 def test_a_spectator_page_has_no_input_and_the_hub_refuses_what_a_script_sends_from_it(

@@ -14,7 +14,7 @@ from helpers import command, drain, hub_config, join, next_frame, say, script, w
 from websockets.asyncio.client import ClientConnection, connect
 
 from partychat.export import transcript_markdown
-from partychat.hub.transcript import load_history, read_records
+from partychat.hub.transcript import load_saved_room, read_records
 from partychat.persona.cast import CastError, Persona, read_cast_file
 from partychat.protocol import parse_server_frame
 
@@ -126,7 +126,7 @@ def test_whispers_are_recorded_with_their_recipients_and_resume_keeps_them_and_t
         assert len(personas) == 2
 
     with_hub(hub_config(tmp_path), first)
-    earlier = load_history(tmp_path / "transcript.jsonl")
+    earlier = load_saved_room(tmp_path / "transcript.jsonl")
     whisper, aside = earlier.messages
     assert (whisper.recipients, whisper.whisper) == (("Ann",), True)
     assert (aside.recipients, aside.whisper) == (("Ann",), False)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ..export import transcript_markdown
-from ..protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster, listed_commands
+from ..protocol import Archive, Command, ErrorCode, ProtocolError, Role, Roster, listed_commands, participant_label
 from .floor import Mode
 from .members import Peer
 from .recipients import Recipients
@@ -59,7 +59,7 @@ def _describe(room: Room, peer: Peer) -> dict[str, object]:
 def describe_roster(roster: Roster) -> str:
     """The roster in one sentence: what the console and the page show for /who."""
     floor = roster.floor
-    people = ", ".join(f"{p.get('name')} ({', '.join(_roster_details(p))})" for p in roster.participants)
+    people = ", ".join(f"{p.get('name')} ({participant_label(p)})" for p in roster.participants)
     speakers = ", ".join(floor.get("speakers") or []) or "nobody"
     watching = f" {roster.spectators} watching." if roster.spectators else ""
     return (
@@ -69,21 +69,8 @@ def describe_roster(roster: Roster) -> str:
     )
 
 
-def _roster_details(participant: dict) -> list[str]:
-    details = [str(participant.get("role"))]
-    details += [flag for flag in ("moderator", "muted", "skipped") if participant.get(flag)]
-    if "on_stage" in participant:
-        details.append("on stage" if participant["on_stage"] else "off stage")
-    for key, label, unit in (("talkativeness", "talkativeness ", ""), ("ttft", "first token ", " s"),
-                             ("tokens_per_second", "", " tok/s")):
-        value = participant.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            details.append(f"{label}{value:g}{unit}")
-    return details
-
-
 def _history(room: Room, peer: Peer, args: tuple[str, ...]) -> None:
-    messages = tuple(room.visible_to(peer, room.history))
+    messages = tuple(room.visible_to(peer, room.messages))
     room.deliver(peer, Archive(messages=messages, markdown=transcript_markdown(messages)))
 
 

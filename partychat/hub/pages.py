@@ -3,7 +3,8 @@
 Websockets hands every opening request to ``process_request`` first: a websocket upgrade goes on to
 the room (after the Origin check), any other GET is answered here from the files in
 ``partychat/hub/web/``. The files ship inside the package and are read once at start, so the page
-works on a LAN with no internet and there is no build step. Every response carries a
+works on a LAN with no internet and there is no build step: the script is ES modules (``app.js``
+imports the others), which the browser fetches from the hub one by one. Every response carries a
 Content-Security-Policy that allows only the hub's own script and style: whatever a participant
 manages to get into the page, no inline script and no remote source will run.
 """
@@ -36,10 +37,11 @@ CONTENT_SECURITY_POLICY = (
 _ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/moderate": ("index.html", "text/html; charset=utf-8"),  # the script adds the moderator's tools
-    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
+JAVASCRIPT = "text/javascript; charset=utf-8"
+"""The type browsers require of a module script (``<script type="module">`` and its imports)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class WebPages:
             folder = resources.files("partychat.hub") / "web"
             for path, (name, kind) in _ASSETS.items():
                 self._add(path, (folder / name).read_bytes(), kind)
+            for module in folder.iterdir():  # app.js and the modules it imports, each at its own name
+                if module.name.endswith(".js"):
+                    self._add(f"/{module.name}", module.read_bytes(), JAVASCRIPT)
             self._add("/config.json", json.dumps(_config(settings)).encode(), "application/json")
 
     @property

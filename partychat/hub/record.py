@@ -34,7 +34,7 @@ class Record:
 
 
 @dataclass
-class History:
+class SavedRoom:
     """What a transcript holds for a hub that resumes it."""
 
     room_id: str | None = None
@@ -57,6 +57,7 @@ class Recording(ABC):
         and the recipients (a resumed hub replays it to them alone)."""
         data = replace(chat, replay=False).to_wire()
         del data["type"], data["colour"]  # the colour is the frame's, worked out from the name
+        data.pop("whispered_to", None)  # words for people, worked out from the recipients
         self.append("message", data)
 
     def stage(self, on_stage: Sequence[str], off_stage: Sequence[str]) -> None:
@@ -93,21 +94,21 @@ class MemoryRecorder(Recording):
         pass
 
 
-def history_of(records: Iterable[Record]) -> History:
+def saved_room(records: Iterable[Record]) -> SavedRoom:
     """The room id and the relayed messages among these records, for ``--resume``; replaced versions left out."""
-    history = History()
+    saved = SavedRoom()
     for record in records:
         if record.kind == "start" and isinstance(record.data.get("room"), str):
-            history.room_id = record.data["room"]
+            saved.room_id = record.data["room"]
         elif record.kind == "message" and record.seq is not None:
             chat = chat_from_wire(record.data)
             if chat is not None:
-                history.messages.append(chat)
+                saved.messages.append(chat)
         elif record.kind == "stage":
-            history.stage = (_names(record.data.get("on_stage")), _names(record.data.get("off_stage")))
-    replaced = {chat.replaces for chat in history.messages if chat.replaces}  # /retry: the new version counts
-    history.messages = [chat for chat in history.messages if chat.id not in replaced]
-    return history
+            saved.stage = (_names(record.data.get("on_stage")), _names(record.data.get("off_stage")))
+    replaced = {chat.replaces for chat in saved.messages if chat.replaces}  # /retry: the new version counts
+    saved.messages = [chat for chat in saved.messages if chat.id not in replaced]
+    return saved
 
 
 def _names(value: Any) -> list[str]:

@@ -21,30 +21,30 @@ from ..protocol import (
     PROTOCOL_VERSION,
     Chat,
     Discard,
-    Draft,
     ErrorCode,
     FloorState,
     Hello,
     Notice,
+    Partial,
     Pass,
     Presence,
     ProtocolError,
     Redo,
     Refusal,
+    RelayedPartial,
     Role,
     Say,
     ServerFrame,
     Spectate,
-    Stream,
     Withdrawn,
     encode,
     speaker_colour_index,
 )
 from .floor import DEFAULT_TALKATIVENESS, Floor, Mode, TurnEnd
-from .history import ChatHistory
 from .members import Members, Peer
+from .messages import RecentMessages
 from .recipients import EVERYONE, NO_PERSONA, Recipients, Sight, Stage, sight, trace_sentence
-from .record import History, Recording
+from .record import Recording, SavedRoom
 from .settings import RoomSettings
 from .spectators import Listener, Spectator, Spectators
 
@@ -84,12 +84,12 @@ class Room:
     """One conversation: the hub feeds it validated frames, and it answers through its outlet.
 
     Membership lives in ``Members``, spectators in ``Spectators``, the numbered messages in
-    ``ChatHistory`` and the turn-taking rules in ``Floor``; the room ties them together and decides
+    ``RecentMessages`` and the turn-taking rules in ``Floor``; the room ties them together and decides
     what every peer hears.
     """
 
     def __init__(self, settings: RoomSettings, transcript: Recording, outlet: Outlet,
-                 earlier: History | None = None) -> None:
+                 earlier: SavedRoom | None = None) -> None:
         """``earlier`` is what a resumed transcript holds (``--resume``): the room carries on from it."""
         self.settings = settings
         self.transcript = transcript
@@ -97,7 +97,7 @@ class Room:
         self.floor = Floor(mode=settings.mode, max_turns=settings.max_turns, seed=settings.seed)
         self.members = Members(settings)
         self.spectators = Spectators(settings.max_spectators)
-        self.history = ChatHistory(settings.replay)
+        self.messages = RecentMessages(settings.replay)
         self.stage = Stage()
         self._private_reply: tuple[str, int] | None = None
         """(persona, turn) whose reply stays private: the turn a ``/whisper!`` gave it."""
@@ -110,11 +110,11 @@ class Room:
         room_id = None
         if earlier is not None:
             room_id = earlier.room_id
-            self.history.extend(earlier.messages)
+            self.messages.extend(earlier.messages)
             if earlier.stage is not None:
                 self.stage.restore(*earlier.stage)
             log.info("Resumed %d messages; the next sequence number is %d", len(earlier.messages),
-                     self.history.seq + 1)
+                     self.messages.seq + 1)
         self.room_id = room_id or uuid.uuid4().hex[:12]
         """Names this conversation; it survives --resume, so clients know their sequence numbers still hold."""
         transcript.start(self.room_id)
@@ -223,14 +223,14 @@ class Room:
 
     # ------------------------------------------------------------ routing and history
 
-    def receive(self, peer: Peer, frame: Say | Draft | Pass | Discard) -> None:
+    def receive(self, peer: Peer, frame: Say | Partial | Pass | Discard) -> None:
         """Route one validated frame from a peer. Commands go to ``commands.run_command`` instead."""
         if not self.hears(peer):
             return
         if peer.role is Role.MODEL:
             self._heard_from(peer, frame)
-        if isinstance(frame, Draft):
-            self._relay_draft(peer, frame)
+        if isinstance(frame, Partial):
+            self._relay_partial(peer, frame)
             return
         if isinstance(frame, Discard):
             self._take_back(peer, frame)
@@ -250,7 +250,7 @@ class Room:
             raise ProtocolError(ErrorCode.EMPTY, "The message is empty.")
         self.post(peer, frame.content, opening=frame.opening, turn=frame.turn, nonce=frame.nonce)
 
-    def _heard_from(self, peer: Peer, frame: Say | Draft | Pass | Discard) -> None:
+    def _heard_from(self, peer: Peer, frame: Say | Partial | Pass | Discard) -> None:
         """A model sent something: it is alive (back in the rotation if it was skipped), and its speed."""
         if peer.name in self.floor.speakers():
             peer.heard_turn = self.floor.turn
@@ -268,7 +268,7 @@ class Room:
         message goes to whoever is on stage, and a persona's reply to a ``/whisper!`` stays private.
         """
         if nonce is not None:
-            earlier = self.history.with_nonce(peer.name, nonce)
+            earlier = self.messages.with_nonce(peer.name, nonce)
             if earlier is not None:  # a line re-sent after a reconnect: confirm it again, relay it once
                 self.deliver(peer, earlier)
                 return
@@ -288,7 +288,7 @@ class Room:
         next_speaker = verdict.impersonated
         if recipients is None:
             recipients = self._reply_recipients(peer.name) if peer.role is Role.MODEL else self.stage.public()
-        self._relay(replace(self.history.draft(peer.name, content, peer.role.value), nonce=nonce,
+        self._relay(replace(self.messages.next_message(peer.name, content, peer.role.value), nonce=nonce,
                             recipients=recipients.personas, whisper=recipients.whisper), peer)
         if peer.role is Role.MODEL:
             self.floor.end_turn(peer.name, TurnEnd.SPOKE, content, next_speaker=next_speaker)
@@ -303,7 +303,7 @@ class Room:
         of an earlier message (``replacing``) is held no turn, and must not repeat the old one either.
         """
         recent = self._recent()
-        if replacing is not None and replacing.id not in {chat.id for chat in self.history.recent(REPEAT_WINDOW)}:
+        if replacing is not None and replacing.id not in {chat.id for chat in self.messages.recent(REPEAT_WINDOW)}:
             recent = [*recent[1 - REPEAT_WINDOW:], Earlier(replacing.sender, replacing.content)]
         verdict = check_reply(content, peer.name, self._names(), recent)
         if verdict.guard is None:
@@ -353,7 +353,7 @@ class Room:
             author = self.find(name)
             if author is None or author.role is not Role.MODEL:
                 raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"No model called {name!r} is in the room.")
-        target = self.history.latest_reply(author.name if author else None)
+        target = self.messages.latest_reply(author.name if author else None)
         if target is None:
             whose = f"{author.name}'s" if author else "a model's"
             raise ProtocolError(ErrorCode.BAD_ARGUMENT, f"The hub holds no reply of {whose} to write again.")
@@ -387,7 +387,7 @@ class Room:
         if not say.content.strip() and not self.settings.guards:
             raise ProtocolError(ErrorCode.EMPTY, "The message is empty.")
         peer.redo = None
-        old = next((chat for chat in self.history if chat.id == say.replaces), None)
+        old = next((chat for chat in self.messages if chat.id == say.replaces), None)
         content = say.content
         if self.settings.guards:
             verdict = self._guard(peer, content, replacing=old)
@@ -396,14 +396,14 @@ class Room:
             content = verdict.content
         # The new version goes to whoever the old one went to (a whispered reply stays whispered).
         recipients = Recipients.of(old) if old is not None else self._reply_recipients(peer.name)
-        self._relay(replace(self.history.draft(peer.name, content, peer.role.value), nonce=say.nonce,
+        self._relay(replace(self.messages.next_message(peer.name, content, peer.role.value), nonce=say.nonce,
                             replaces=say.replaces, recipients=recipients.personas, whisper=recipients.whisper), peer)
 
     def _decline_redo(self, peer: Peer, frame: Pass) -> None:
         """The model gave up writing its message again (``/retry``); the old version stands."""
         if peer.redo is None or frame.replaces != peer.redo:
             return
-        old = next((chat for chat in self.history if chat.id == peer.redo), None)
+        old = next((chat for chat in self.messages if chat.id == peer.redo), None)
         peer.redo = None
         reason = f" ({frame.reason[:200]})" if frame.reason else ""
         self.announce("retry", f"{peer.name} could not write its message again{reason}; the old one stands.",
@@ -412,7 +412,7 @@ class Room:
     def _relay(self, chat: Chat, author: Peer) -> None:
         """Store a message (transcript first), then send it to its recipients; an extension author gets its echo."""
         self.transcript.message(chat)
-        self.history.keep(chat)
+        self.messages.keep(chat)
         log.info("%s: %s", chat.sender, chat.content, extra={"speaker": chat.sender})
         self._send_chat([other for other in self._everyone() if other is not author or author.speaks_extensions],
                         chat)
@@ -453,10 +453,10 @@ class Room:
 
     def _names(self) -> list[str]:
         """Everyone a model could write a line for: who is here, and who spoke lately."""
-        return [peer.name for peer in self.members] + [chat.sender for chat in self.history.recent(REPEAT_WINDOW)]
+        return [peer.name for peer in self.members] + [chat.sender for chat in self.messages.recent(REPEAT_WINDOW)]
 
     def _recent(self) -> list[Earlier]:
-        return [Earlier(chat.sender, chat.content) for chat in self.history.recent(REPEAT_WINDOW)]
+        return [Earlier(chat.sender, chat.content) for chat in self.messages.recent(REPEAT_WINDOW)]
 
     def stop_replies(self, by: Peer) -> None:
         """``/stop``: end the replies in progress now, keeping what each had streamed, and move on."""
@@ -471,7 +471,7 @@ class Room:
             recipients = self._reply_recipients(peer.name)
             if said.strip():
                 self.announce("stop", f"{by.name} stopped {peer.name}.", name=peer.name, recipients=recipients)
-                self._relay(replace(self.history.draft(peer.name, said, peer.role.value), interrupted=True,
+                self._relay(replace(self.messages.next_message(peer.name, said, peer.role.value), interrupted=True,
                                     recipients=recipients.personas, whisper=recipients.whisper), peer)
             else:
                 self.announce("stop", f"{by.name} stopped {peer.name} before it said anything.", name=peer.name,
@@ -496,21 +496,21 @@ class Room:
             return ErrorCode.NOT_YOUR_TURN, "That reply was for an earlier turn; it was kept but not relayed."
         return None
 
-    def _relay_draft(self, peer: Peer, draft: Draft) -> None:
+    def _relay_partial(self, peer: Peer, partial: Partial) -> None:
         floor = self.floor
         if peer.role is not Role.MODEL or peer.name not in floor.speakers() or peer.muted:
             return
         if peer.draft_turn != floor.turn:
             peer.draft_turn, peer.draft_bytes, peer.drafted = floor.turn, 0, ""
-        if not draft.content:
+        if not partial.content:
             return  # a sign of life (the first token), nothing to show
-        peer.draft_bytes += len(draft.content)
+        peer.draft_bytes += len(partial.content)
         if peer.draft_bytes > DRAFT_BYTES_PER_TURN:
             return  # a reply that long streams no further; its final message still goes out whole
-        peer.drafted += draft.content
+        peer.drafted += partial.content
         self._send([other for other in self._readers(self._reply_recipients(peer.name))
                      if other.wants_stream and other is not peer],
-                   encode(Stream(sender=peer.name, content=draft.content, turn=floor.turn)))
+                   encode(RelayedPartial(sender=peer.name, content=partial.content, turn=floor.turn)))
 
     def _replay_to(self, peer: Listener, last_seq: int | None) -> None:
         """Late joiners get recent history; a reconnecting client gets exactly what it missed.
@@ -521,15 +521,15 @@ class Room:
         """
         if isinstance(peer, Peer) and peer.role is Role.MODEL and not peer.speaks_extensions:
             return
-        if last_seq is not None and last_seq > self.history.seq:
+        if last_seq is not None and last_seq > self.messages.seq:
             last_seq = None  # numbers from another conversation (a hub restarted without --resume)
         if last_seq is not None:
-            missed, lost = self.history.since(last_seq)
+            missed, lost = self.messages.since(last_seq)
             if lost:
                 self.deliver(peer, Notice(f"{lost} older messages are no longer held in memory; "
                                           f"they are in the transcript {self.transcript.location}.", event="gap"))
         else:
-            missed = self.history.recent(self.settings.replay, self._entitles(peer))
+            missed = self.messages.recent(self.settings.replay, self._entitles(peer))
         for chat in missed:
             self._send_chat([peer], replace(chat, replay=True))
 
@@ -714,7 +714,7 @@ class Room:
         if present:
             self.outlet.send(present, text)
 
-    def stop(self) -> list[Listener]:
+    def shut_down(self) -> list[Listener]:
         """Say the hub is stopping and empty the room; returns the connections that must close."""
         self.closing = True
         for timer in (*self._turn_timers, self._count_timer):

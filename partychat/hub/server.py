@@ -40,7 +40,7 @@ from .pages import PageSettings, WebPages
 from .room import Room, Timer
 from .settings import RoomSettings
 from .spectators import Listener, Spectator
-from .transcript import Transcript, default_path, load_history
+from .transcript import Transcript, default_path, load_saved_room
 
 log = logging.getLogger("partychat.hub")
 
@@ -136,7 +136,7 @@ class Hub:
         self.config = config
         path = config.transcript or config.resume or default_path(config.logs_dir)
         self.outlet = SocketOutlet(config.room.max_buffered_bytes, self._cut_off)
-        earlier = load_history(config.resume) if config.resume is not None else None
+        earlier = load_saved_room(config.resume) if config.resume is not None else None
         if earlier is not None:
             log.info("Resuming the conversation in %s", config.resume)
         self.transcript = Transcript(path, fsync=config.fsync)
@@ -205,7 +205,7 @@ class Hub:
 
     async def _shutdown(self) -> None:
         """Tell everyone the hub is stopping, close every connection, then close the transcript."""
-        peers = self.room.stop()
+        peers = self.room.shut_down()
         await asyncio.gather(*(self.outlet.flush(peer, 1.0) for peer in peers))
         await asyncio.gather(
             *(close_peer(_connection(peer), CloseCode.GOING_AWAY, "hub stopping") for peer in peers)

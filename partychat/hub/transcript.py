@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from .record import History, Record, Recording, history_of
+from .record import Record, Recording, SavedRoom, saved_room
 
-__all__ = ["History", "Record", "Transcript", "default_path", "load_history", "read_records"]
+__all__ = ["Record", "SavedRoom", "Transcript", "default_path", "load_saved_room", "read_records"]
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,9 @@ def read_records(path: Path) -> list[Record]:
     return records
 
 
-def load_history(path: Path) -> History:
+def load_saved_room(path: Path) -> SavedRoom:
     """The room id and the relayed messages of a transcript, for ``--resume``."""
-    return history_of(read_records(path))
+    return saved_room(read_records(path))
 
 
 def _ends_with_newline(path: Path) -> bool:

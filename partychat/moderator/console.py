@@ -21,10 +21,10 @@ from ..protocol import (
     FloorState,
     Notice,
     Refusal,
+    RelayedPartial,
     Roster,
     Say,
     ServerFrame,
-    Stream,
     Withdrawn,
     listed_commands,
 )
@@ -104,7 +104,7 @@ class RoomView:
             if frame.replaces:
                 marker += paint(" (written again, in place of its last message)", DIM, self.colour)
             return f"{self.stamp(frame.ts or None)} {name}{marker}: {neutralise(frame.content)}"
-        if isinstance(frame, Stream):
+        if isinstance(frame, RelayedPartial):
             self.drafts[frame.sender] = self.drafts.get(frame.sender, "") + frame.content
             return None
         if isinstance(frame, Withdrawn):
@@ -137,7 +137,7 @@ class RoomView:
         self._shown_speakers = speakers
         if not speakers:
             return None  # the hub's "quiet" event says why
-        who = "any model" if len(speakers) > 1 else neutralise(speakers[0], keep_newlines=False)
+        who = neutralise(floor.holder, keep_newlines=False)  # the hub's words, as the page shows them
         return self.status(f"Turn: {who} ({floor.turns_left} model turn{'s' if floor.turns_left != 1 else ''} left)")
 
     def toolbar(self) -> str:

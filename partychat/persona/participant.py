@@ -27,10 +27,10 @@ from ..protocol import (
     PROTOCOL_VERSION,
     Chat,
     Discard,
-    Draft,
     FloorState,
     Hello,
     Notice,
+    Partial,
     Pass,
     Redo,
     Refusal,
@@ -298,7 +298,7 @@ class ModelParticipant:
             return True
         return self.floor.turn == turn and self.name in self.floor.speakers and not self.floor.paused
 
-    async def _send(self, frame: Say | Draft | Pass) -> bool:
+    async def _send(self, frame: Say | Partial | Pass) -> bool:
         """Send if still connected; a connection lost meanwhile is the reconnect loop's business."""
         session = self._session
         if session is None:
@@ -340,7 +340,7 @@ class ModelParticipant:
                 return
         rest = stream.rest(reply) if stream is not None else None
         if rest:
-            await self._send(Draft(rest))
+            await self._send(Partial(rest))
         if not await self._send(Say(reply, turn=turn, speed=speed)):
             return
         if not session.extended:  # our hub echoes our message back with its number; a baseline hub does not
@@ -400,11 +400,11 @@ class ModelParticipant:
                     log.debug("%s's first token came %.3f s into its turn; its prompt starts at message %s",
                               self.name, timing.first_token - timing.started, _oldest_in(request, context))
                     if extended:
-                        await self._send(Draft(""))
+                        await self._send(Partial(""))
                 raw.append(piece)
                 clean = stream.feed(piece) if stream is not None else ""
                 if clean and not stop.is_set():
-                    await self._send(Draft(clean))
+                    await self._send(Partial(clean))
         finally:
             timing.finished = time.monotonic()
             timing.pieces += len(raw)  # over every attempt, like the span from the first token

@@ -12,13 +12,15 @@ from collections.abc import Callable, Iterable, Iterator
 
 from ..protocol import Chat, Role
 
-HISTORY_KEPT = 1000
+MESSAGES_KEPT = 1000
 """Recent messages held in memory for replay and for clients that reconnect."""
 
 
-class ChatHistory:
+class RecentMessages:
+    """The room's recent messages, numbered: what a late joiner is replayed and a reconnecting client missed."""
+
     def __init__(self, replay: int) -> None:
-        self.messages: deque[Chat] = deque(maxlen=max(replay, HISTORY_KEPT))
+        self.messages: deque[Chat] = deque(maxlen=max(replay, MESSAGES_KEPT))
         self.seq = 0
         """The number of the last message relayed; the next one gets seq + 1."""
 
@@ -30,7 +32,7 @@ class ChatHistory:
         self.messages.extend(earlier)
         self.seq = max((chat.seq for chat in self.messages), default=self.seq)
 
-    def draft(self, sender: str, content: str, role: str) -> Chat:
+    def next_message(self, sender: str, content: str, role: str) -> Chat:
         """The next message, numbered but not yet kept: it is kept only once the transcript holds it."""
         return Chat(sender=sender, content=content, seq=self.seq + 1, id=uuid.uuid4().hex[:12],
                     ts=round(time.time(), 3), role=role)
