@@ -47,10 +47,10 @@ async def decode_rate(model: ChatModel, persona: str, name: str, settings: Gener
 
 
 async def measure(engine: str, args: argparse.Namespace) -> dict[str, Any]:
-    model = open_chat_model(engine, EngineOptions(backend=engine, threads=args.threads))
+    model = open_chat_model(engine, EngineOptions(engine=engine, threads=args.threads))
     personas = [((prompts_folder() / file).read_text(encoding="utf-8"), name) for file, name in PERSONAS[:args.prompts]]
-    on = GenerationSettings(temperature=0, max_new_tokens=args.max_new_tokens)
-    off = GenerationSettings(temperature=0, max_new_tokens=args.max_new_tokens, anti_copy=False)
+    on = GenerationSettings(temperature=0, max_tokens=args.max_new_tokens)
+    off = GenerationSettings(temperature=0, max_tokens=args.max_new_tokens, anti_copy=False)
     try:
         start = time.perf_counter()
         await decode_rate(model, *personas[0], on)  # warm-up, and the vocabulary read once

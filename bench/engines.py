@@ -68,7 +68,7 @@ def settings_for(args: argparse.Namespace) -> GenerationSettings:
     (With the default --history-length 5 the window slides once the room has more messages, and
     a prompt then shares only the persona with the last one.)
     """
-    return GenerationSettings(temperature=0, max_new_tokens=args.max_new_tokens, history_length=20)
+    return GenerationSettings(temperature=0, max_tokens=args.max_new_tokens, history_length=20)
 
 
 # ------------------------------------------------------------------------------------------------ persona
@@ -97,7 +97,7 @@ def persona_runs(model: ChatModel, count_tokens: Callable[[str], int], args: arg
     The second turn needs only its first token, so it generates one.
     """
     settings = settings_for(args)
-    one_token = replace(settings, max_new_tokens=1)
+    one_token = replace(settings, max_tokens=1)
 
     async def main() -> dict[str, Any]:
         await persona_turn(model, *personas(args)[0], history(), settings)  # warm-up
@@ -265,7 +265,7 @@ async def bare_client_turn(model: Any, persona: str, name: str, chats: list[Chat
     bare_client = bare_client or openai.AsyncOpenAI(base_url=model.base_url, api_key="none")  # one per run, as ours
     start, first, pieces = time.perf_counter(), None, []
     stream = await bare_client.chat.completions.create(model=SERVER_MODEL, messages=list(request.messages),
-                                                       stream=True, temperature=0, max_tokens=settings.max_new_tokens)
+                                                       stream=True, temperature=0, max_tokens=settings.max_tokens)
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()

@@ -202,7 +202,7 @@ def run_raw(model: TransformersChatModel, request: ChatRequest, settings: Genera
     start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         output = loaded.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=settings.max_new_tokens,
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=settings.max_tokens,
             pad_token_id=tokenizer.eos_token_id, streamer=streamer, **sampling(settings),
         )
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -227,7 +227,7 @@ async def _pipeline(model: TransformersChatModel, request: ChatRequest,
     ticking = asyncio.create_task(ticker())
     await asyncio.sleep(0.05)  # let the ticker settle before generation starts
     start, cpu = time.perf_counter(), time.process_time()
-    request = replace(request, temperature=settings.temperature, max_tokens=settings.max_new_tokens)
+    request = replace(request, temperature=settings.temperature, max_tokens=settings.max_tokens)
     async for piece in model.stream(request, StopFlag()):
         arrivals.append(time.perf_counter())
         pieces.append(piece)
@@ -235,7 +235,7 @@ async def _pipeline(model: TransformersChatModel, request: ChatRequest,
     text = "".join(pieces)
     done.set()
     await ticking
-    return {"tokens": settings.max_new_tokens, "seconds": seconds, "cpu": cpu,
+    return {"tokens": settings.max_tokens, "seconds": seconds, "cpu": cpu,
             "ttft": (arrivals[0] if arrivals else start + seconds) - start,
             "lag_ms": 1000 * max(lags, default=0.0), "text": text}
 
@@ -281,10 +281,10 @@ def child(config: Config, args: argparse.Namespace) -> dict[str, Any]:
     load_s = time.perf_counter() - start
     configure(loaded, config, args.max_new_tokens)
     model = TransformersChatModel(loaded)
-    prompts = build_prompts(model, args.prompts, GenerationSettings(max_new_tokens=args.max_new_tokens))
+    prompts = build_prompts(model, args.prompts, GenerationSettings(max_tokens=args.max_new_tokens))
     run = run_raw if config.mode == "raw" else run_pipeline
-    settings = GenerationSettings(temperature=config.temp, max_new_tokens=args.max_new_tokens)
-    warmup = GenerationSettings(temperature=config.temp, max_new_tokens=args.warmup_tokens)
+    settings = GenerationSettings(temperature=config.temp, max_tokens=args.max_new_tokens)
+    warmup = GenerationSettings(temperature=config.temp, max_tokens=args.warmup_tokens)
     start = time.perf_counter()
     with min_tokens(loaded, args.warmup_tokens):
         run(model, prompts[0], settings if config.compile else warmup)
@@ -376,7 +376,7 @@ def agreement(args: argparse.Namespace, reference: str, dtypes: list[str]) -> It
 
     source = resolve(args.model)
     base = load(source, dtype=reference)
-    prompts = build_prompts(base.tokenizer, args.prompts, GenerationSettings(max_new_tokens=args.max_new_tokens))
+    prompts = build_prompts(base.tokenizer, args.prompts, GenerationSettings(max_tokens=args.max_new_tokens))
     with torch.inference_mode():
         new = args.max_new_tokens
         sequences = [base.model.generate(input_ids=torch.tensor([p]), max_new_tokens=new, min_new_tokens=new,

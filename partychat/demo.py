@@ -53,7 +53,7 @@ def read_cast(value: str) -> tuple[Path, list[str]]:
 
     try:
         path = find_cast_file(value).resolve()
-        return path, [persona.name for persona in read_cast_file(path, Persona(name="", persona=""))]
+        return path, [persona.name for persona in read_cast_file(path, Persona(name="", system_prompt=""))]
     except CastError as error:
         raise SystemExit(f"demo: {error}") from None
 

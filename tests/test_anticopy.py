@@ -44,7 +44,7 @@ def engine(request):
 
         model = LlamaCppChatModel(embedded_gguf(), context_tokens=1024, threads=2)
     else:
-        model = open_chat_model("transformers", EngineOptions(backend="transformers", threads=2))
+        model = open_chat_model("transformers", EngineOptions(engine="transformers", threads=2))
     yield model
     asyncio.run(model.aclose())
 
@@ -157,7 +157,7 @@ def test_no_anti_copy_flag_and_cast_field(tmp_path):
     assert not any(p.anti_copy for p in build_cast(build_parser().parse_args(["--name", "A", "--no-anti-copy"])))
     cast = tmp_path / "cast.toml"
     cast.write_text('[[persona]]\nname = "A"\nanti_copy = false\n[[persona]]\nname = "B"\n')
-    assert [p.anti_copy for p in read_cast_file(cast, Persona(name="", persona=""))] == [False, True]
+    assert [p.anti_copy for p in read_cast_file(cast, Persona(name="", system_prompt=""))] == [False, True]
     cast.write_text('[[persona]]\nname = "A"\nanti_copy = "no"\n')
     with pytest.raises(Exception, match="anti_copy"):
-        read_cast_file(cast, Persona(name="", persona=""))
+        read_cast_file(cast, Persona(name="", system_prompt=""))

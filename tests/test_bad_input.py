@@ -78,7 +78,7 @@ def test_llama_cpp_with_a_model_folder_is_one_sentence(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     result = run_script(tmp_path, "client.py", "--name", "X", "--backend", "llama.cpp", "--model", str(tmp_path))
     assert result.returncode == 2
-    assert_clean_failure(result, "runs .gguf files", "--backend transformers")
+    assert_clean_failure(result, "runs .gguf files", "--engine transformers")
 
 
 def test_an_engine_that_is_not_installed_says_how_to_install_it(tmp_path):
@@ -92,14 +92,24 @@ def test_an_engine_that_is_not_installed_says_how_to_install_it(tmp_path):
 
 
 def test_auto_picks_the_engine_by_server_model_kind_and_what_is_installed(tmp_path):
-    from partychat.engines.registry import EngineOptions, pick_backend
+    from partychat.engines.registry import EngineOptions, pick_engine
 
     (tmp_path / "config.json").write_text("{}")
-    assert pick_backend(EngineOptions(api_base="http://127.0.0.1:1/v1", model="anything"))[0] == "openai"
-    assert pick_backend(EngineOptions(model=str(tmp_path)))[0] == "transformers"
-    engine, reason = pick_backend(EngineOptions())
+    assert pick_engine(EngineOptions(api_base="http://127.0.0.1:1/v1", model="anything"))[0] == "openai"
+    assert pick_engine(EngineOptions(model=str(tmp_path)))[0] == "transformers"
+    engine, reason = pick_engine(EngineOptions())
     assert engine == "llama.cpp" and "GGUF" in reason
-    assert pick_backend(EngineOptions(backend="transformers"))[0] == "transformers"
+    assert pick_engine(EngineOptions(engine="transformers"))[0] == "transformers"
+
+
+def test_engine_is_the_flag_and_backend_still_names_it_and_the_reply_length_flag_sets_max_tokens():
+    from partychat.persona.cli import build_cast, build_parser
+
+    for flag in ("--engine", "--backend"):  # --backend: what users wrote before it was called the engine
+        args = build_parser().parse_args(["--name", "Sage", flag, "llama.cpp", "--max-generation-tokens", "42"])
+        assert args.engine == "llama.cpp"
+        [sage] = build_cast(args)
+        assert (sage.engine, sage.max_tokens) == ("llama.cpp", 42)
 
 
 def test_bad_numbers_are_refused_up_front(tmp_path):
@@ -228,14 +238,14 @@ def test_every_engine_is_one_registry_entry_and_a_missing_one_says_what_to_insta
     from dataclasses import replace
 
     from partychat.engines.base import EngineNotInstalled
-    from partychat.engines.registry import BACKENDS, ENGINES, EngineOptions, open_chat_model
+    from partychat.engines.registry import ENGINE_CHOICES, ENGINES, EngineOptions, open_chat_model
 
-    assert ("auto", *ENGINES) == BACKENDS
+    assert ("auto", *ENGINES) == ENGINE_CHOICES
     for name, engine in ENGINES.items():
         assert engine.name == name and "pip install" in engine.install_hint
         monkeypatch.setitem(ENGINES, name, replace(engine, installed=lambda: False, open=None))
         with pytest.raises(EngineNotInstalled) as refused:
-            open_chat_model(name, EngineOptions(backend=name))
+            open_chat_model(name, EngineOptions(engine=name))
         assert str(refused.value) == engine.install_hint
 
 

@@ -27,7 +27,7 @@ from partychat.persona.lorebook import Lore, read_lorebook
 from partychat.persona.participant import ParticipantConfig, prompt_parts
 from partychat.protocol import Chat
 
-BASE = Persona(name="", persona="")
+BASE = Persona(name="", system_prompt="")
 
 
 def chunk(kind: bytes, body: bytes) -> bytes:
@@ -82,7 +82,7 @@ def model(tmp_path_factory):
 
 def config(persona: Persona) -> ParticipantConfig:
     """As client.py makes it from a persona."""
-    return ParticipantConfig(name=persona.name, persona=persona.persona, examples=persona.examples,
+    return ParticipantConfig(name=persona.name, system_prompt=persona.system_prompt, examples=persona.examples,
                              after_history=persona.after_history, books=persona.books)
 
 
@@ -166,10 +166,10 @@ def test_cast_fields_override_the_card_and_a_folder_of_cards_is_a_cast(tmp_path)
                     'temperature = 0.1\n\n'
                     '[[persona]]\ncard = "cards/a-quill.json"\nprompt_file = "plain.txt"\n', encoding="utf-8")
     mira, mara, quill = read_cast_file(cast, BASE)
-    assert (mira.name, mira.initial_prompt, mira.persona) == ("Mira", "Hello.", "Mira keeps the lamp.")
+    assert (mira.name, mira.initial_prompt, mira.system_prompt) == ("Mira", "Hello.", "Mira keeps the lamp.")
     assert (mara.name, mara.initial_prompt, mara.temperature) == ("Mara", "Hi all.", 0.1)
-    assert mara.persona == "Mara keeps the lamp.", "a renamed card persona is {{char}} under its new name"
-    assert quill.persona == "You are a plain persona."
+    assert mara.system_prompt == "Mara keeps the lamp.", "a renamed card persona is {{char}} under its new name"
+    assert quill.system_prompt == "You are a plain persona."
 
 
 # Lorebooks
@@ -202,7 +202,7 @@ def test_secondary_keys_follow_sillytaverns_logic_in_a_world_info_file(tmp_path,
         "uid": 0, "key": ["tower"], "keysecondary": ["sea", "storm"], "selectiveLogic": logic,
         "content": "Lore of the tower.", "comment": "Tower", "constant": False, "selective": True, "order": 100,
         "position": 0, "disable": False, "caseSensitive": None}}})
-    persona = Persona(name="Sage", persona="You are Sage.", books=(read_lorebook(world),))
+    persona = Persona(name="Sage", system_prompt="You are Sage.", books=(read_lorebook(world),))
     assert ("Lore of the tower." in joined(prompt(model, persona, chats(("Ann", text))))) == fires
 
 
@@ -248,7 +248,7 @@ def test_the_budget_drops_examples_then_lore_by_priority_before_any_history(mode
         {"keys": ["tower"], "content": "Middling tower lore. " + filler, "priority": 5})
     persona = Persona(**{**persona.__dict__, "examples": "Examples of how Mira speaks:\n" + filler})
     history = chats(("Ann", f"First message {filler}"), ("Ann", f"Second message {filler}"), ("Ann", "The tower?"))
-    bare = Persona(name=persona.name, persona=persona.persona)
+    bare = Persona(name=persona.name, system_prompt=persona.system_prompt)
 
     async def tokens(messages: list[dict[str, str]]) -> int:
         from partychat.engines.base import ChatRequest
@@ -260,12 +260,12 @@ def test_the_budget_drops_examples_then_lore_by_priority_before_any_history(mode
     assert all(text in joined(roomy) for text in ("Vital", "Minor", "Middling", "Examples of how"))
     full = asyncio.run(tokens(roomy))
     entry = (full - history_only) // 5  # four blocks of about the same size, and more
-    settings = GenerationSettings(max_context_tokens=100 + history_only + entry + entry // 2, max_new_tokens=100)
+    settings = GenerationSettings(max_context_tokens=100 + history_only + entry + entry // 2, max_tokens=100)
     tight = joined(prompt(model, persona, history, settings=settings))
     assert "First message" in tight and "Second message" in tight, "history is kept while lore can give way"
     assert "Vital tower lore" in tight
     assert "Minor tower lore" not in tight and "Middling tower lore" not in tight and "Examples of how" not in tight
-    tighter = GenerationSettings(max_context_tokens=100 + history_only - 5, max_new_tokens=100)
+    tighter = GenerationSettings(max_context_tokens=100 + history_only - 5, max_tokens=100)
     cut = joined(prompt(model, persona, history, settings=tighter))
     assert "[Lore]" not in cut and "First message" not in cut and "The tower?" in cut
 
@@ -381,6 +381,6 @@ def test_the_shipped_card_examples_are_valid():
     mira, bramble = read_cast_file(ROOT / "casts" / "harbour.toml", BASE)
     assert (mira.name, bramble.name) == ("Mira Hale", "Bramble")
     assert mira.initial_prompt and mira.examples and mira.books and bramble.books
-    assert "Bramble" in bramble.persona and "{{char}}" not in bramble.persona
+    assert "Bramble" in bramble.system_prompt and "{{char}}" not in bramble.system_prompt
     assert [p.name for p in read_cast_file(ROOT / "casts" / "cards", BASE)] == ["Captain Tobias Bramble", "Mira Hale"]
     assert len(read_lorebook(ROOT / "casts" / "harbour-lore.json").entries) == 2

@@ -24,7 +24,7 @@ from helpers import (
 
 from partychat.persona.cast import CastError, Persona, read_cast_file
 
-BASE = Persona(name="", persona="")
+BASE = Persona(name="", system_prompt="")
 TRIO = (("Zen Sage", "sage.txt"), ("TinkerBot", "inventor.txt"), ("Historian", "historian.txt"))
 
 
@@ -108,7 +108,7 @@ def test_the_shipped_casts_are_valid():
     assert [p.name for p in demo] == ["Zen Sage", "TinkerBot"]
     panel = read_cast_file(ROOT / "casts" / "panel.toml", BASE)
     assert len(panel) == 7 and len({p.name for p in panel}) == 7
-    assert all(p.persona.startswith(f"You are {p.name}") for p in panel)
+    assert all(p.system_prompt.startswith(f"You are {p.name}") for p in panel)
 
 
 @pytest.mark.parametrize(("text", "phrases"), [
@@ -138,7 +138,7 @@ def test_prompt_files_are_found_next_to_the_cast_file_first(tmp_path):
     (tmp_path / "sage.txt").write_text("You are a local sage.", encoding="utf-8")
     path = cast_file(tmp_path, "[[persona]]\nname = 'A'\nprompt_file = 'sage.txt'\ntemperature = 0\n")
     [persona] = read_cast_file(path, BASE)
-    assert persona.persona == "You are a local sage." and persona.temperature == 0.0
+    assert persona.system_prompt == "You are a local sage." and persona.temperature == 0.0
 
 
 def test_client_refuses_a_bad_cast_in_one_sentence_before_loading_anything(tmp_path):

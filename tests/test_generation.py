@@ -122,7 +122,7 @@ def test_a_template_without_a_system_role_gets_the_persona_in_the_first_user_tur
 
 def test_long_histories_drop_the_oldest_turns_first_but_never_the_persona(engine):
     history = chats(*[("Moderator", f"message number {n} " + "words " * 40) for n in range(30)])
-    settings = GenerationSettings(max_context_tokens=400, max_new_tokens=100, history_length=30)
+    settings = GenerationSettings(max_context_tokens=400, max_tokens=100, history_length=30)
     ids, text = prompt_text(engine, "You are Sage, keeper of the persona.", "Sage", history, settings)
     assert len(ids) <= 300
     assert "keeper of the persona" in text
@@ -144,7 +144,7 @@ def test_a_single_huge_message_is_cut_to_fit(engine):
 
 def test_without_auto_truncate_a_long_prompt_is_a_clear_error(engine):
     history = chats(*[("Moderator", "words " * 100) for _ in range(5)])
-    settings = GenerationSettings(max_context_tokens=300, max_new_tokens=100, auto_truncate=False)
+    settings = GenerationSettings(max_context_tokens=300, max_tokens=100, auto_truncate=False)
     with pytest.raises(PromptTooLong, match="--no-auto-truncate"):
         prompt_text(engine, "Persona.", "Sage", history, settings)
 
@@ -265,8 +265,8 @@ def test_llama_cpp_reuses_the_prompt_cache_for_a_growing_conversation():
 
 
 def test_llama_cpp_refuses_a_model_folder_in_one_sentence(tiny_folder):
-    with pytest.raises(ModelError, match=r"runs \.gguf files.*--backend transformers"):
-        open_chat_model("llama.cpp", EngineOptions(backend="llama.cpp", model=str(tiny_folder)))
+    with pytest.raises(ModelError, match=r"runs \.gguf files.*--engine transformers"):
+        open_chat_model("llama.cpp", EngineOptions(engine="llama.cpp", model=str(tiny_folder)))
 
 
 def test_model_sources_are_resolved_without_loading(tmp_path):

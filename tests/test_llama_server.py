@@ -78,7 +78,7 @@ def slots(root: str) -> list[dict]:
 def test_personas_keep_their_own_slot_and_reuse_their_prompts_with_dry_accepted(server):
     """Two personas take turns on one model instance: each comes back to its slot and finds its prompt there."""
     process, root = server
-    settings = GenerationSettings(temperature=0, max_new_tokens=24, history_length=20)
+    settings = GenerationSettings(temperature=0, max_tokens=24, history_length=20)
     personas = [((prompts_folder() / file).read_text(encoding="utf-8"), name) for file, name in PERSONAS]
 
     async def conversation() -> list[tuple[str, str, list[dict]]]:

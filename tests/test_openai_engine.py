@@ -358,15 +358,16 @@ def test_prompt_sizes_come_from_llama_cpp_servers_tokenizer_and_err_high(llama_s
 
 def test_three_personas_on_three_engines_give_exactly_three_replies(llama_server, tmp_path):
     models = {
-        "Zen Sage": open_chat_model("transformers", EngineOptions(backend="transformers")),
-        "TinkerBot": open_chat_model("llama.cpp", EngineOptions(backend="llama.cpp", threads=1)),
+        "Zen Sage": open_chat_model("transformers", EngineOptions(engine="transformers")),
+        "TinkerBot": open_chat_model("llama.cpp", EngineOptions(engine="llama.cpp", threads=1)),
         "Historian": OpenAIChatModel(llama_server.base_url, LLAMA_MODEL, API_KEY),
     }
-    settings = GenerationSettings(temperature=0, max_new_tokens=60)
+    settings = GenerationSettings(temperature=0, max_tokens=60)
 
     async def body(hub):
         ws = await moderator(hub.url)
-        personas = [ModelParticipant(ParticipantConfig(name=name, persona=read_persona(prompt, name), server=hub.url),
+        personas = [ModelParticipant(ParticipantConfig(name=name, system_prompt=read_persona(prompt, name),
+                                                       server=hub.url),
                                      models[name], settings) for name, prompt in PERSONAS.items()]
         tasks = [asyncio.create_task(persona.run()) for persona in personas]
         for _ in models:

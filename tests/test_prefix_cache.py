@@ -42,7 +42,7 @@ def test_a_persona_evaluates_only_its_new_tokens_and_replies_as_without_the_cach
         evaluated.append(ids.shape[-1])
 
     hook = loaded.model.register_forward_pre_hook(count, with_kwargs=True)
-    settings = GenerationSettings(temperature=0, max_new_tokens=8, history_length=20)
+    settings = GenerationSettings(temperature=0, max_tokens=8, history_length=20)
     personas = [((prompts_folder() / file).read_text(encoding="utf-8"), name) for file, name in PERSONAS]
     warm = TransformersChatModel(loaded)
 

@@ -231,7 +231,7 @@ def test_a_persona_judges_its_reply_as_the_hub_would_and_names_a_cleaned_away_re
 
 
 def test_a_personas_history_takes_a_new_version_where_the_old_one_was():
-    persona = ModelParticipant(ParticipantConfig(name="Sage", persona="A sage."), model=None,  # type: ignore[arg-type]
+    persona = ModelParticipant(ParticipantConfig(name="Sage", system_prompt="A sage."), model=None,  # type: ignore[arg-type]
                                settings=GenerationSettings())
     for chat in (Chat("Moderator", "Rivers?", seq=1, id="a"), Chat("Sage", "Old words.", seq=2, id="b"),
                  Chat("Bot", "I agree.", seq=3, id="c"), Chat("Sage", "New words.", seq=4, id="d", replaces="b")):

@@ -230,12 +230,12 @@ def test_a_cast_secret_joins_only_its_personas_text_and_offstage_is_read(tmp_pat
     path = tmp_path / "cast.toml"
     path.write_text('[[persona]]\nname = "Ann"\nsecret = "The ring is in the well."\noffstage = true\n\n'
                     '[[persona]]\nname = "Bob"\n', encoding="utf-8")
-    ann, bob = read_cast_file(path, Persona(name="", persona=""))
-    assert "The ring is in the well." in ann.persona and ann.offstage
-    assert "ring" not in bob.persona and not bob.offstage
+    ann, bob = read_cast_file(path, Persona(name="", system_prompt=""))
+    assert "The ring is in the well." in ann.system_prompt and ann.offstage
+    assert "ring" not in bob.system_prompt and not bob.offstage
     path.write_text('[[persona]]\nname = "Ann"\noffstage = "yes"\n', encoding="utf-8")
     with pytest.raises(CastError, match="field 'offstage': must be true or false"):
-        read_cast_file(path, Persona(name="", persona=""))
+        read_cast_file(path, Persona(name="", system_prompt=""))
 
 
 def test_a_whisper_frame_reads_back_with_its_recipients():

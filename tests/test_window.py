@@ -124,7 +124,7 @@ def test_the_moderators_latest_line_stays_in_view_after_the_window_moved_past_it
 
 
 def test_a_budget_cut_drops_a_chunk_and_the_prompt_stays_append_only_after_it(model):
-    settings = GenerationSettings(history_length=20, max_context_tokens=600, max_new_tokens=100)
+    settings = GenerationSettings(history_length=20, max_context_tokens=600, max_tokens=100)
     history = room(60, words=30)
     changes = 0
     previous = None

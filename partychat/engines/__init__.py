@@ -27,7 +27,7 @@ the client with exit code 2 at start-up; ``EngineUnavailable`` (a server down) a
 ``PromptTooLong`` during a turn make the persona pass that turn with the message as its reason.
 
 ``registry.py`` holds one entry per engine (its name, whether it is installed, its install hint,
-how to open a model on it) and picks one for ``--backend auto``. Engines: ``transformers_engine``
+how to open a model on it) and picks one for ``--engine auto``. Engines: ``transformers_engine``
 (in process, transformers), ``llama_cpp_engine`` (in process, llama-cpp-python), and an
 OpenAI-compatible HTTP engine (``openai_engine``). A new engine is a module here and one entry
 in ``registry.ENGINES``; a chat template's refusal is read by ``base.chat_template_error``.

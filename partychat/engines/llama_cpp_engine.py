@@ -163,7 +163,7 @@ class LlamaCppChatModel(ThreadedChatModel):
         if path.suffix.lower() != ".gguf" or not path.is_file():
             raise ModelError(
                 f"The llama.cpp engine runs .gguf files, and {path} is not one; "
-                "pass a .gguf file with --model, or choose --backend transformers for a model folder."
+                "pass a .gguf file with --model, or choose --engine transformers for a model folder."
             )
         super().__init__(path.name)
         try:

@@ -1,4 +1,4 @@
-"""The engines a persona's model can run on (``--backend``): one entry each, and picking one for ``auto``.
+"""The engines a persona's model can run on (``--engine``): one entry each, and picking one for ``auto``.
 
 Each ``Engine`` knows its name, whether it is installed, what to install when it is not, and how
 to open a model; the engine's own module (and the packages it needs) is imported only when a
@@ -24,7 +24,7 @@ from .base import ChatModel, EngineNotInstalled
 class EngineOptions:
     """What client.py's flags say about the model and how to run it."""
 
-    backend: str = "auto"
+    engine: str = "auto"
     model: str = ""
     device: str = "cpu"
     gpu_id: int = 0
@@ -45,7 +45,7 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class Engine:
-    """One way to run a model: what ``--backend`` calls it, and everything needed before a model opens on it."""
+    """One way to run a model: what ``--engine`` calls it, and everything needed before a model opens on it."""
 
     name: str
     installed: Callable[[], bool]
@@ -106,20 +106,20 @@ ENGINES: dict[str, Engine] = {engine.name: engine for engine in (
     Engine("llama.cpp", _imports("llama_cpp"),
            "The llama.cpp engine needs llama-cpp-python: install it with "
            "'pip install llama-cpp-python==0.3.36' (it builds from source in a few minutes and needs cmake and a "
-           "C++ compiler), or choose --backend transformers.",
+           "C++ compiler), or choose --engine transformers.",
            _open_llama_cpp),
     Engine("openai", _imports("openai"),
            "The openai engine needs the openai package: install it with 'pip install \"openai>=3.50,<4\"'.",
            _open_openai),
 )}
-BACKENDS = ("auto", *ENGINES)
-"""What --backend and a cast's ``engine`` accept."""
+ENGINE_CHOICES = ("auto", *ENGINES)
+"""What --engine and a cast's ``engine`` accept."""
 
 
-def pick_backend(options: EngineOptions) -> tuple[str, str]:
+def pick_engine(options: EngineOptions) -> tuple[str, str]:
     """The engine to use and why, in words for the log. Raises ModelError for a model that cannot be found."""
-    if options.backend != "auto":
-        return options.backend, "--backend asked for it"
+    if options.engine != "auto":
+        return options.engine, "--engine asked for it"
     if options.api_base:
         return "openai", "--api-base was given"
     source = models.resolve(options.model)

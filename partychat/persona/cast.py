@@ -19,7 +19,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from ..bundled import casts_folder, prompts_folder
-from ..engines.registry import BACKENDS
+from ..engines.registry import ENGINE_CHOICES
 from .cards import Card, card_files, example_dialogue, fill_macros, persona_text, read_card
 from .lorebook import Lorebook, PersonaFileError
 from .retries import DEFAULT_RETRIES, MAX_RETRIES
@@ -31,10 +31,10 @@ class CastError(Exception):
 
 @dataclass(frozen=True)
 class Persona:
-    """One participant to run: its name and persona text, how it writes, and which model speaks for it."""
+    """One participant to run: its name and system prompt, how it writes, and which model speaks for it."""
 
     name: str
-    persona: str
+    system_prompt: str
     temperature: float = 0.7
     delay: float = 0.0
     max_tokens: int = 100
@@ -123,7 +123,7 @@ def from_flag(value: str, base: Persona) -> Persona:
     if not name:
         raise CastError(f"--persona {value!r}: give it as NAME=PROMPT_FILE, for example \"Zen Sage=sage.txt\".")
     try:
-        return replace(base, name=name, persona=read_persona(prompt_file.strip(), name))
+        return replace(base, name=name, system_prompt=read_persona(prompt_file.strip(), name))
     except CastError as error:
         raise CastError(f"--persona {value!r}: {error}") from None
 
@@ -139,7 +139,7 @@ def load_card(path: Path) -> Card:
 def from_card(card: Card, base: Persona, name: str | None = None) -> Persona:
     """The persona a card describes; ``name`` renames it (``{{char}}`` follows), ``base`` gives the rest."""
     char = name or card.nickname or card.name
-    return replace(base, name=name or card.name, persona=persona_text(card, char),
+    return replace(base, name=name or card.name, system_prompt=persona_text(card, char),
                    initial_prompt=fill_macros(card.first_mes, char=char) or None,
                    examples=example_dialogue(card, char),
                    after_history=fill_macros(card.post_history_instructions, char=char),
@@ -222,7 +222,7 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         if prompt_file is not None or card is None:
             text = read_persona(prompt_file, name.strip(), path.parent)
         else:
-            text = base.persona
+            text = base.system_prompt
     except CastError as error:
         raise CastError(f"{where}, field 'prompt_file': {error}") from None
     secret = field("secret", str) if "secret" in entry else ""
@@ -239,13 +239,13 @@ def _entry(path: Path, number: int, entry: Any, base: Persona) -> Persona:
         model = str((path.parent / model).resolve())  # relative to the cast file, like its prompt files
     return Persona(
         name=name.strip(),
-        persona=text,
+        system_prompt=text,
         temperature=float(field("temperature", (int, float), lambda v: v >= 0, "must be 0 or more")),
         delay=float(field("delay", (int, float), lambda v: v >= 0, "must be 0 or more")),
         max_tokens=field("max_tokens", int, lambda v: v >= 1, "must be a whole number, at least 1"),
         initial_prompt=field("initial_prompt", str) or None,
         model=model,
-        engine=field("engine", str, lambda v: v in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
+        engine=field("engine", str, lambda v: v in ENGINE_CHOICES, f"must be one of {', '.join(ENGINE_CHOICES)}"),
         talkativeness=_number_or_none(field("talkativeness", (int, float), lambda v: 0 <= v <= 1,
                                             "must be a number from 0 to 1")),
         retries=field("retries", int, lambda v: 0 <= v <= MAX_RETRIES,

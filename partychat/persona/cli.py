@@ -20,7 +20,7 @@ from ..connection import HubRefused
 from ..engines.base import ChatModel, EngineError, ModelError
 from ..engines.downloads import fetch, hub_offline
 from ..engines.models import DTYPES, ModelSource, resolve
-from ..engines.registry import BACKENDS, EngineOptions, open_chat_model, pick_backend
+from ..engines.registry import ENGINE_CHOICES, EngineOptions, open_chat_model, pick_engine
 from ..logs import LEVELS, honour_ctrl_c, setup_logging
 from .cast import CastError, Persona, from_card, from_flag, load_card, read_cast_file, read_persona
 from .cast_runner import run_cast
@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--offline", action="store_true",
                         help="never touch the network: a Hugging Face id must already be in the cache "
                              "(as with HF_HUB_OFFLINE=1)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="the engine that runs the model (default: auto: openai with --api-base, llama.cpp "
+    parser.add_argument("--engine", "--backend", choices=ENGINE_CHOICES, default="auto",
+                        help="the engine that runs the model (--backend is its older name; default: auto: openai with "
+                             "--api-base, llama.cpp "
                              "for a .gguf when llama-cpp-python is installed, else transformers)")
     parser.add_argument("--api-base", help="an OpenAI-compatible server's URL, e.g. http://localhost:11434/v1")
     parser.add_argument("--api-key", default=os.environ.get("PARTYCHAT_API_KEY") or os.environ.get("OPENAI_API_KEY"),
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight precision (default: bfloat16 on CPUs with fast bfloat16, else float32; "
                              "bfloat16/float16 on GPU)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy")
-    parser.add_argument("--max-generation-tokens", type=int, default=100, help="longest reply, in tokens")
+    parser.add_argument("--max-generation-tokens", dest="max_tokens", type=int, default=100,
+                        help="longest reply, in tokens")
     parser.add_argument("--max-context-tokens", type=int, default=2048, help="prompt plus reply, in tokens")
     parser.add_argument("--no-auto-truncate", action="store_true",
                         help="refuse a turn whose prompt is too long instead of dropping old history")
@@ -108,9 +110,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     problems = []
     if args.temperature < 0:
         problems.append("--temperature cannot be negative")
-    if args.max_generation_tokens < 1:
+    if args.max_tokens < 1:
         problems.append("--max-generation-tokens must be at least 1")
-    if args.max_context_tokens <= args.max_generation_tokens:
+    if args.max_context_tokens <= args.max_tokens:
         problems.append("--max-context-tokens must be larger than --max-generation-tokens")
     if args.history_length < 0:
         problems.append("--history-length cannot be negative")
@@ -124,8 +126,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         problems.append(f"--retries must be a whole number from 0 to {MAX_RETRIES}")
     if args.threads is not None and args.threads < 1:
         problems.append("--threads must be at least 1")
-    if args.backend == "openai" and not args.api_base:
-        problems.append("--backend openai needs --api-base, the server's URL")
+    if args.engine == "openai" and not args.api_base:
+        problems.append("--engine openai needs --api-base, the server's URL")
     if args.api_base and not args.api_base.startswith(("http://", "https://")):
         problems.append("--api-base must start with http:// or https://")
     if not args.server.startswith(("ws://", "wss://")):
@@ -171,16 +173,16 @@ def build_cast(args: argparse.Namespace) -> list[Persona]:
     if not (args.name or args.card) and (args.prompt_file or args.initial_prompt):
         raise CastError("--prompt-file and --initial-prompt describe the --name persona; with --persona, "
                         "give NAME=PROMPT_FILE, and use a --cast file for an opening line.")
-    base = Persona(name="", persona="", temperature=args.temperature, delay=args.delay,
-                   max_tokens=args.max_generation_tokens, model=args.model, engine=args.backend,
+    base = Persona(name="", system_prompt="", temperature=args.temperature, delay=args.delay,
+                   max_tokens=args.max_tokens, model=args.model, engine=args.engine,
                    talkativeness=args.talkativeness, retries=args.retries, anti_copy=not args.no_anti_copy)
     cast = []
     if args.card:
         persona = from_card(load_card(args.card), base, args.name)
-        cast.append(replace(persona, persona=read_persona(args.prompt_file, persona.name) if args.prompt_file
-                            else persona.persona, initial_prompt=args.initial_prompt or persona.initial_prompt))
+        cast.append(replace(persona, system_prompt=read_persona(args.prompt_file, persona.name) if args.prompt_file
+                            else persona.system_prompt, initial_prompt=args.initial_prompt or persona.initial_prompt))
     elif args.name:
-        cast.append(replace(base, name=args.name, persona=read_persona(args.prompt_file, args.name),
+        cast.append(replace(base, name=args.name, system_prompt=read_persona(args.prompt_file, args.name),
                             initial_prompt=args.initial_prompt))
     cast += [from_flag(value, base) for value in args.persona]
     if args.cast:
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     idle = {id(model): IdlePrefill(model) for model in models.values() if model.prefills}
     participants = [
         ModelParticipant(
-            ParticipantConfig(name=persona.name, persona=persona.persona, server=args.server, delay=persona.delay,
+            ParticipantConfig(name=persona.name, system_prompt=persona.system_prompt, server=args.server,
+                              delay=persona.delay,
                               initial_prompt=persona.initial_prompt, token=args.token, ca_file=args.ca_file,
                               stream=not args.no_stream, talkativeness=persona.talkativeness,
                               echo_room=index == 0, offstage=persona.offstage,
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                               examples=persona.examples, after_history=persona.after_history, books=persona.books,
                               retries=persona.retries),
             models[persona.name],
-            GenerationSettings(temperature=persona.temperature, max_new_tokens=persona.max_tokens,
+            GenerationSettings(temperature=persona.temperature, max_tokens=persona.max_tokens,
                                max_context_tokens=args.max_context_tokens, auto_truncate=not args.no_auto_truncate,
                                history_length=args.history_length, anti_copy=persona.anti_copy),
             idle.get(id(models[persona.name])),
@@ -250,17 +253,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _locate(persona: Persona, args: argparse.Namespace) -> EngineOptions:
     """What one load is: the engine and everything it is given, with a Hugging Face id downloaded first."""
-    options = EngineOptions(backend=persona.engine, model=persona.model, device=args.device, gpu_id=args.gpu_id,
+    options = EngineOptions(engine=persona.engine, model=persona.model, device=args.device, gpu_id=args.gpu_id,
                             dtype=args.dtype, speedups=not args.no_speedups, threads=args.threads,
                             context_tokens=args.max_context_tokens, api_base=args.api_base, api_key=args.api_key,
                             cache_mb=args.cache_mb)
-    if options.backend == "openai" and not options.api_base:
+    if options.engine == "openai" and not options.api_base:
         raise CastError(f"{persona.name!r} asks for the openai engine, which needs --api-base, the server's URL.")
-    if options.backend != "openai" and not options.api_base:
+    if options.engine != "openai" and not options.api_base:
         options = replace(options, model=fetch_or_exit(resolve(options.model)).location)
-    engine, reason = pick_backend(options)
+    engine, reason = pick_engine(options)
     log.info("The %s engine runs %s, because %s", engine, _model_label(persona.model, engine), reason)
-    return replace(options, backend=engine)
+    return replace(options, engine=engine)
 
 
 def _model_label(model: str, engine: str) -> str:
@@ -272,9 +275,9 @@ def _model_label(model: str, engine: str) -> str:
 
 def _open(options: EngineOptions, personas: list[Persona]) -> ChatModel:
     names = ", ".join(persona.name for persona in personas)
-    log.info("Loading %s for %s on the %s engine", _model_label(personas[0].model, options.backend), names,
-             options.backend)
-    model = open_chat_model(options.backend, options)
+    log.info("Loading %s for %s on the %s engine", _model_label(personas[0].model, options.engine), names,
+             options.engine)
+    model = open_chat_model(options.engine, options)
     return SharedChatModel(model) if len(personas) > 1 else model
 
 

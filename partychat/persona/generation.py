@@ -18,7 +18,7 @@ from .lorebook import LORE_ROLE, Lore
 @dataclass(frozen=True)
 class GenerationSettings:
     temperature: float = 0.7
-    max_new_tokens: int = 100
+    max_tokens: int = 100
     max_context_tokens: int = 2048
     auto_truncate: bool = True
     history_length: int = 5
@@ -139,7 +139,7 @@ async def build_request(
     the one message left is shortened from its start.
     A model whose chat template has no system role gets the persona in its first user turn.
     """
-    budget = settings.max_context_tokens - settings.max_new_tokens
+    budget = settings.max_context_tokens - settings.max_tokens
     window = prompt_window(history, settings.history_length)
     shown = window.messages
     keys = message_keys(history)
@@ -153,7 +153,7 @@ async def build_request(
         if fold_persona:
             system, first, *rest = messages
             messages = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
-        request = ChatRequest(tuple(messages), name, settings.temperature, settings.max_new_tokens,
+        request = ChatRequest(tuple(messages), name, settings.temperature, settings.max_tokens,
                               anti_copy=anti_copy_for(shown, settings), seed=settings.seed)
         try:
             size = await model.count_tokens(request)
@@ -171,7 +171,7 @@ async def build_request(
             raise PromptTooLong(
                 f"The prompt needs {size} tokens but only {budget} fit "
                 f"(--max-context-tokens {settings.max_context_tokens} minus --max-generation-tokens "
-                f"{settings.max_new_tokens}); shorten the persona or history, or drop --no-auto-truncate."
+                f"{settings.max_tokens}); shorten the persona or history, or drop --no-auto-truncate."
             )
         if len(window.recent) > 1:
             while start + step > keys[-1] and step > 1:

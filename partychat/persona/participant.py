@@ -52,7 +52,7 @@ log = logging.getLogger("partychat.client")
 @dataclass
 class ParticipantConfig:
     name: str
-    persona: str
+    system_prompt: str
     server: str = "ws://localhost:8765"
     delay: float = 0.0
     initial_prompt: str | None = None
@@ -431,7 +431,7 @@ def prompt_parts(config: ParticipantConfig, user: str) -> tuple[str, PromptExtra
         return fill_macros(text, char=config.name, user=user)
 
     lore = Lore(config.books, fill) if config.books else None
-    return fill(config.persona), PromptExtras(fill(config.examples), fill(config.after_history), lore)
+    return fill(config.system_prompt), PromptExtras(fill(config.examples), fill(config.after_history), lore)
 
 
 def _oldest_in(request: ChatRequest, context: list[Chat]) -> str:
