@@ -147,7 +147,7 @@ def test_the_request_avoids_the_models_lines_but_not_the_moderators():
                Chat(sender="Bot", content="Benches every hundred metres.")]
     request = asyncio.run(build_request(_Counter(), "A persona.", "Bot", history, GenerationSettings()))
     assert request.anti_copy == AntiCopy(("Trees and quiet streets make it pleasant.", "Benches every hundred metres."),
-                                         allow=("What makes a city pleasant?",))
+                                         allow=("What makes a city pleasant?",), no_label=True)
     off = asyncio.run(build_request(_Counter(), "A persona.", "Bot", history, GenerationSettings(anti_copy=False)))
     assert off.anti_copy is None
 

@@ -212,9 +212,12 @@ def test_a_retry_answers_what_went_wrong_and_nothing_else():
     assert settings_for_attempt(base, 2, seeds, [repeat, repeat]).anti_copy_n == 2
     # ... other failures keep the persona's n-grams, which shorter ones would only push off topic.
     assert settings_for_attempt(base, 2, seeds, [empty, written_as]).anti_copy_n == 3
-    # A reply written as another speaker may not open with a speaker label the next time.
-    assert settings_for_attempt(base, 1, seeds, [written_as]).no_label
-    assert not settings_for_attempt(base, 1, seeds, [repeat]).no_label
+    # Every attempt is kept from opening with a speaker label; a persona that allows labels
+    # (no_label=False) still gets the ban after a reply written as another speaker, and only then.
+    assert base.no_label
+    labels_allowed = GenerationSettings(temperature=0.0, no_label=False)
+    assert settings_for_attempt(labels_allowed, 1, seeds, [written_as]).no_label
+    assert not settings_for_attempt(labels_allowed, 1, seeds, [repeat]).no_label
 
 
 def test_a_persona_judges_its_reply_as_the_hub_would_and_names_a_cleaned_away_reply():

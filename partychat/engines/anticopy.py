@@ -55,9 +55,9 @@ class AntiCopy:
     a reply may restate although an earlier speaker already did (banning the question's phrases
     once another persona used them pushed replies off topic, see bench/README.md)."""
     no_label: bool = False
-    """The reply may not open with a speaker label, a colon after its first one to three words: a
-    retry after an attempt written as another speaker's line ("Moderator: ..."), which the hub
-    withholds, starts otherwise. Banning the speaker's name instead only moved the model to a
+    """The reply may not open with a speaker label, a colon after its first one to three words: an
+    attempt written as another speaker's line ("Moderator: ..."), which the hub withholds, starts
+    otherwise. Banning the speaker's name instead only moved the model to a
     shortened one ("Mod: ..."), a label the guards do not know."""
 
     def __post_init__(self) -> None:

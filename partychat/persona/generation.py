@@ -28,8 +28,10 @@ class GenerationSettings:
     anti_copy_unit: str = "words"
     seed: int | None = None
     """The sampling seed; None leaves it random. Retries set a new one each (see persona/retries.py)."""
-    no_label: bool = False
-    """The reply may not open with a speaker label (a retry's, see persona/retries.py)."""
+    no_label: bool = True
+    """The reply may not open with a speaker label ("Name: ..."). On from the first attempt: chat turns
+    written as "Name: text" lead models to open their own reply that way, and the hub withholds a line
+    written as someone else, so every such attempt cost a whole retry (bench/README.md)."""
 
 
 ANTI_COPY_MODERATOR = False
