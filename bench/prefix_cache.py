@@ -28,6 +28,7 @@ from typing import Any
 from generation import HISTORY  # bench/generation.py beside this
 
 from partychat.bundled import prompts_folder
+from partychat.engines.base import shared_prefix
 from partychat.engines.models import load, resolve
 from partychat.engines.transformers_engine import TransformersChatModel
 from partychat.persona.generation import GenerationSettings, build_request
@@ -41,15 +42,6 @@ LINES = (
     ("Researcher", "Congestion charges in London and Stockholm paid for better buses within a few years."),
     ("Assistant", "Routes work best when riders vote on them, as a few Brazilian cities have tried."),
 )
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def conversation(turns: int) -> list[list[Chat]]:
@@ -109,7 +101,7 @@ def main() -> None:
 
     def warm(kind: str, before: list[int], now: list[int], new: int) -> tuple[float, list[int], int]:
         cache = prefilled(kind, before)
-        keep = min(common_prefix(before, now), len(now) - 1)  # generate() needs one token to evaluate
+        keep = min(shared_prefix(before, now), len(now) - 1)  # generate() needs one token to evaluate
         cache.crop(-(len(before) - keep)) if len(before) > keep else None
         seconds, reply = generate(now, new, cache)
         return seconds, reply, len(now) - keep

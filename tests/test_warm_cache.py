@@ -120,17 +120,29 @@ def test_the_cap_evicts_and_the_next_turn_still_answers_the_same(rooms):
 
 @pytest.mark.slow
 def test_a_turn_that_starts_during_a_prefill_waits_for_one_batch_at_most(tmp_path):
-    """Each answer is one turn (``--max-turns 1``); the next line goes in as soon as that turn ends (the
-    room says it is quiet at once), while the model prefills that long answer and line into the other
-    persona's cache. A turn may also end in a pass (a greedy reply the repeat guard withholds), so the
-    moderator waits for the turn's end, not for a model's message."""
+    """Each answer is one turn (``--max-turns 1``); the next line goes in while the model prefills that
+    long answer and line into the other persona's cache. A turn may also end in a pass (a greedy reply
+    the repeat guard withholds), so the moderator waits for the turn's end, not for a model's message."""
     long_line = "Tell us, in one sentence, which of these matters most: " + ", ".join(
         f"the {word} of the old stone bridge" for word in ("age", "width", "colour", "height", "shape", "weight",
                                                           "name", "owner", "builder", "river", "town", "road") * 3)
 
+    client_log = tmp_path / "room" / "client.log"
+
+    def prefilling_since_the_last_reply() -> bool:
+        lines = client_log.read_text(errors="replace").splitlines() if client_log.exists() else []
+        done = max((i for i, line in enumerate(lines) if "is done writing" in line), default=len(lines))
+        return any("Prefill for" in line and "a batch of" in line for line in lines[done:])
+
     async def quickly(url: str, models: int, lines: tuple[str, ...]) -> None:
+        """Each next line goes in once the idle prefill after the last reply has begun a batch, so the
+        turn meets a running prefill however fast or loaded the machine is (the client's DEBUG log)."""
         ws = await moderator(url, models)
-        for line in lines:
+        for number, line in enumerate(lines):
+            for _ in range(6000 if number else 0):
+                if prefilling_since_the_last_reply():
+                    break
+                await asyncio.sleep(0.01)
             await say(ws, line)
             await next_frame(ws, "system", timeout=600, event="quiet")
         await ws.close()

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from partychat.engines.base import ChatRequest
+from partychat.engines.base import ChatRequest, shared_prefix
 from partychat.engines.llama_cpp_engine import LlamaCppChatModel
 from partychat.engines.models import embedded_gguf
 from partychat.persona.generation import GenerationSettings, PromptExtras, build_request, prompt_window
@@ -56,10 +56,6 @@ def append_only(before: ChatRequest, after: ChatRequest) -> bool:
     return last["role"] == grown["role"] and grown["content"].startswith(last["content"])
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
 def prompts_along(model, name: str, history: list[Chat], settings: GenerationSettings,
                   extras: PromptExtras | None = None):
     """(state, request) for every state of the room where ``name`` would be asked to reply."""
@@ -86,7 +82,7 @@ def test_prompts_stay_append_only_between_cuts_and_cuts_come_in_chunks(model):
             assert append_only(previous[1], built), f"the prompt changed before its end at message {end}"
             ids_before, ids_now = model.prompt_tokens(previous[1]), model.prompt_tokens(built)
             # Only the last turn's closing and the generation prompt may differ: a cache keeps the rest.
-            assert common_prefix(ids_before, ids_now) >= len(ids_before) - 8
+            assert shared_prefix(ids_before, ids_now) >= len(ids_before) - 8
         previous = end, built
 
 

@@ -51,6 +51,14 @@ def chat_template_error(label: str, messages: Sequence[Message], complaint: str)
     return ModelError(f"The chat template of {label} cannot render this chat: {complaint}")
 
 
+def shared_prefix(held: Sequence[int], wanted: Sequence[int]) -> int:
+    """How many leading tokens two sequences share: what a kept cache can reuse of a new prompt."""
+    for index, (x, y) in enumerate(zip(held, wanted, strict=False)):
+        if x != y:
+            return index
+    return min(len(held), len(wanted))
+
+
 class EngineUnavailable(EngineError):
     """The engine cannot answer right now (a server down or overloaded); the persona passes and tries next turn."""
 

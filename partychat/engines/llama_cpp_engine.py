@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from .anticopy import Vocabulary, ban_for
-from .base import ChatRequest, ModelError, PromptTooLong, ThreadedChatModel, chat_template_error, plain_transcript
+from .base import (
+    ChatRequest,
+    ModelError,
+    PromptTooLong,
+    ThreadedChatModel,
+    chat_template_error,
+    plain_transcript,
+    shared_prefix,
+)
 
 log = logging.getLogger("partychat.client")
 
@@ -69,16 +77,6 @@ def without_weight_repacking() -> Iterator[None]:
         yield
     finally:
         api.llama_model_default_params = original
-
-
-def shared_prefix(cached: Any, tokens: list[int]) -> int:
-    """How many leading ``tokens`` the context already holds, as llama.cpp's cells for ``cached``."""
-    count = 0
-    for held, wanted in zip(cached, tokens, strict=False):
-        if held != wanted:
-            break
-        count += 1
-    return count
 
 
 class PersonaStates:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .anticopy import Vocabulary, ban_for
-from .base import ChatRequest, ThreadedChatModel, chat_template_error, plain_transcript
+from .base import ChatRequest, ThreadedChatModel, chat_template_error, plain_transcript, shared_prefix
 from .models import LoadedModel
 
 _WORD_START_MARKS = ("\u0120", "\u2581")
@@ -108,7 +108,7 @@ class TransformersChatModel(ThreadedChatModel):
         needed = len(prompt) + reply_tokens
         held = self._held.pop(speaker, None)
         if held is not None and held.cache.is_croppable and (not static or held.cache.get_max_length() >= needed):
-            keep = min(_shared_length(held.tokens, prompt), len(prompt) - 1)  # generate() evaluates at least one
+            keep = min(shared_prefix(held.tokens, prompt), len(prompt) - 1)  # generate() evaluates at least one
             if held.cache.get_seq_length() > keep:
                 held.cache.crop(keep - held.cache.get_seq_length())
             return held.cache
@@ -146,14 +146,6 @@ def _cache_argument() -> str:
     from transformers.generation import utils
 
     return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
-
-
-def _shared_length(a: list[int], b: list[int]) -> int:
-    """How many tokens two sequences share from the start."""
-    for index, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return index
-    return min(len(a), len(b))
 
 
 def _token_texts(tokenizer: Any) -> list[str]:
