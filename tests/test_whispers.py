@@ -64,13 +64,14 @@ def test_a_whispered_code_word_and_a_cast_secret_reach_only_their_personas_promp
     assert sage and tinker, text[-3000:]
     assert "PELICAN" in sage[-1] and "7349" in sage[-1]
     assert "Tinker, what is the code word" in tinker[-1], "Tinker's prompt has the question"
-    # The whisper and the secret themselves never reach Tinker. (Sage may still say the word aloud: a
-    # model's public reply is everyone's; one CI run saw Tinker's prompt hold a code word this way.)
-    leaked = ("The code word is PELICAN", "The vault opens with 7349")
-    assert not any(text in prompt for prompt in tinker for text in leaked), "Tinker never had either"
+    # The whisper as the moderator's line, and the secret, never reach Tinker. Sage may still say either
+    # aloud (a model's public reply is everyone's; CI runs saw Sage repeat the whispered sentence), and
+    # then Tinker hears it from Sage, so the bare words are checked only when Sage kept them.
+    assert not any("Moderator: The code word" in prompt for prompt in tinker), "Tinker never had the whisper"
     said_aloud = " ".join(line for line in text.splitlines() if line.split("] ", 1)[-1].startswith("Sage: "))
-    if "PELICAN" not in said_aloud and "7349" not in said_aloud:
-        assert not any("PELICAN" in prompt or "7349" in prompt for prompt in tinker), "Tinker never had either"
+    for word in ("PELICAN", "7349"):
+        if word not in said_aloud:
+            assert not any(word in prompt for prompt in tinker), f"Tinker never had {word}"
 
 
 def test_an_off_stage_persona_takes_no_turn_hears_nothing_then_hears_its_entry_line_and_what_follows(tmp_path):
