@@ -229,13 +229,7 @@ async def moderate(url: str, questions: Sequence[str], speeds: list[dict[str, An
     async with connect(url, max_size=None) as ws:
         await ws.send(json.dumps({"name": "Bench", "type": "human", "protocol": 1}))
         await ws.recv()
-        deadline = time.monotonic() + 600
-        while True:
-            await ws.send(json.dumps({"type": "command", "name": "who", "args": []}))
-            frame = await _next(ws, "roster", deadline)
-            if sum(p.get("role") == "model" for p in frame["participants"]) >= PANEL_SIZE:
-                break
-            await asyncio.sleep(1)
+        await wait_for_models(ws, PANEL_SIZE)
         for question in questions:
             await ws.send(json.dumps({"type": "message", "content": question}))
             asked, waiting = False, []
@@ -257,11 +251,23 @@ async def moderate(url: str, questions: Sequence[str], speeds: list[dict[str, An
                     break
 
 
-async def _next(ws: Any, kind: str, deadline: float) -> dict[str, Any]:
+async def frame_of(ws: Any, kind: str, deadline: float, **match: Any) -> dict[str, Any]:
+    """The next frame of ``kind`` whose fields equal ``match``, skipping the others, by ``deadline``."""
     while True:
         frame = json.loads(await asyncio.wait_for(ws.recv(), max(deadline - time.monotonic(), 0.1)))
-        if frame.get("type") == kind:
+        if frame.get("type") == kind and all(frame.get(key) == value for key, value in match.items()):
             return frame
+
+
+async def wait_for_models(ws: Any, models: int, within: float = 600) -> None:
+    """Ask /who until ``models`` model personas are in the room (the moderator speaks only then)."""
+    deadline = time.monotonic() + within
+    while True:
+        await ws.send(json.dumps({"type": "command", "name": "who", "args": []}))
+        roster = await frame_of(ws, "roster", deadline)
+        if sum(p.get("role") == "model" for p in roster["participants"]) >= models:
+            return
+        await asyncio.sleep(0.5)
 
 
 def run_room(folder: Path, config: Config, mode: str, questions: Sequence[str], out: Path,

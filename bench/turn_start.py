@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))  # this checkout's partychat, not an installed one
 
 from cast_memory import PERSONAS  # noqa: E402
-from conversation import QUESTIONS  # noqa: E402
+from conversation import QUESTIONS, frame_of, wait_for_models  # noqa: E402
 
 from partychat.demo import start, stop_all  # noqa: E402
 
@@ -58,25 +58,12 @@ async def moderate(url: str, models: int, lines: int, pacing: str, pause: float,
     """Wait for the personas, then say each line and wait for quiet (and ``pause`` more when human-paced)."""
     async with connect(url, max_size=None) as ws:
         await ws.send(json.dumps({"name": "Bench", "type": "human", "protocol": 1}))
-        deadline = time.monotonic() + 600
-        while True:
-            await ws.send(json.dumps({"type": "command", "name": "who", "args": []}))
-            roster = await frame_of(ws, "roster", deadline)
-            if sum(p.get("role") == "model" for p in roster["participants"]) >= models:
-                break
-            await asyncio.sleep(0.5)
+        await wait_for_models(ws, models)
         for line in QUESTIONS[:lines]:
             await ws.send(json.dumps({"type": "message", "content": line}))
             await frame_of(ws, "system", time.monotonic() + timeout, event="quiet")
             if pacing == "human":
                 await asyncio.sleep(pause)
-
-
-async def frame_of(ws: Any, kind: str, deadline: float, **match: Any) -> dict[str, Any]:
-    while True:
-        frame = json.loads(await asyncio.wait_for(ws.recv(), max(deadline - time.monotonic(), 0.1)))
-        if frame.get("type") == kind and all(frame.get(key) == value for key, value in match.items()):
-            return frame
 
 
 def turns(log: str) -> list[dict[str, Any]]:
