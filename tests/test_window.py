@@ -143,7 +143,8 @@ def test_a_budget_cut_drops_a_chunk_and_the_prompt_stays_append_only_after_it(mo
             changes += 1
         previous = built
     # One persona sees 52 of the 60 replies: sliding by one would change the prompt at nearly every one.
-    assert 3 <= changes <= 60 // 10 + 4, changes
+    # Here a budget cut can come one message before the window's own cut (the topic note takes room).
+    assert 3 <= changes <= 60 // 5, changes
 
 
 def test_no_history_length_means_no_history_and_no_pinned_line(model):
