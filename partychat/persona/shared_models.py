@@ -134,6 +134,11 @@ class IdlePrefill:
         self._seats[name] = _Seat(name, DEFAULT_TALKATIVENESS if talkativeness is None else talkativeness,
                                   request_for)
 
+    def arrived(self, name: str) -> None:
+        """``name`` is in the room: its first prompt can be warmed before anyone speaks (``warmed`` starts
+        below ``heard``). Any history the hub replays follows, each line through ``heard``."""
+        self._poke()
+
     def heard(self, name: str, chat: Chat, mode: str | None) -> None:
         """``name`` took ``chat`` into its history: its cache has a line to catch up on."""
         self._seats[name].heard += 1
