@@ -319,15 +319,22 @@ class LlamaCppChatModel(ThreadedChatModel):
         begins = list(range(start, len(tokens), PREFILL_BATCH))
         if len(begins) > 1 and len(tokens) - begins[-1] == 1:
             begins.pop()  # the last batch takes that token instead
-        for begin, end in zip(begins, [*begins[1:], len(tokens)], strict=True):
-            if should_stop():
-                log.debug("Prefill for %s stopped after %d of %d tokens", request.speaker, begin - start,
-                          len(tokens) - start)
-                return
-            batch = tokens[begin:end]
-            self.llama.eval(batch)
-            llama_cpp.llama_synchronize(self.llama.ctx)  # done, not queued, before the next look at should_stop
-            log.debug("Prefill for %s: a batch of %d tokens", request.speaker, len(batch))
+        # Lowest priority: one thread. Batches on several threads meet at a barrier per operation, and on
+        # a busy machine (other personas' processes generating) one batch of 16 took seconds where one
+        # thread took tens of milliseconds; a turn that arrives waits for that batch.
+        llama_cpp.llama_set_n_threads(self.llama.ctx, self.llama.n_threads, 1)
+        try:
+            for begin, end in zip(begins, [*begins[1:], len(tokens)], strict=True):
+                if should_stop():
+                    log.debug("Prefill for %s stopped after %d of %d tokens", request.speaker, begin - start,
+                              len(tokens) - start)
+                    return
+                batch = tokens[begin:end]
+                self.llama.eval(batch)
+                llama_cpp.llama_synchronize(self.llama.ctx)  # done, not queued, before the next look at should_stop
+                log.debug("Prefill for %s: a batch of %d tokens", request.speaker, len(batch))
+        finally:
+            llama_cpp.llama_set_n_threads(self.llama.ctx, self.llama.n_threads, self.llama.n_threads_batch)
         log.debug("Prefill for %s done: %d tokens cached", request.speaker, len(tokens))
 
     def _anti_copy(self, request: ChatRequest, prompt_length: int) -> Callable[[Any, Any], Any]:
