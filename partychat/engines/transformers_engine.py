@@ -36,7 +36,7 @@ class _Held:
 
     tokens: list[int]
     cache: Any
-    bytes: int
+    nbytes: int
     """What its tensors take (``kv_bytes``), counted once when it is put aside."""
 
 
@@ -72,7 +72,7 @@ class TransformersChatModel(ThreadedChatModel):
 
     def held_caches(self) -> dict[str, int]:
         """Whose caches are kept between turns and the bytes each takes, least recently used first."""
-        return {speaker: held.bytes for speaker, held in self._held.items()}
+        return {speaker: held.nbytes for speaker, held in self._held.items()}
 
     def held_bytes(self) -> int:
         """What the caches kept between turns take now, the total ``cache_bytes`` caps."""
@@ -131,7 +131,7 @@ class TransformersChatModel(ThreadedChatModel):
         while self._held and self.held_bytes() > self.cache_bytes:
             dropped, gone = self._held.popitem(last=False)
             log.debug("Dropped %s's cache of %d tokens (%d bytes): --cache-mb is full",
-                      dropped, len(gone.tokens), gone.bytes)
+                      dropped, len(gone.tokens), gone.nbytes)
 
     def forget_prompts(self) -> None:
         """Drop every persona's cache, so the next turns start cold (benchmarks compare the two)."""
