@@ -112,10 +112,12 @@ class IdlePrefill:
     """While none of its personas is using a model, evaluate the room's new lines into their caches.
 
     Each persona seated here builds its next prompt exactly as its turn will (``request_for``), so
-    the turn finds it cached. The persona most likely to speak next goes first: in round-robin the
-    next in the cast's order after the last speaker, otherwise whoever the newest line names, then
-    the most talkative. A persona that needs the model (``claim``) stops the prefill at once; the
-    engine returns between two of its small batches, so a turn waits for one batch at most.
+    the turn finds it cached; from joining (``arrived``), before anyone speaks, that is its first
+    prompt up to where the first line will go, mostly its system prompt. The persona most likely to
+    speak next goes first: in round-robin the next in the cast's order after the last speaker,
+    otherwise whoever the newest line names, then the most talkative. A persona that needs the
+    model (``claim``) stops the prefill at once; the engine returns between two of its small
+    batches, so a turn waits for one batch at most.
     """
 
     def __init__(self, model: ChatModel) -> None:
