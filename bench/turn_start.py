@@ -5,6 +5,7 @@
     python bench/turn_start.py --full --baseline 243d07e --threads 1   # every case, and "today" beside it
     python bench/turn_start.py --rooms 1 --histories 5 --pacings human --lines 4
     python bench/turn_start.py --layouts             # the two ways to keep a KV cache per persona
+    python bench/turn_start.py --floor --threads 1   # a 20-token line against one decode step
 
 Each case runs a real hub (server.py) and one client.py process on the embedded model and the
 llama.cpp engine, greedy (``--temperature 0 --retries 0``, so every configuration holds the same
@@ -274,6 +275,37 @@ def layouts(args: argparse.Namespace) -> dict[str, Any]:
         "kv_bytes_per_token": kv_per_token, "context": context}}
 
 
+def floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The physical floor of a prefilled turn: evaluating the moderator's line in one batch, in decode steps.
+
+    Everything but the line is cached (``--floor-prompt`` tokens); the line's ``--floor-line`` tokens
+    go in as one batch, whose last logits give the first token; one decode step is one more token.
+    Interleaved in one process, so the ratio holds on a loaded machine. No hub, no client: what the
+    room adds on top of this is the pipeline's own cost.
+    """
+    from partychat.engines.llama_cpp_engine import LlamaCppChatModel
+    from partychat.engines.models import embedded_gguf
+
+    llama = LlamaCppChatModel(embedded_gguf(), context_tokens=2048, threads=args.threads).llama
+    filler = llama.tokenize(b" The harbour town keeps its boats dry when the tide comes in." * 100, add_bos=False)
+    prompt, line = filler[:args.floor_prompt], filler[args.floor_prompt:args.floor_prompt + args.floor_line]
+    line_seconds, step_seconds = [], []
+    for _ in range(args.floor_repeats):
+        llama.reset()
+        llama.eval(prompt)
+        began = time.perf_counter()
+        llama.eval(line)
+        line_seconds.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        llama.eval(filler[-1:])
+        step_seconds.append(time.perf_counter() - began)
+    line_s, step_s = statistics.median(line_seconds), statistics.median(step_seconds)
+    return {"floor": {"cached_tokens": len(prompt), "line_tokens": len(line), "repeats": args.floor_repeats,
+                      "line_eval_s": round(line_s, 4), "decode_step_s": round(step_s, 4),
+                      "line_in_decode_steps": round(line_s / step_s, 2), "threads": args.threads,
+                      "load_avg_1m": os.getloadavg()[0]}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="every case: rooms 1,7, histories 5,20, both pacings")
@@ -289,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
                                                           "flags (243d07e: before issue 18)")
     parser.add_argument("--per-turn", action="store_true", help="list every turn's figures too")
     parser.add_argument("--layouts", action="store_true", help="only compare the two KV layouts (no room)")
+    parser.add_argument("--floor", action="store_true", help="only time the moderator's line against one decode "
+                                                           "step (no room)")
+    parser.add_argument("--floor-line", type=int, default=20, help="--floor: tokens of the line (default: 20)")
+    parser.add_argument("--floor-prompt", type=int, default=200, help="--floor: cached tokens before it")
+    parser.add_argument("--floor-repeats", type=int, default=15, help="--floor: repeats (medians)")
     parser.add_argument("--context", type=int, default=2048, help="--layouts: context tokens per persona")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: 2)")
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
@@ -296,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.layouts:
         return report([layouts(args)], args.out)
+    if args.floor:
+        return report([floor(args)], args.out)
     if args.full:
         args.rooms, args.histories, args.pacings = "1,7", "5,20", "back-to-back,human"
     if args.lines is not None and not 1 <= args.lines <= len(QUESTIONS):
