@@ -29,8 +29,8 @@ Two sources per turn:
 - the client's DEBUG log, for this checkout (REF's client may not log them): the same TTFT
   (``ttft_s``), the tokens llama.cpp decoded before the first token by its own count
   (``llama_perf_context``), the prompt and what of it was cached, and the newest message's tokens
-  (``line_tokens``: the prompt's tokens from where it parts from the same prompt without its last
-  message; that is the moderator's line, human-paced, which nothing can evaluate before it is sent).
+  (``line_tokens``: the prompt's tokens from where it parts from the same prompt without the room's
+  newest message; that is the moderator's line, human-paced, which nothing can evaluate before it is sent).
 
 Turns are classified by one rule for every configuration: ``first``, a persona's first turn
 (nothing of its own cached); ``filling``, the room held fewer messages than ``--history-length``
@@ -86,12 +86,20 @@ def _tokenizer() -> Any:
 
 
 def line_tokens(name: str, messages: tuple[dict[str, str], ...]) -> int:
-    """The prompt's tokens from where it parts from the same prompt without its newest message."""
+    """The prompt's tokens from where it parts from the same prompt without the room's newest message.
+
+    Others' messages in a row share one chat message, a line each (``Speaker: text``), so the
+    newest is cut off at the last line that starts with a speaker of the room.
+    """
     from partychat.engines.base import ChatRequest, shared_prefix
 
+    last = messages[-1]
+    labels = "|".join(re.escape(speaker) for speaker in ("Bench", *(persona for persona, _ in PERSONAS)))
+    earlier = [match.start() for match in re.finditer(rf"\n(?:{labels}): ", last["content"])]
+    shorter = (*messages[:-1], {**last, "content": last["content"][:earlier[-1]]}) if earlier else messages[:-1]
     model = _tokenizer()
     whole = model.prompt_tokens(ChatRequest(messages, name))
-    return len(whole) - shared_prefix(whole, model.prompt_tokens(ChatRequest(messages[:-1], name)))
+    return len(whole) - shared_prefix(whole, model.prompt_tokens(ChatRequest(shorter, name)))
 
 
 def turns(log: str) -> list[dict[str, Any]]:
