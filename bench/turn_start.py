@@ -39,7 +39,8 @@ prompt is not the one of the speaker's previous turn (known from the log only); 
 rest. Before issue 18 the window slides by one message on every turn once full, so every one of
 REF's turns after the window filled is a steady turn: that is "today" in the goal "TTFT <= 0.3x
 today's". ``prefilled`` (any class) are the log's turns whose whole prompt but the newest message
-was cached when the turn began: the idle time sufficed to prefill.
+was cached when the turn began: the idle time sufficed to prefill. ``later`` is every turn but the
+first ones (REF's withheld turns give no /who figure, so "steady" may hold few of its turns).
 
 One JSON line per case, then a summary: the ratios to the cache-on configuration, case by case.
 """
@@ -198,6 +199,7 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path, folder:
     every = joined(logged, speeds, case["history"])
     return {**case, "lines": lines, "seconds": round(seconds, 1), "turns": len(every),
             **{part: figures([t for t in every if t["part"] == part]) for part in PARTS},
+            "later": figures([t for t in every if t["part"] != "first"]),
             "prefilled": figures([t for t in every if t.get("prefilled")]),
             "per_turn": every if args.per_turn else None}
 
@@ -228,7 +230,7 @@ def summary(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if other["config"] == ON or any(other[k] != on[k] for k in ("rooms", "history", "pacing")):
                 continue
             row: dict[str, Any] = {**{k: on[k] for k in ("rooms", "history", "pacing")}, "against": other["config"]}
-            for part in (*PARTS, "prefilled"):
+            for part in (*PARTS, "later", "prefilled"):
                 for key in ("who_ttft_s", "decode_steps", "evaluated_tokens"):
                     a, b = on[part][key], other[part][key]
                     if a is not None and b:
