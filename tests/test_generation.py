@@ -100,6 +100,17 @@ def test_own_lines_are_assistant_turns_and_others_are_named_user_turns():
     assert messages[3]["content"] == "Tinker: Yo\nBob: Hey"
 
 
+def test_a_whisper_is_marked_private_in_the_prompt_so_the_persona_can_keep_it():
+    whispered = [Chat(sender="Moderator", content="The code word is PELICAN.", seq=1, whisper=True,
+                      recipients=("Sage",)),
+                 Chat(sender="Moderator", content="Meet at noon.", seq=2, whisper=True, recipients=("Sage", "Tinker")),
+                 Chat(sender="Moderator", content="Hello all.", seq=3)]
+    messages = build_messages("You are Sage.", "Sage", whispered)
+    assert messages[1]["content"] == ("Moderator (privately, to you only): The code word is PELICAN.\n"
+                                      "Moderator (privately, to you and Tinker): Meet at noon.\n"
+                                      "Moderator: Hello all.")
+
+
 def test_the_prompt_uses_the_models_chat_template(engine):
     _, text = prompt_text(engine, "You are Sage.", "Sage", chats(("Moderator", "Hi")))
     assert "<|im_start|>system\nYou are Sage." in text

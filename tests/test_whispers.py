@@ -63,6 +63,7 @@ def test_a_whispered_code_word_and_a_cast_secret_reach_only_their_personas_promp
     sage, tinker = prompts(text, "Sage"), prompts(text, "Tinker")
     assert sage and tinker, text[-3000:]
     assert "PELICAN" in sage[-1] and "7349" in sage[-1]
+    assert "Moderator (privately, to you only): The code word is PELICAN" in sage[-1], "Sage knows it was a whisper"
     assert "Tinker, what is the code word" in tinker[-1], "Tinker's prompt has the question"
     # The whisper as the moderator's line, and the secret, never reach Tinker. Sage may still say either
     # aloud (a model's public reply is everyone's; CI runs saw Sage repeat the whispered sentence), and

@@ -50,7 +50,7 @@ def build_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dic
         lore = chat.role == LORE_ROLE  # a lorebook entry placed among the messages (see PromptExtras)
         own = chat.sender == name and not lore
         role = "assistant" if own else "user"
-        text = chat.content if own or lore else f"{chat.sender}: {chat.content}"
+        text = chat.content if own or lore else f"{chat.sender}{_privately(chat, name)}: {chat.content}"
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"] += "\n" + text
         else:
@@ -60,6 +60,14 @@ def build_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dic
     if turns[-1]["role"] != "user":
         turns.append({"role": "user", "content": "(Continue the conversation.)"})
     return [{"role": "system", "content": system}, *turns]
+
+
+def _privately(chat: Chat, name: str) -> str:
+    """A whisper is marked as one, so the persona can tell what the others did not hear and keep it."""
+    if not chat.whisper:
+        return ""
+    others = [who for who in chat.recipients or () if who.casefold() not in (name.casefold(), chat.sender.casefold())]
+    return f" (privately, to you and {', '.join(others)})" if others else " (privately, to you only)"
 
 
 def chunk_size(history_length: int) -> int:
