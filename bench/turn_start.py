@@ -33,7 +33,7 @@ Two sources per turn:
   newest message; that is the moderator's line, human-paced, which nothing can evaluate before it is sent).
 
 Turns are classified by one rule for every configuration: ``first``, a persona's first turn
-(nothing of its own cached); ``filling``, the room held fewer messages than ``--history-length``
+(nothing of its own cached); ``filling``, the room held no more messages than ``--history-length``
 when the turn began, so no cut can have happened yet; ``after_cut``, the oldest message in the
 prompt is not the one of the speaker's previous turn (known from the log only); ``steady``, the
 rest. Before issue 18 the window slides by one message on every turn once full, so every one of
@@ -160,7 +160,7 @@ def joined(logged: list[dict[str, Any]], speeds: list[dict[str, Any]], history: 
         every.append(turn)
     spoken: set[str] = set()
     for turn in every:
-        turn["part"] = ("first" if turn["name"] not in spoken else "filling" if turn["room_messages"] < history
+        turn["part"] = ("first" if turn["name"] not in spoken else "filling" if turn["room_messages"] <= history
                         else "after_cut" if turn.get("after_cut") else "steady")
         spoken.add(turn["name"])
     return every
