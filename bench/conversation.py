@@ -218,37 +218,46 @@ class Child:
         self._out.close()
 
 
-async def moderate(url: str, questions: Sequence[str], speeds: list[dict[str, Any]], timeout: float) -> None:
-    """Join as the moderator, wait for the panel, ask each question and wait for the room to go quiet.
+async def moderate(url: str, questions: Sequence[str], speeds: list[dict[str, Any]], timeout: float,
+                   models: int = PANEL_SIZE, pause: float = 0.0) -> None:
+    """Join as the moderator, wait for ``models`` personas, ask each question and wait for the room to go quiet.
 
-    After each model reply (or verdict on one) it asks ``/who`` for the speed that persona reported.
-    Plain JSON frames, so any checkout's hub can be driven by this script.
+    After each model reply it asks ``/who`` for the speed that persona reported, and notes how many
+    messages the room held before that reply (what its history window could hold). A question waits
+    for the answers to its last ``/who`` too, which may come after the quiet event. ``pause``: seconds
+    between quiet and the next question (a person typing). Plain JSON frames, so any checkout's hub
+    can be driven by this script.
     """
     from websockets.asyncio.client import connect
 
     async with connect(url, max_size=None) as ws:
         await ws.send(json.dumps({"name": "Bench", "type": "human", "protocol": 1}))
         await ws.recv()
-        await wait_for_models(ws, PANEL_SIZE)
-        for question in questions:
+        await wait_for_models(ws, models)
+        said = 0
+        for number, question in enumerate(questions):
+            if number and pause:
+                await asyncio.sleep(pause)
             await ws.send(json.dumps({"type": "message", "content": question}))
-            asked, waiting = False, []
+            asked = quiet = False
+            waiting: list[tuple[str, int]] = []
             deadline = time.monotonic() + timeout
-            while True:
+            while not (quiet and not waiting):
                 frame = json.loads(await asyncio.wait_for(ws.recv(), max(deadline - time.monotonic(), 0.1)))
                 kind = frame.get("type")
                 if kind == "message" and frame.get("from") == "Bench":
                     asked = True
                 elif kind == "message" and frame.get("role") == "model" and asked:
-                    waiting.append(frame["from"])
+                    waiting.append((frame["from"], said))
                     await ws.send(json.dumps({"type": "command", "name": "who", "args": []}))
                 elif kind == "roster" and waiting:
-                    name = waiting.pop(0)
+                    name, before = waiting.pop(0)
                     about = next((p for p in frame["participants"] if p.get("name") == name), {})
-                    speeds.append({"name": name, "ttft": about.get("ttft"),
+                    speeds.append({"name": name, "ttft": about.get("ttft"), "room_messages": before,
                                    "tokens_per_second": about.get("tokens_per_second")})
                 elif kind == "system" and frame.get("event") == "quiet" and asked:
-                    break
+                    quiet = True
+                said += kind == "message"
 
 
 async def frame_of(ws: Any, kind: str, deadline: float, **match: Any) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from generation import HISTORY, PERSONAS, current_rss_mb, peak_rss_mb, run_child
 from partychat.bundled import prompts_folder
 from partychat.engines.base import ChatModel, StopFlag
 from partychat.engines.models import embedded_gguf, load, resolve
+from partychat.persona.cli import DEFAULT_CACHE_MB
 from partychat.persona.generation import GenerationSettings, ReplyStream, build_request
 from partychat.protocol import Chat
 
@@ -195,7 +196,7 @@ def hf_persona(args: argparse.Namespace) -> dict[str, Any]:
     from partychat.engines.transformers_engine import TransformersChatModel
 
     torch.set_num_threads(args.threads)
-    model = TransformersChatModel(load(resolve("")))
+    model = TransformersChatModel(load(resolve("")), cache_bytes=DEFAULT_CACHE_MB << 20)  # as client.py's default
     tokenizer = model.loaded.tokenizer
     return persona_runs(model, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), args,
                         forget=model.forget_prompts)

@@ -8,6 +8,9 @@ The server starts with three slots, no prompt cache in RAM (``--cache-ram 0``) a
 slots by prompt similarity (``--slot-prompt-similarity 0``), so that a prompt finds its cached
 prefix only in the slot the request names: what the tests see is our pinning, not the server's
 own guesses.
+
+A server that refuses slot ids, which the real one no longer does, is a stand-in
+(tests/llama_server_standin.py) and needs no binary.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Process
+from llama_server_standin import REPLY, StandInLlamaServer
 from test_openai_engine import free_port, wait_until_up
 
 from partychat.bundled import prompts_folder
@@ -131,3 +135,33 @@ def test_prompt_sizes_come_from_llama_servers_own_template_and_tokenizer(server)
     counted, exact, counter = asyncio.run(counts())
     assert counter == "_count_by_llama_server"
     assert counted == exact
+
+
+def test_a_server_refusing_slot_ids_still_answers_and_its_personas_go_unpinned(caplog):
+    """The refused request goes again without a slot; the warning comes once; no later request names a slot."""
+    settings = GenerationSettings(temperature=0, max_tokens=24, history_length=20)
+    personas = [((prompts_folder() / file).read_text(encoding="utf-8"), name) for file, name in PERSONAS]
+
+    async def conversation(root: str) -> list[str]:
+        model = OpenAIChatModel(f"{root}/v1")
+        history = [Chat(sender=s, content=c, seq=n) for n, (s, c) in enumerate(LINES[:2], start=1)]
+        replies = []
+        try:
+            for persona, name in (*personas, *personas):
+                request = await build_request(model, persona, name, history, settings)
+                replies.append("".join([piece async for piece in model.stream(request, StopFlag())]))
+                history.append(Chat(sender=name, content=replies[-1], seq=len(history) + 1))
+        finally:
+            await model.aclose()
+        return replies
+
+    with StandInLlamaServer(slots=SLOTS, refuse_slots=True) as standin, \
+            caplog.at_level("WARNING", logger="partychat.client"):
+        replies = asyncio.run(conversation(standin.url))
+    assert replies == ["".join(REPLY)] * 2 * len(PERSONAS), "every turn's reply arrives, the first one's too"
+    first, *later = standin.chats
+    assert isinstance(first.get("id_slot"), int) and first.get("cache_prompt") is True, "the first asks for its slot"
+    assert len(later) == 2 * len(PERSONAS), "the refused request went again once, and no other did"
+    assert [chat for chat in later if "id_slot" in chat] == [], "after the refusal no request names a slot"
+    warnings = [r.getMessage() for r in caplog.records if "refused the slot id" in r.getMessage()]
+    assert len(warnings) == 1 and "Invalid slot ID" in warnings[0], warnings

@@ -18,6 +18,9 @@ from helpers import Process, join, model_lines, next_frame, say, script
 from websockets.asyncio.client import ClientConnection
 
 from partychat.engines.base import ChatModel, ChatRequest
+from partychat.engines.llama_cpp_engine import LlamaCppChatModel
+from partychat.engines.models import embedded_gguf
+from partychat.persona.generation import GenerationSettings, build_messages, build_request, opening_request
 from partychat.persona.shared_models import IdlePrefill
 from partychat.protocol import Chat, Role
 
@@ -160,6 +163,72 @@ def test_a_turn_that_starts_during_a_prefill_waits_for_one_batch_at_most(tmp_pat
         assert batches <= 1, "\n".join(log[claim:claim + end + 2])
         stopped += end < len(after) and "stopped after" in after[end]
     assert stopped >= 1, "a turn came while a prefill was running:\n" + room.log
+
+
+def prompt_size(text: str) -> int:
+    """Tokens ``text`` takes on the embedded model, by its own tokenizer (special tokens as such)."""
+    from llama_cpp import Llama
+
+    vocabulary = Llama(model_path=str(embedded_gguf()), vocab_only=True, verbose=False)
+    try:
+        return len(vocabulary.tokenize(text.encode(), add_bos=False, special=True))
+    finally:
+        vocabulary.close()
+
+
+@pytest.mark.slow
+def test_a_first_turn_finds_the_system_prompt_prefilled_while_the_room_was_silent(tmp_path):
+    """Before anyone speaks, idle prefill warms each persona's first prompt up to where the first line
+    goes; the moderator speaks once every persona's is done (or after two minutes, so a broken prefill
+    fails the counts below, not the wait)."""
+    client_log = tmp_path / "room" / "client.log"
+    line = LINES[0]
+
+    async def after_the_prefill(url: str, models: int, lines: tuple[str, ...]) -> None:
+        ws = await moderator(url, models)
+        for _ in range(1200):
+            text = client_log.read_text(errors="replace") if client_log.exists() else ""
+            if all(f"Prefill for {name} done" in text for name in PERSONAS):
+                break
+            await asyncio.sleep(0.1)
+        for said in lines:
+            await say(ws, said)
+            await next_frame(ws, "system", timeout=600, event="quiet")
+        await ws.close()
+
+    room = run_room(tmp_path / "room", lines=(line,), moderate=after_the_prefill)
+    firsts: dict[str, tuple[int, int]] = {}
+    for evaluated, name, _, prompt in EVALUATED.findall(room.log):
+        firsts.setdefault(name, (int(evaluated), int(prompt)))
+    assert list(firsts) == list(PERSONAS), room.log
+    opener, (evaluated, _) = next(iter(firsts.items()))
+    assert evaluated <= prompt_size(f"Moderator: {line}") + 16, (opener, evaluated)
+    for name, (evaluated, prompt) in firsts.items():  # the later ones evaluate the replies before them too
+        system = build_messages(PERSONAS[name], name, [])[0]["content"]
+        assert evaluated <= prompt - prompt_size(f"<|im_start|>system\n{system}<|im_end|>\n") + 16, (name, evaluated)
+
+
+@pytest.mark.slow
+def test_the_opening_prefill_is_a_true_prefix_of_the_first_turns_prompt(monkeypatch):
+    """What idle prefill evaluates before anyone spoke ends where the first line begins, with the
+    model's chat template and with a plain transcript: no stand-in and no generation prompt in it."""
+
+    async def scenario() -> None:
+        model = LlamaCppChatModel(embedded_gguf(), context_tokens=1024, threads=1, cache_bytes=1 << 20)
+        settings = GenerationSettings(history_length=5)
+        first = [Chat(sender="Moderator", content=LINES[0], seq=1, role=Role.HUMAN.value)]
+        try:
+            for formatter in (model.chat_formatter, None):
+                monkeypatch.setattr(model, "chat_formatter", formatter)
+                known = model.known_tokens(await opening_request(model, PERSONAS["Ada"], "Ada", settings))
+                real = model.prompt_tokens(await build_request(model, PERSONAS["Ada"], "Ada", first, settings))
+                assert real[:len(known)] == known
+                rest = model.llama.detokenize(real[len(known):], special=True).decode()
+                assert rest.lstrip().startswith(f"Moderator: {LINES[0]}"), rest  # a newline may tokenize apart
+        finally:
+            await model.aclose()
+
+    asyncio.run(scenario())
 
 
 class Unused(ChatModel):

@@ -79,6 +79,9 @@ class ChatRequest:
     anti_copy: AntiCopy | None = None
     seed: int | None = None
     """Seeds the sampling, so a retry draws differently from the attempt before it; None leaves it random."""
+    unsaid: str | None = None
+    """Text standing in for a line nobody has said yet (a persona that has heard nothing): the prompt is
+    known only up to where this first appears, so ``prefill`` evaluates no further. Never set to generate."""
 
 
 class StopFlag:

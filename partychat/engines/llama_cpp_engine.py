@@ -189,14 +189,35 @@ class LlamaCppChatModel(ThreadedChatModel):
 
     def prompt_tokens(self, request: ChatRequest) -> list[int]:
         """By the GGUF's chat template when it has one (it writes its own BOS), else a plain transcript."""
+        return self._tokenize(self._prompt_text(request))
+
+    def _prompt_text(self, request: ChatRequest) -> str:
         if self.chat_formatter is None:
-            return self.llama.tokenize(plain_transcript(request).encode(), add_bos=True, special=False)
+            return plain_transcript(request)
         messages = list(request.messages)
         try:
-            text = self.chat_formatter(messages=messages).prompt
+            return self.chat_formatter(messages=messages).prompt
         except Exception as error:
             raise chat_template_error(self.label, messages, str(error)) from error
+
+    def _tokenize(self, text: str) -> list[int]:
+        if self.chat_formatter is None:
+            return self.llama.tokenize(text.encode(), add_bos=True, special=False)
         return self.llama.tokenize(text.encode(), add_bos=False, special=True)
+
+    def known_tokens(self, request: ChatRequest) -> list[int]:
+        """The prompt's tokens before ``request.unsaid`` (all of them when it has none): what a prefill may evaluate.
+
+        Cut in the text, then kept only as far as the text before the cut tokenizes the same as the
+        whole prompt, so no token that spans the stand-in is kept, nor the generation prompt after it:
+        the first turn's real prompt, with a real line in that place, starts with every token kept.
+        """
+        text = self._prompt_text(request)
+        tokens = self._tokenize(text)
+        cut = text.find(request.unsaid) if request.unsaid else -1
+        if cut < 0:
+            return tokens
+        return tokens[:shared_prefix(tokens, self._tokenize(text[:cut]))]
 
     def generate(self, request: ChatRequest, should_stop: Callable[[], bool], emit: Callable[[str], None]) -> None:
         import llama_cpp
@@ -279,32 +300,42 @@ class LlamaCppChatModel(ThreadedChatModel):
         """Evaluate the prompt's uncached tail into the speaker's cache, PREFILL_BATCH tokens at a time.
 
         The speaker's turn then finds its whole prompt cached if nothing was said meanwhile, or all
-        but the newest lines if something was.
+        but the newest lines if something was. Of a prompt with a stand-in line (``ChatRequest.unsaid``),
+        only the part before it (``known_tokens``).
         """
         import llama_cpp
 
         assert self.states is not None
-        tokens = self.prompt_tokens(request)
+        tokens = self.known_tokens(request)
         if len(tokens) >= self.llama.n_ctx():
             return
         self.states.enter(request.speaker)
         shared = shared_prefix(self.llama._input_ids, tokens)
         if shared == len(tokens) or len(tokens) < 2:
+            log.debug("Prefill for %s done: %d tokens cached", request.speaker, shared)
             return
         start = min(shared, len(tokens) - 2)  # no batch of one token (see _never_one_token)
         self.llama.n_tokens = start  # eval drops the cells after it
         begins = list(range(start, len(tokens), PREFILL_BATCH))
         if len(begins) > 1 and len(tokens) - begins[-1] == 1:
             begins.pop()  # the last batch takes that token instead
-        for begin, end in zip(begins, [*begins[1:], len(tokens)], strict=True):
-            if should_stop():
-                log.debug("Prefill for %s stopped after %d of %d tokens", request.speaker, begin - start,
-                          len(tokens) - start)
-                return
-            batch = tokens[begin:end]
-            self.llama.eval(batch)
-            llama_cpp.llama_synchronize(self.llama.ctx)  # done, not queued, before the next look at should_stop
-            log.debug("Prefill for %s: a batch of %d tokens", request.speaker, len(batch))
+        # Lowest priority: one thread. Batches on several threads meet at a barrier per operation, and on
+        # a busy machine (other personas' processes generating) one batch of 16 took seconds where one
+        # thread took tens of milliseconds; a turn that arrives waits for that batch.
+        llama_cpp.llama_set_n_threads(self.llama.ctx, self.llama.n_threads, 1)
+        try:
+            for begin, end in zip(begins, [*begins[1:], len(tokens)], strict=True):
+                if should_stop():
+                    log.debug("Prefill for %s stopped after %d of %d tokens", request.speaker, begin - start,
+                              len(tokens) - start)
+                    return
+                batch = tokens[begin:end]
+                self.llama.eval(batch)
+                llama_cpp.llama_synchronize(self.llama.ctx)  # done, not queued, before the next look at should_stop
+                log.debug("Prefill for %s: a batch of %d tokens", request.speaker, len(batch))
+        finally:
+            llama_cpp.llama_set_n_threads(self.llama.ctx, self.llama.n_threads, self.llama.n_threads_batch)
+        log.debug("Prefill for %s done: %d tokens cached", request.speaker, len(tokens))
 
     def _anti_copy(self, request: ChatRequest, prompt_length: int) -> Callable[[Any, Any], Any]:
         """A logits processor that rules out the tokens anti-copy bans, given the reply generated so far.

@@ -35,7 +35,8 @@ class EngineOptions:
     api_base: str | None = None
     api_key: str | None = None
     cache_mb: int = 0
-    """Memory for the speakers' saved caches on the llama.cpp engine; 0 keeps one cache all speakers share."""
+    """Memory for the speakers' own caches on the in-process engines; 0 keeps none (llama.cpp: one cache all
+    speakers share; transformers: every turn cold)."""
 
 
 def default_threads() -> int:
@@ -81,7 +82,8 @@ def _open_transformers(options: EngineOptions) -> ChatModel:
     if options.threads:
         torch.set_num_threads(options.threads)
     return TransformersChatModel(models.load(models.resolve(options.model), device=options.device,
-                                             gpu_id=options.gpu_id, dtype=options.dtype, speedups=options.speedups))
+                                             gpu_id=options.gpu_id, dtype=options.dtype, speedups=options.speedups),
+                                 cache_bytes=options.cache_mb << 20)
 
 
 def _open_llama_cpp(options: EngineOptions) -> ChatModel:

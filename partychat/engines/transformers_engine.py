@@ -4,10 +4,14 @@ Each persona keeps its KV cache from its last turn. Its next prompt starts with 
 history is cut in chunks, not slid a message at a time), so only the tokens after the part they
 share are evaluated: on the embedded model the first token comes in about a third of the time
 (bench/README.md, "transformers: a prefix cache per persona"), and greedy replies are the same.
+The caches kept count against ``cache_bytes`` (``--cache-mb``), the least recently used dropped
+first, as the llama.cpp engine's saved states do.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +20,8 @@ from typing import Any
 from .anticopy import Vocabulary, ban_for
 from .base import ChatRequest, ThreadedChatModel, chat_template_error, plain_transcript, shared_prefix
 from .models import LoadedModel
+
+log = logging.getLogger("partychat.client")
 
 _WORD_START_MARKS = ("\u0120", "\u2581")
 """How byte-level BPE (Ġ) and SentencePiece (▁) spell a token's leading space."""
@@ -30,18 +36,47 @@ class _Held:
 
     tokens: list[int]
     cache: Any
+    nbytes: int
+    """What its tensors take (``kv_bytes``), counted once when it is put aside."""
+
+
+def kv_bytes(cache: Any) -> int:
+    """The memory a KV cache's tensors hold: each layer's keys, values and any other tensor it keeps.
+
+    A tensor's storage is counted, not its view: a cache cut back by ``crop`` (a slice) still holds
+    what it had, and a static cache holds its whole length however few tokens are in it.
+    """
+    import torch
+
+    storages: dict[int, int] = {}
+    for layer in getattr(cache, "layers", ()):
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 class TransformersChatModel(ThreadedChatModel):
     engine = "transformers"
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, cache_bytes: int = 0) -> None:
+        """``cache_bytes`` caps the caches kept between turns (``--cache-mb``); 0 keeps none, every turn cold."""
         super().__init__(loaded.source.label)
         self.loaded = loaded
+        self.cache_bytes = cache_bytes
         self._words: Vocabulary | None = None
         """Each token's text for anti-copy, read from the tokenizer on the first request that needs it."""
-        self._held: dict[str, _Held] = {}
-        """Each persona's cache from its last turn; touched only in the worker thread."""
+        self._held: OrderedDict[str, _Held] = OrderedDict()
+        """Each persona's cache from its last turn, least recently used first; touched only in the worker thread."""
+
+    def held_caches(self) -> dict[str, int]:
+        """Whose caches are kept between turns and the bytes each takes, least recently used first."""
+        return {speaker: held.nbytes for speaker, held in self._held.items()}
+
+    def held_bytes(self) -> int:
+        """What the caches kept between turns take now, the total ``cache_bytes`` caps."""
+        return sum(self.held_caches().values())
 
     def prompt_tokens(self, request: ChatRequest) -> list[int]:
         """By the model's own chat template when it has one, else a plain transcript."""
@@ -87,7 +122,16 @@ class TransformersChatModel(ThreadedChatModel):
                 **{_cache_argument(): cache},
                 **sampling,
             )
-        self._held[request.speaker] = _Held(output[0, :cache.get_seq_length()].tolist(), cache)
+        self._keep(request.speaker, _Held(output[0, :cache.get_seq_length()].tolist(), cache, kv_bytes(cache)))
+
+    def _keep(self, speaker: str, held: _Held) -> None:
+        """Keep ``speaker``'s cache for its next turn, dropping the least recently used ones beyond the cap."""
+        self._held[speaker] = held
+        self._held.move_to_end(speaker)
+        while self._held and self.held_bytes() > self.cache_bytes:
+            dropped, gone = self._held.popitem(last=False)
+            log.debug("Dropped %s's cache of %d tokens (%d bytes): --cache-mb is full",
+                      dropped, len(gone.tokens), gone.nbytes)
 
     def forget_prompts(self) -> None:
         """Drop every persona's cache, so the next turns start cold (benchmarks compare the two)."""

@@ -78,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--history-length", type=int, default=5,
                         help="most recent room messages in the prompt, the oldest dropped about half at a time; 0 none")
     parser.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_MB,
-                        help="memory for each persona's own prompt cache on the llama.cpp engine, kept between its "
-                             "turns and warmed while the model is idle; the least recently used goes first when "
-                             f"full (default: {DEFAULT_CACHE_MB}; 0: personas sharing a model share one cache and "
-                             "nothing is computed ahead)")
+                        help="memory for each persona's own prompt cache on the llama.cpp and transformers engines, "
+                             "kept between its turns (on llama.cpp also warmed while the model is idle); the least "
+                             f"recently used goes first when full (default: {DEFAULT_CACHE_MB}; 0: none kept, "
+                             "personas sharing a llama.cpp model share one cache and nothing is computed ahead)")
     parser.add_argument("--prompt-file", help="--name's persona file; a bare name is also looked up in prompts/")
     parser.add_argument("--initial-prompt", help="a message the --name persona says once on joining")
     parser.add_argument("--talkativeness", type=float, default=None,

@@ -220,6 +220,24 @@ async def build_request(
         )
 
 
+UNSAID = "Xunsaidx"
+"""Stands in for the first line of a room nobody has spoken in yet; it starts with a letter, like a name."""
+
+
+async def opening_request(model: ChatModel, persona: str, name: str, settings: GenerationSettings,
+                          extras: PromptExtras | None = None) -> ChatRequest:
+    """A persona's first prompt as far as it is known before anyone has spoken: ``build_request`` with a
+    stand-in first line, marked (``ChatRequest.unsaid``) so that a prefill stops where that line begins.
+
+    Built with no history instead, the prompt would hold "(The conversation begins.)" and the generation
+    prompt where the first turn will hold the line that was said, and a prefill would evaluate tokens
+    the turn throws away. Whoever says the first line, and whatever it says, the part before it is the same.
+    """
+    stand_in = Chat(sender=UNSAID, content=UNSAID, role=Role.HUMAN.value)
+    request = await build_request(model, persona, name, [stand_in], settings, extras)
+    return replace(request, unsaid=UNSAID)
+
+
 @dataclass(frozen=True)
 class PromptExtras:
     """What a character card and lorebooks add to a persona's prompt (persona/cards.py, persona/lorebook.py).

@@ -41,7 +41,15 @@ from ..protocol import (
     parse_server_frame,
 )
 from .cards import fill_macros
-from .generation import GenerationSettings, PromptExtras, ReplyStream, build_request, clean_reply, prompt_window
+from .generation import (
+    GenerationSettings,
+    PromptExtras,
+    ReplyStream,
+    build_request,
+    clean_reply,
+    opening_request,
+    prompt_window,
+)
 from .lorebook import Lore, Lorebook
 from .retries import DEFAULT_RETRIES, gave_up, judge, settings_for_attempt
 from .shared_models import IdlePrefill
@@ -158,6 +166,8 @@ class ModelParticipant:
         self.joined.set()
         log.info("%s joined %s%s", self.name, self.config.server,
                  "" if session.extended else " (a baseline hub: no turn-taking)")
+        if self.idle is not None and session.extended:
+            self.idle.arrived(self.name)  # the model may warm our first prompt while the room is silent
         try:
             if self.config.initial_prompt and not self.opening_sent:
                 self.opening_sent = True
@@ -272,19 +282,20 @@ class ModelParticipant:
             task.add_done_callback(lambda _: release())
 
     async def _next_request(self, model: ChatModel) -> ChatRequest | None:
-        """The request our next turn would build now, counted on ``model``; None before anything was said.
+        """The request our next turn would build now, counted on ``model``; None off our hub.
 
         It goes through the very same ``build_request`` with the same history and settings as
         ``_generate``, so what idle prefill evaluates is the turn's prompt, byte for byte. When our
         own line is the newest, a turn now would pass, but the prompt up to our line is the start of
-        the next turn's all the same.
+        the next turn's all the same. Before anything was said, it is the first turn's prompt up to
+        where the first line will go (``opening_request``): the system prompt is most of it.
         """
         if self._session is None or not self._session.extended:
             return None
         history = list(self.history)
-        if not history:
-            return None
         persona, extras = prompt_parts(self.config, self._user())
+        if not history:
+            return await opening_request(model, persona, self.name, self.settings, extras)
         return await build_request(model, persona, self.name, history, self.settings, extras)
 
     def _cancel_reply(self) -> None:

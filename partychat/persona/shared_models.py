@@ -112,10 +112,12 @@ class IdlePrefill:
     """While none of its personas is using a model, evaluate the room's new lines into their caches.
 
     Each persona seated here builds its next prompt exactly as its turn will (``request_for``), so
-    the turn finds it cached. The persona most likely to speak next goes first: in round-robin the
-    next in the cast's order after the last speaker, otherwise whoever the newest line names, then
-    the most talkative. A persona that needs the model (``claim``) stops the prefill at once; the
-    engine returns between two of its small batches, so a turn waits for one batch at most.
+    the turn finds it cached; from joining (``arrived``), before anyone speaks, that is its first
+    prompt up to where the first line will go, mostly its system prompt. The persona most likely to
+    speak next goes first: in round-robin the next in the cast's order after the last speaker,
+    otherwise whoever the newest line names, then the most talkative. A persona that needs the
+    model (``claim``) stops the prefill at once; the engine returns between two of its small
+    batches, so a turn waits for one batch at most.
     """
 
     def __init__(self, model: ChatModel) -> None:
@@ -133,6 +135,11 @@ class IdlePrefill:
     def seat(self, name: str, talkativeness: float | None, request_for: RequestFor) -> None:
         self._seats[name] = _Seat(name, DEFAULT_TALKATIVENESS if talkativeness is None else talkativeness,
                                   request_for)
+
+    def arrived(self, name: str) -> None:
+        """``name`` is in the room: its first prompt can be warmed before anyone speaks (``warmed`` starts
+        below ``heard``). Any history the hub replays follows, each line through ``heard``."""
+        self._poke()
 
     def heard(self, name: str, chat: Chat, mode: str | None) -> None:
         """``name`` took ``chat`` into its history: its cache has a line to catch up on."""
