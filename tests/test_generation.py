@@ -114,6 +114,13 @@ def test_the_moderators_latest_line_closes_the_prompt_once_others_have_spoken_si
     assert build_messages("You are Sage.", "Sage", chats(("Tinker", "Yo")))[-1]["content"] == "Tinker: Yo"
 
 
+def test_a_reply_that_writes_the_topic_note_out_again_is_cut_there():
+    reply = 'Happy to help. Music is learnt by ear first.\n\n(The topic, as Bench put it: "Ear or notation?")'
+    assert clean_reply(reply, "Researcher", ["Bench"]) == "Happy to help. Music is learnt by ear first."
+    plain = "The topic, as you said, is hard."
+    assert clean_reply(plain, "Researcher", ["Bench"]) == plain
+
+
 def test_a_whisper_is_marked_private_in_the_prompt_so_the_persona_can_keep_it():
     whispered = [Chat(sender="Moderator", content="The code word is PELICAN.", seq=1, whisper=True,
                       recipients=("Sage",)),

@@ -74,7 +74,12 @@ def _topic_note(history: Sequence[Chat], name: str) -> str | None:
     latest = next((i for i in range(len(history) - 1, -1, -1) if history[i].role == Role.HUMAN.value), None)
     if latest is None or latest == len(history) - 1 or history[latest].sender == name:
         return None
-    return f'(The topic, as {history[latest].sender} put it: "{history[latest].content}")'
+    return f'{TOPIC_NOTE_OPENING}{history[latest].sender} put it: "{history[latest].content}")'
+
+
+TOPIC_NOTE_OPENING = "(The topic, as "
+TOPIC_NOTE_ECHO = re.compile(rf"(?:^|\n)\s*{re.escape(TOPIC_NOTE_OPENING)}")
+"""A model that writes the note out again has left its own reply: it is cut there, like another speaker's line."""
 
 
 def _privately(chat: Chat, name: str) -> str:
@@ -301,8 +306,9 @@ def _own_lines(text: str, name: str, others: Sequence[str]) -> str:
     own_prefix = re.compile(rf"^\s*\**{re.escape(name)}\**\s*:\s*", re.IGNORECASE)
     while own_prefix.match(text):
         text = own_prefix.sub("", text, count=1)
-    cut = speaker_line_pattern([n for n in others if n.casefold() != name.casefold()]).search(text)
-    return text[: cut.start()].strip() if cut else text
+    cuts = [found.start() for pattern in (speaker_line_pattern([n for n in others if n.casefold() != name.casefold()]),
+                                          TOPIC_NOTE_ECHO) if (found := pattern.search(text)) is not None]
+    return text[: min(cuts)].strip() if cuts else text
 
 
 def clean_reply(text: str, name: str, others: Sequence[str]) -> str:
