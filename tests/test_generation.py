@@ -18,7 +18,7 @@ from partychat.engines.models import ModelError, ModelSource, converted_folder, 
 from partychat.engines.registry import EngineOptions, open_chat_model
 from partychat.engines.transformers_engine import TransformersChatModel
 from partychat.persona.generation import GenerationSettings, build_messages, build_request, clean_reply
-from partychat.protocol import Chat
+from partychat.protocol import Chat, Role
 
 NO_SYSTEM_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
@@ -98,6 +98,27 @@ def test_own_lines_are_assistant_turns_and_others_are_named_user_turns():
     assert messages[0]["content"].startswith("You are Sage.")
     assert messages[1]["content"] == "Moderator: Hi"
     assert messages[3]["content"] == "Tinker: Yo\nBob: Hey"
+
+
+def test_the_moderators_latest_line_closes_the_prompt_once_others_have_spoken_since():
+    human = Role.HUMAN.value
+    asked = [Chat("Moderator", "Old question?", seq=1, role=human), Chat("Tinker", "Yo", seq=2),
+             Chat("Moderator", "Why do bridges last?", seq=3, role=human)]
+    assert build_messages("You are Sage.", "Sage", asked)[-1]["content"].endswith("Moderator: Why do bridges last?")
+    assert "topic" not in build_messages("You are Sage.", "Sage", asked)[-1]["content"]  # the line is last
+    answered = build_messages("You are Sage.", "Sage", [*asked, Chat("Tinker", "Stone.", seq=4),
+                                                         Chat("Sage", "Arches.", seq=5)])
+    assert answered[-1] == {"role": "user",
+                            "content": '(Continue the conversation.)\n\n(The topic, as Moderator put it: '
+                                       '"Why do bridges last?")'}
+    assert build_messages("You are Sage.", "Sage", chats(("Tinker", "Yo")))[-1]["content"] == "Tinker: Yo"
+
+
+def test_a_reply_that_writes_the_topic_note_out_again_is_cut_there():
+    reply = 'Happy to help. Music is learnt by ear first.\n\n(The topic, as Bench put it: "Ear or notation?")'
+    assert clean_reply(reply, "Researcher", ["Bench"]) == "Happy to help. Music is learnt by ear first."
+    plain = "The topic, as you said, is hard."
+    assert clean_reply(plain, "Researcher", ["Bench"]) == plain
 
 
 def test_a_whisper_is_marked_private_in_the_prompt_so_the_persona_can_keep_it():

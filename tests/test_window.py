@@ -7,8 +7,10 @@ every state of a simulated seven-persona room, as a prefill ahead of each turn w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
+import re
 
 import pytest
 
@@ -56,6 +58,16 @@ def append_only(before: ChatRequest, after: ChatRequest) -> bool:
     return last["role"] == grown["role"] and grown["content"].startswith(last["content"])
 
 
+TOPIC_NOTE = re.compile(r'\n\n\(The topic, as [^\n]*\)\Z')
+
+
+def without_topic_note(built: ChatRequest) -> ChatRequest:
+    """The prompt less its topic note: a tail, like the generation prompt, that the next prompt moves past
+    the new lines; what a cache keeps is everything before it."""
+    *head, last = built.messages
+    return dataclasses.replace(built, messages=(*head, {**last, "content": TOPIC_NOTE.sub("", last["content"])}))
+
+
 def prompts_along(model, name: str, history: list[Chat], settings: GenerationSettings,
                   extras: PromptExtras | None = None):
     """(state, request) for every state of the room where ``name`` would be asked to reply."""
@@ -79,8 +91,9 @@ def test_prompts_stay_append_only_between_cuts_and_cuts_come_in_chunks(model):
     previous = None
     for end, built in prompts_along(model, "Sage", history, settings):
         if previous is not None and starts[end - 1] == starts[previous[0] - 1]:
-            assert append_only(previous[1], built), f"the prompt changed before its end at message {end}"
-            ids_before, ids_now = model.prompt_tokens(previous[1]), model.prompt_tokens(built)
+            before = without_topic_note(previous[1])
+            assert append_only(before, built), f"the prompt changed before its end at message {end}"
+            ids_before, ids_now = model.prompt_tokens(before), model.prompt_tokens(built)
             # Only the last turn's closing and the generation prompt may differ: a cache keeps the rest.
             assert shared_prefix(ids_before, ids_now) >= len(ids_before) - 8
         previous = end, built
@@ -126,11 +139,12 @@ def test_a_budget_cut_drops_a_chunk_and_the_prompt_stays_append_only_after_it(mo
     previous = None
     for _, built in prompts_along(model, "Sage", history, settings):
         assert asyncio.run(model.count_tokens(built)) <= 500
-        if previous is not None and not append_only(previous, built):
+        if previous is not None and not append_only(without_topic_note(previous), built):
             changes += 1
         previous = built
     # One persona sees 52 of the 60 replies: sliding by one would change the prompt at nearly every one.
-    assert 3 <= changes <= 60 // 10 + 4, changes
+    # Here a budget cut can come one message before the window's own cut (the topic note takes room).
+    assert 3 <= changes <= 60 // 5, changes
 
 
 def test_no_history_length_means_no_history_and_no_pinned_line(model):
@@ -147,7 +161,8 @@ def test_lore_and_the_pinned_question_keep_the_prompt_append_only_between_cuts(m
     previous, compared = None, 0
     for end, built in prompts_along(model, "Sage", history, GenerationSettings(history_length=5), extras):
         if previous is not None and starts[end - 1] == starts[previous[0] - 1]:
-            assert append_only(previous[1], built), f"the prompt changed before its end at message {end}"
+            before = without_topic_note(previous[1])
+            assert append_only(before, built), f"the prompt changed before its end at message {end}"
             compared += 1
         previous = end, built
     assert compared >= 10

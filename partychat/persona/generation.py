@@ -59,7 +59,27 @@ def build_messages(persona: str, name: str, history: Sequence[Chat]) -> list[dic
         turns.insert(0, {"role": "user", "content": "(The conversation begins.)"})
     if turns[-1]["role"] != "user":
         turns.append({"role": "user", "content": "(Continue the conversation.)"})
+    if (topic := _topic_note(history, name)) is not None:
+        turns[-1] = {**turns[-1], "content": f"{turns[-1]['content']}\n\n{topic}"}
     return [{"role": "system", "content": system}, *turns]
+
+
+def _topic_note(history: Sequence[Chat], name: str) -> str | None:
+    """The moderator's latest line again, after the newest message, once others have spoken since.
+
+    Models answer what is nearest the end of their prompt: without this, each reply answers the one
+    before it and a few turns on the room has left the question behind. It is a tail, like the
+    generation prompt, so the prompt before it stays append-only (issue 18's caches).
+    """
+    latest = next((i for i in range(len(history) - 1, -1, -1) if history[i].role == Role.HUMAN.value), None)
+    if latest is None or latest == len(history) - 1 or history[latest].sender == name:
+        return None
+    return f'{TOPIC_NOTE_OPENING}{history[latest].sender} put it: "{history[latest].content}")'
+
+
+TOPIC_NOTE_OPENING = "(The topic, as "
+TOPIC_NOTE_ECHO = re.compile(rf"(?:^|\n)\s*{re.escape(TOPIC_NOTE_OPENING)}")
+"""A model that writes the note out again has left its own reply: it is cut there, like another speaker's line."""
 
 
 def _privately(chat: Chat, name: str) -> str:
@@ -286,8 +306,9 @@ def _own_lines(text: str, name: str, others: Sequence[str]) -> str:
     own_prefix = re.compile(rf"^\s*\**{re.escape(name)}\**\s*:\s*", re.IGNORECASE)
     while own_prefix.match(text):
         text = own_prefix.sub("", text, count=1)
-    cut = speaker_line_pattern([n for n in others if n.casefold() != name.casefold()]).search(text)
-    return text[: cut.start()].strip() if cut else text
+    cuts = [found.start() for pattern in (speaker_line_pattern([n for n in others if n.casefold() != name.casefold()]),
+                                          TOPIC_NOTE_ECHO) if (found := pattern.search(text)) is not None]
+    return text[: min(cuts)].strip() if cuts else text
 
 
 def clean_reply(text: str, name: str, others: Sequence[str]) -> str:
