@@ -236,7 +236,8 @@ def test_the_prompt_only_grows_at_its_end_between_cuts(model):
     settings = GenerationSettings(history_length=10)
     before = joined(prompt(model, persona, history[:3], settings=settings))
     after = joined(prompt(model, persona, history, settings=settings))
-    assert after.startswith(before.removesuffix("\nuser: (Continue the conversation.)"))
+    # the closing "(Continue ...)" turn and the topic note after it are a tail that the next prompt moves
+    assert after.startswith(before[: before.index("\nuser: (Continue the conversation.)")])
     assert after.endswith("[Lore] Lamp lore.\nAnn: And the lamp?") and after.count("Tower lore.") == 1
 
 

@@ -42,24 +42,30 @@ def test_natural_mode_follows_the_mention_then_a_seeded_draw_and_never_repeats_a
         processes.append(hub)
         return hub.wait_for_output(r"listening on (ws://\S+)", 30).group(1)
 
+    def start_personas(url: str, run: int) -> list[Process]:
+        clients = []
+        for name, prompt, talkativeness in PERSONAS:
+            # One message of history and greedy decoding: the second run hears exactly what the first did. No
+            # retries: a retry samples with a fresh seed, and a different reply may name a different persona.
+            client = Process([script("client.py"), "--name", name, "--prompt-file", prompt, "--server", url,
+                              "--talkativeness", talkativeness, "--temperature", "0", "--history-length", "1",
+                              "--max-generation-tokens", "24", "--retries", "0"], tmp_path / f"{prompt}-{run}.out")
+            processes.append(client)
+            clients.append(client)
+        for client in clients:
+            client.wait_for_output("joined ws://", 240)
+        return clients
+
     url = start_hub("0", 1)
-    clients = []
-    for name, prompt, talkativeness in PERSONAS:
-        # One message of history and greedy decoding: the second run hears exactly what the first did. No
-        # retries: a retry samples with a fresh seed, and a different reply may name a different persona.
-        client = Process([script("client.py"), "--name", name, "--prompt-file", prompt, "--server", url,
-                          "--talkativeness", talkativeness, "--temperature", "0", "--history-length", "1",
-                          "--max-generation-tokens", "24", "--retries", "0"], tmp_path / f"{prompt}.out")
-        processes.append(client)
-        clients.append(client)
-    for client in clients:
-        client.wait_for_output("joined ws://", 240)
+    clients = start_personas(url, 1)
     first, roster = asyncio.run(one_exchange(url))
 
-    processes[0].stop()  # the same hub again, fresh: same seed, same question
-    start_hub(url.rsplit(":", 1)[1], 2)
-    for client in clients:
-        client.wait_for_output(r"(?s)joined ws://.*joined ws://", 120)
+    # The same hub again, fresh, and fresh personas: same seed, same question. (Personas that stayed would
+    # remember the first run, and their own guard would hold back the same first reply as a repeat.)
+    for process in (*clients, processes[0]):
+        process.stop()
+    url = start_hub("0", 2)
+    start_personas(url, 2)
     second, _ = asyncio.run(one_exchange(url))
 
     assert first[0] == "TinkerBot", first

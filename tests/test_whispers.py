@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import command, drain, hub_config, join, next_frame, say, script, with_hub
+from helpers import command, drain, hub_config, join, model_lines, next_frame, say, script, with_hub
 from websockets.asyncio.client import ClientConnection, connect
 
 from partychat.export import transcript_markdown
@@ -37,7 +37,8 @@ def prompts(log: str, name: str) -> list[str]:
 @pytest.mark.slow  # a real persona on the embedded model
 def test_a_whispered_code_word_and_a_cast_secret_reach_only_their_personas_prompts(tmp_path, start_hub,
                                                                                       start_client):
-    _, url = start_hub("--max-turns", "1")
+    transcript = tmp_path / "room.jsonl"
+    _, url = start_hub("--max-turns", "1", "--transcript", str(transcript))
     cast = tmp_path / "cast.toml"
     cast.write_text('[[persona]]\nname = "Sage"\nprompt_file = "sage.txt"\nsecret = "The vault opens with 7349."\n\n'
                     '[[persona]]\nname = "Tinker"\nprompt_file = "inventor.txt"\n', encoding="utf-8")
@@ -68,8 +69,9 @@ def test_a_whispered_code_word_and_a_cast_secret_reach_only_their_personas_promp
     # The whisper as the moderator's line, and the secret, never reach Tinker. Sage may still say either
     # aloud (a model's public reply is everyone's; CI runs saw Sage repeat the whispered sentence), and
     # then Tinker hears it from Sage, so the bare words are checked only when Sage kept them.
-    assert not any("Moderator: The code word" in prompt for prompt in tinker), "Tinker never had the whisper"
-    said_aloud = " ".join(line for line in text.splitlines() if line.split("] ", 1)[-1].startswith("Sage: "))
+    assert not any(f"Moderator{mark}" in prompt for prompt in tinker for mark in (": The code word", " (privately")), \
+        "Tinker never had the whisper"
+    said_aloud = " ".join(content for speaker, content in model_lines(transcript) if speaker == "Sage")
     for word in ("PELICAN", "7349"):
         if word not in said_aloud:
             assert not any(word in prompt for prompt in tinker), f"Tinker never had {word}"
