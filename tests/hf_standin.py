@@ -13,9 +13,11 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from loopback import LoopbackServer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -39,7 +41,7 @@ class Request:
 
 
 @dataclass
-class StandInHub:
+class StandInHub(LoopbackServer):
     repos: dict[str, Repo]
     requests: list[Request] = field(default_factory=list)
     cut_once: dict[str, int] = field(default_factory=dict)
@@ -50,21 +52,10 @@ class StandInHub:
     release: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        handler = type("Handler", (_Handler,), {"hub": self})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._serve(_Handler, "hub")
 
-    def __enter__(self) -> StandInHub:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def _stopping(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
 
     def record(self, request: Request) -> None:
         with self._lock:

@@ -12,10 +12,11 @@ round, older ones queued the request). It records the body of every chat request
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from loopback import LoopbackServer
 
 MODEL = "standin"
 REPLY = ("Cities", " should", " start", " with", " buses.")
@@ -26,27 +27,14 @@ NOT_FOUND = {"error": {"code": 404, "message": "File Not Found", "type": "not_fo
 
 
 @dataclass
-class StandInLlamaServer:
+class StandInLlamaServer(LoopbackServer):
     slots: int = 2
     refuse_slots: bool = False
     chats: list[dict[str, Any]] = field(default_factory=list)
     """The body of every /v1/chat/completions request, in order, refused ones included."""
 
     def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-        handler = type("Handler", (_Handler,), {"standin": self})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> StandInLlamaServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(_Handler, "standin")
 
     def record(self, body: dict[str, Any]) -> None:
         with self._lock:
