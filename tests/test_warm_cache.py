@@ -20,7 +20,13 @@ from websockets.asyncio.client import ClientConnection
 from partychat.engines.base import ChatModel, ChatRequest
 from partychat.engines.llama_cpp_engine import LlamaCppChatModel
 from partychat.engines.models import embedded_gguf
-from partychat.persona.generation import GenerationSettings, build_messages, build_request, opening_request
+from partychat.persona.generation import (
+    GenerationSettings,
+    build_messages,
+    build_request,
+    opening_request,
+    topic_note,
+)
 from partychat.persona.shared_models import IdlePrefill
 from partychat.protocol import Chat, Role
 
@@ -106,10 +112,7 @@ def test_a_turn_evaluates_only_what_was_said_since_the_speakers_last_turn(rooms)
     """By llama.cpp's count: at most the growth of the speaker's prompt since its last turn, plus 16, plus
     the topic note: a tail (the moderator's line again) that moves past the new messages, so a turn that
     follows other speakers evaluates it again, as it does the generation prompt."""
-    model = LlamaCppChatModel(embedded_gguf(), context_tokens=256, threads=1)
-    note = max(len(model.llama.tokenize(f'(The topic, as Moderator put it: "{line}")'.encode(), add_bos=False))
-               for line in LINES)
-    asyncio.run(model.aclose())
+    note = max(prompt_size(topic_note(Chat("Moderator", line, role=Role.HUMAN.value))) for line in LINES)
     previous: dict[str, int] = {}
     later_turns = 0
     for evaluated, name, _, prompt in ((int(e), n, c, int(p)) for e, n, c, p in EVALUATED.findall(rooms["on"].log)):

@@ -17,7 +17,13 @@ import pytest
 from partychat.engines.base import ChatRequest, shared_prefix
 from partychat.engines.llama_cpp_engine import LlamaCppChatModel
 from partychat.engines.models import embedded_gguf
-from partychat.persona.generation import GenerationSettings, PromptExtras, build_request, prompt_window
+from partychat.persona.generation import (
+    TOPIC_NOTE_OPENING,
+    GenerationSettings,
+    PromptExtras,
+    build_request,
+    prompt_window,
+)
 from partychat.persona.lorebook import Lore, Lorebook, LoreEntry
 from partychat.protocol import Chat, Role
 
@@ -58,7 +64,7 @@ def append_only(before: ChatRequest, after: ChatRequest) -> bool:
     return last["role"] == grown["role"] and grown["content"].startswith(last["content"])
 
 
-TOPIC_NOTE = re.compile(r'\n\n\(The topic, as [^\n]*\)\Z')
+TOPIC_NOTE = re.compile(rf"\n\n{re.escape(TOPIC_NOTE_OPENING)}[^\n]*\)\Z")
 
 
 def without_topic_note(built: ChatRequest) -> ChatRequest:

@@ -71,10 +71,15 @@ def _topic_note(history: Sequence[Chat], name: str) -> str | None:
     before it and a few turns on the room has left the question behind. It is a tail, like the
     generation prompt, so the prompt before it stays append-only (issue 18's caches).
     """
-    latest = next((i for i in range(len(history) - 1, -1, -1) if history[i].role == Role.HUMAN.value), None)
-    if latest is None or latest == len(history) - 1 or history[latest].sender == name:
+    latest = latest_human_line(history)
+    if latest is None or latest is history[-1] or latest.sender == name:
         return None
-    return f'{TOPIC_NOTE_OPENING}{history[latest].sender} put it: "{history[latest].content}")'
+    return topic_note(latest)
+
+
+def topic_note(line: Chat) -> str:
+    """How a human's line reads as the topic note: written once here, also for what a test allows for it."""
+    return f'{TOPIC_NOTE_OPENING}{line.sender} put it: "{line.content}")'
 
 
 TOPIC_NOTE_OPENING = "(The topic, as "
@@ -120,8 +125,8 @@ def window_start(newest: int, history_length: int, chunk: int) -> int:
     return -(-(newest - history_length + 1) // chunk) * chunk
 
 
-def pinned_question(earlier: Sequence[Chat]) -> Chat | None:
-    """The moderator's latest line, if the window has moved past it (None when a later one is in view)."""
+def latest_human_line(earlier: Sequence[Chat]) -> Chat | None:
+    """The latest line a human (the moderator) said in ``earlier``, if any: the question a prompt keeps in view."""
     return next((chat for chat in reversed(earlier) if chat.role == Role.HUMAN.value), None)
 
 
@@ -154,7 +159,7 @@ def prompt_window(history: Sequence[Chat], history_length: int, start: int | Non
     first = max(first, len(history) - history_length)  # tied keys after a /retry: N stays the maximum
     recent = list(history[first:])
     newer_question = any(chat.role == Role.HUMAN.value for chat in recent)
-    return Window(None if newer_question else pinned_question(history[:first]), recent)
+    return Window(None if newer_question else latest_human_line(history[:first]), recent)
 
 
 async def build_request(
@@ -306,8 +311,8 @@ def _own_lines(text: str, name: str, others: Sequence[str]) -> str:
     own_prefix = re.compile(rf"^\s*\**{re.escape(name)}\**\s*:\s*", re.IGNORECASE)
     while own_prefix.match(text):
         text = own_prefix.sub("", text, count=1)
-    cuts = [found.start() for pattern in (speaker_line_pattern([n for n in others if n.casefold() != name.casefold()]),
-                                          TOPIC_NOTE_ECHO) if (found := pattern.search(text)) is not None]
+    other_speaker = speaker_line_pattern([n for n in others if n.casefold() != name.casefold()])
+    cuts = [found.start() for found in (other_speaker.search(text), TOPIC_NOTE_ECHO.search(text)) if found]
     return text[: min(cuts)].strip() if cuts else text
 
 
